@@ -1,0 +1,283 @@
+"""The plan: a plain, versioned data structure that `plan` writes and `run` executes.
+
+Everything `run` does is decided here; `run` does not re-decide. A plan round-trips losslessly through
+YAML and JSON (`Plan.from_dict(plan.to_dict()) == plan`).
+
+Version history:
+- 1: first schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PLAN_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+class PlanError(ValueError):
+    """A plan file that is missing, malformed, of an unknown version or inconsistent."""
+
+
+@dataclass
+class ModelRef:
+    """Which model to train and where its architecture came from."""
+
+    name: str  # what the user typed: a catalog name, a path or a hub id
+    source: str  # "catalog" | "config" | "directory" | "hub-cache"
+    family: str  # model_type, e.g. "llama", "qwen2", "mixtral"
+    path: Optional[str] = None  # local directory holding the weights (run loads from here); None for catalog
+    hub_id: Optional[str] = None  # the Hugging Face id when known (catalog entries name theirs)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Hardware:
+    gpu: str  # catalog key, "custom", or "cpu"
+    gpu_name: str  # human name
+    memory_gib: float  # usable memory per GPU as the card reports it
+    num_gpus: int
+    bf16: bool
+    peak_bf16_tflops: Optional[float] = None
+    bandwidth_gbs: Optional[float] = None
+
+
+@dataclass
+class Quantization:
+    """bitsandbytes 4-bit settings; `enabled` is False for plain LoRA."""
+
+    enabled: bool = False
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class LoraSettings:
+    """Mirrors peft.LoraConfig's fields of the same names."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)
+    # peft's target_parameters: fused 3-D expert weights of MoE models in transformers >= 5
+    # (e.g. "mlp.experts.gate_up_proj"), which are nn.Parameters, not nn.Linear modules.
+    target_parameters: list[str] = field(default_factory=list)
+    bias: str = "none"
+    task_type: str = "CAUSAL_LM"
+
+
+@dataclass
+class Training:
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 16
+    global_batch_size: int = 16
+    grad_checkpointing: bool = False
+    optimizer: str = "adamw"  # adamw | adamw-8bit | paged-adamw-8bit
+    loss: str = "fused"  # fused (trl's chunked LM head + CE) | full (materialized fp32 logits)
+    learning_rate: float = 2e-4
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    packing: bool = False
+    dtype: str = "bfloat16"  # compute dtype of the base model: bfloat16, or float16 on cards without bf16
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class Dataset:
+    path: Optional[str] = None
+    format: str = "auto"  # auto | instruction | chat | text
+    eval_path: Optional[str] = None
+    eval_fraction: float = 0.0
+    rows: Optional[int] = None
+    tokens_total: Optional[int] = None  # estimated training tokens per epoch
+    mean_tokens_per_row: Optional[float] = None
+
+
+@dataclass
+class Prediction:
+    per_gpu_gib: float
+    terms: dict[str, float]  # name -> GiB, summing to per_gpu_gib
+    margin: float  # the safety margin the decision kept free, as a fraction of card memory
+    tokens_per_s: Optional[float] = None
+
+
+@dataclass
+class Plan:
+    model: ModelRef
+    hardware: Hardware
+    method: str  # lora | qlora
+    quantization: Quantization
+    lora: LoraSettings
+    training: Training
+    prediction: Prediction
+    strategy: str = "single"  # single | ddp | cpu
+    dataset: Dataset = field(default_factory=Dataset)
+    output_dir: str = "out"
+    assumptions: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ---- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        if not isinstance(data, dict):
+            raise PlanError("plan must be a mapping at the top level")
+        version = data.get("version")
+        if version not in SUPPORTED_VERSIONS:
+            raise PlanError(
+                f"unknown plan version {version!r} (this loraplan reads versions {', '.join(map(str, SUPPORTED_VERSIONS))})"
+            )
+        plan = _build(cls, data, "plan")
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Reject a plan whose fields contradict each other (e.g. edited by hand into inconsistency)."""
+        t = self.training
+        if self.method not in ("lora", "qlora"):
+            raise PlanError(f"method must be lora or qlora, not {self.method!r}")
+        if (self.method == "qlora") != self.quantization.enabled:
+            raise PlanError(f"method {self.method} contradicts quantization.enabled={self.quantization.enabled}")
+        if self.strategy not in ("single", "ddp", "cpu"):
+            raise PlanError(f"strategy must be single, ddp or cpu, not {self.strategy!r}")
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "global_batch_size"):
+            if getattr(t, name) < 1:
+                raise PlanError(f"training.{name} must be at least 1, got {getattr(t, name)}")
+        if self.hardware.num_gpus < 1:
+            raise PlanError(f"hardware.num_gpus must be at least 1, got {self.hardware.num_gpus}")
+        data_parallel = self.hardware.num_gpus if self.strategy == "ddp" else 1
+        if t.micro_batch_size * t.grad_accum_steps * data_parallel != t.global_batch_size:
+            raise PlanError(
+                f"training.global_batch_size {t.global_batch_size} != micro_batch_size {t.micro_batch_size}"
+                f" x grad_accum_steps {t.grad_accum_steps} x {data_parallel} GPU(s)"
+            )
+        if self.lora.r < 1:
+            raise PlanError(f"lora.r must be positive, got {self.lora.r}")
+        if not self.lora.target_modules and not self.lora.target_parameters:
+            raise PlanError("lora.target_modules and lora.target_parameters are both empty")
+        if not 0.0 <= self.lora.lora_dropout < 1.0:
+            raise PlanError(f"lora.lora_dropout must be in [0, 1), got {self.lora.lora_dropout}")
+        if t.optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
+            raise PlanError(f"training.optimizer {t.optimizer!r} is not adamw, adamw-8bit or paged-adamw-8bit")
+        if t.loss not in ("fused", "full"):
+            raise PlanError(f"training.loss must be fused or full, not {t.loss!r}")
+        if t.dtype not in ("bfloat16", "float16", "float32"):
+            raise PlanError(f"training.dtype {t.dtype!r} is not bfloat16, float16 or float32")
+        if self.quantization.enabled and self.quantization.compute_dtype != t.dtype:
+            raise PlanError(
+                f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"
+            )
+
+    # ---- files -----------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def save(self, path: str) -> None:
+        """Write the plan as YAML atomically (a temp file in the same folder, then rename)."""
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def load(cls, path: str) -> "Plan":
+        import yaml
+
+        if not os.path.exists(path):
+            raise PlanError(f"plan file not found: {path}")
+        if os.path.isdir(path):
+            raise PlanError(f"plan path is a directory, not a file: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PlanError(f"plan file {path} is not valid YAML: {first}") from None
+        return cls.from_dict(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild a (nested) dataclass from plain data, checking types so a hand-edited file fails clearly."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise PlanError(f"{where} must be a mapping")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = set(value) - names
+        if unknown:
+            raise PlanError(f"{where} has unknown field(s): {', '.join(sorted(unknown))}")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _build(hints[f.name], value[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PlanError(f"{where} is missing required field {f.name!r}")
+        return tp(**kwargs)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise PlanError(f"{where} must be a list")
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PlanError(f"{where} must be a mapping")
+        return {str(k): _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PlanError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PlanError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PlanError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise PlanError(f"{where} must be a string, got {value!r}")
+        return value
+    raise PlanError(f"{where}: unsupported type {tp}")
