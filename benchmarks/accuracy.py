@@ -1,0 +1,96 @@
+"""Predicted vs measured peak memory per GPU on every calibration row, beside today's static rules of thumb.
+
+    python benchmarks/accuracy.py            # table + summary (the last two lines: median and max error)
+    python benchmarks/accuracy.py --markdown # the same table as Markdown, for docs/accuracy.md
+
+Predicted: `loraplan plan`'s peak per GPU for the row's shape and recipe (plain rows: --loss full; trl rows:
+--loss fused). Measured: device_used_gib_end (total - free after the steps: what nvidia-smi shows).
+Static tables: the widely quoted "7B LoRA 16 GB / QLoRA 6 GB, 13B 32/10, 70B 160/48" (interpolated linearly
+in parameter count between its rows) and "2 bytes per parameter" (bf16 weights, regardless of method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
+from planner import memory as M  # noqa: E402
+
+GIB = 2**30
+# the widely quoted table: params (billions) -> (LoRA GB, QLoRA GB)
+STATIC_TABLE = [(7, 16, 6), (13, 32, 10), (70, 160, 48)]
+
+
+def static_table_gib(params_b: float, method: str) -> float:
+    col = 1 if method == "lora" else 2
+    pts = STATIC_TABLE
+    if params_b <= pts[0][0]:
+        return pts[0][col] * params_b / pts[0][0] * 1e9 / GIB
+    for lo, hi in zip(pts, pts[1:]):
+        if params_b <= hi[0]:
+            f = (params_b - lo[0]) / (hi[0] - lo[0])
+            return (lo[col] + f * (hi[col] - lo[col])) * 1e9 / GIB
+    return pts[-1][col] * params_b / pts[-1][0] * 1e9 / GIB
+
+
+def evaluate() -> list[dict]:
+    out = []
+    for row in load_rows():
+        arch, sel, shape = row_inputs(row)
+        pred = M.peak_bytes(arch, sel, shape) / GIB
+        meas = row["device_used_gib_end"]
+        params_b = arch.total_params / 1e9
+        out.append(
+            dict(
+                recipe=row["recipe"], model=row["model"], method=row["method"], batch=row["batch"], seq=row["seq"],
+                grad_ckpt=row["grad_ckpt"], measured=meas, predicted=pred, error=(pred - meas) / meas,
+                static=static_table_gib(params_b, row["method"]), two_bytes=2 * arch.total_params / GIB,
+            )
+        )
+    for r in out:
+        r["static_error"] = (r["static"] - r["measured"]) / r["measured"]
+        r["two_bytes_error"] = (r["two_bytes"] - r["measured"]) / r["measured"]
+    return out
+
+
+def summary(rows: list[dict], key: str) -> tuple[float, float]:
+    errs = [abs(r[key]) for r in rows]
+    return statistics.median(errs), max(errs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="predicted vs measured peak memory on the calibration rows")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = ap.parse_args()
+    rows = evaluate()
+    if args.markdown:
+        print("| recipe | model | method | batch x seq | ckpt | measured GiB | loraplan GiB | error | static table GiB | error | 2 B/param GiB | error |")
+        print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['recipe']} | {r['model']} | {r['method']} | {r['batch']} x {r['seq']} | {'on' if r['grad_ckpt'] else 'off'} "
+                  f"| {r['measured']:.2f} | {r['predicted']:.2f} | {r['error']:+.1%} | {r['static']:.1f} | {r['static_error']:+.0%} "
+                  f"| {r['two_bytes']:.1f} | {r['two_bytes_error']:+.0%} |")
+        print()
+    else:
+        print(f"{'recipe':8} {'model':14} {'method':6} {'batch x seq':>12} {'ckpt':>4} {'measured':>9} {'predicted':>9} {'error':>7} {'static':>7} {'2B/p':>7}")
+        for r in rows:
+            print(f"{r['recipe']:8} {r['model']:14} {r['method']:6} {r['batch']:>4} x {r['seq']:<6} {'on' if r['grad_ckpt'] else 'off':>4} "
+                  f"{r['measured']:9.2f} {r['predicted']:9.2f} {r['error']:+7.1%} {r['static_error']:+7.0%} {r['two_bytes_error']:+7.0%}")
+    for recipe in ("plain", "trl-sft"):
+        sub = [r for r in rows if r["recipe"] == recipe]
+        med, mx = summary(sub, "error")
+        print(f"{recipe}: {len(sub)} rows, loraplan median |error| {med:.1%}, max {mx:.1%}; "
+              f"static table median {summary(sub, 'static_error')[0]:.0%}; 2 B/param median {summary(sub, 'two_bytes_error')[0]:.0%}")
+    med, mx = summary(rows, "error")
+    print(f"static table: median |error| {summary(rows, 'static_error')[0]:.0%}, max {summary(rows, 'static_error')[1]:.0%}; "
+          f"2 bytes/param: median {summary(rows, 'two_bytes_error')[0]:.0%}, max {summary(rows, 'two_bytes_error')[1]:.0%}")
+    print(f"loraplan on all {len(rows)} rows: median |error| {med:.1%}, max |error| {mx:.1%}")
+
+
+if __name__ == "__main__":
+    main()

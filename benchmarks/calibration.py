@@ -1,0 +1,59 @@
+"""The measured calibration rows (shared/calibration) and the planner inputs that describe each row."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from planner import arch as A
+from planner.memory import Shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def calibration_dir() -> Path:
+    """$LORAPLAN_CALIBRATION_DIR, else shared/calibration beside the repository (../shared/calibration)."""
+    env = os.environ.get("LORAPLAN_CALIBRATION_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "calibration"
+
+
+def load_rows(include_peft_upcast: bool = False) -> list[dict]:
+    """Rows of plain-step.jsonl (recipe plain, predicted with loss=full) and trl-sft.jsonl (loss=fused).
+
+    `qlora-peft` rows (prepare_model_for_kbit_training upcasts embeddings, lm_head and norms to fp32) describe a
+    recipe `run` does not use; they are left out unless asked for."""
+    folder = calibration_dir()
+    rows = []
+    for name in ("plain-step.jsonl", "trl-sft.jsonl"):
+        with open(folder / name, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    if row["method"] == "qlora-peft" and not include_peft_upcast:
+                        continue
+                    rows.append(row)
+    return rows
+
+
+def row_config(row: dict) -> dict:
+    with open(calibration_dir() / row["config"], encoding="utf-8") as f:
+        return json.load(f)
+
+
+def row_inputs(row: dict) -> tuple[A.Architecture, A.TargetSelection, Shape]:
+    arch = A.from_config(row_config(row))
+    sel = A.select_targets(arch, None)  # q,k,v,o,gate,up,down as measured
+    shape = Shape(
+        method=row["method"],
+        r=row["r"],
+        micro_batch_size=row["batch"],
+        seq_len=row["seq"],
+        grad_checkpointing=row["grad_ckpt"],
+        loss="full" if row["recipe"] == "plain" else "fused",
+        optimizer="adamw",
+        dtype="bfloat16",
+        double_quant=True,
+        num_gpus=1,
+    )
+    return arch, sel, shape

@@ -1,0 +1,334 @@
+"""The memory model: the peak memory one GPU shows (what nvidia-smi reports) while training, as a sum of terms.
+
+Each term is a small function with its formula in the docstring; `budget()` returns them in report order.
+Symbols: T = micro_batch x seq_len tokens per step on one GPU, L layers, h hidden size, kv = kv heads x
+head_dim, i intermediate size (for MoE: experts_per_token x expert size), V vocabulary, P trainable (LoRA)
+parameters. Bytes throughout; GiB = 2**30 bytes.
+
+The structure is derived from what the training step holds at its peak (see docs/memory-model.md). A few
+coefficients that the derivation cannot pin down (how much of the per-layer working set the kernels really
+keep, the fused loss's buffers, the caching allocator's fragmentation) are fitted by
+`benchmarks/fit_memory.py` on the measured H200 rows in shared/calibration and stored, with that source, in
+`tables/memory.yaml`. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import yaml
+
+from tables import TABLES_DIR
+
+from .arch import Architecture, TargetSelection, trainable_params
+
+GIB = 2**30
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@functools.lru_cache(maxsize=1)
+def coefficients() -> dict:
+    with open(TABLES_DIR / "memory.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one GPU does per optimizer micro-step: everything the memory depends on besides the architecture."""
+
+    method: str  # lora | qlora
+    r: int
+    micro_batch_size: int
+    seq_len: int
+    grad_checkpointing: bool
+    loss: str  # fused | full
+    optimizer: str = "adamw"
+    dtype: str = "bfloat16"
+    double_quant: bool = True
+    num_gpus: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: float
+    formula: str
+    group: str  # weights | adapter | activations | loss | runtime
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weights
+
+
+def quantized_weight_params(arch: Architecture) -> int:
+    """Weights bitsandbytes replaces with Linear4bit under QLoRA: every nn.Linear projection (not lm_head).
+
+    Fused MoE expert weights are nn.Parameters, not nn.Linear: transformers' bnb integration leaves them in the
+    compute dtype, so they are not counted here.
+    """
+    return sum(p.weight_params for p in arch.projections if p.quantizable)
+
+
+def base_weights_bytes(arch: Architecture, shape: Shape) -> float:
+    """Projection weights: LoRA keeps them in the compute dtype (2 bytes/param in bf16);
+    QLoRA packs the nn.Linear ones as NF4, 4 bits = 0.5 byte/param, and keeps fused expert weights in dtype."""
+    dt = DTYPE_BYTES[shape.dtype]
+    q = quantized_weight_params(arch)
+    unq = sum(p.weight_params for p in arch.projections) - q
+    if shape.method == "qlora":
+        return 0.5 * q + dt * unq
+    return dt * (q + unq)
+
+
+def quant_constants_bytes(arch: Architecture, shape: Shape) -> float:
+    """NF4 quantization constants, blocksize 64 (bitsandbytes):
+    without double quantization one fp32 absmax per block: 4/64 byte/param;
+    with double quantization the absmax are themselves quantized to 8 bits in blocks of 256 with an fp32
+    constant each: 1/64 + 4/(64 x 256) byte/param."""
+    if shape.method != "qlora":
+        return 0.0
+    q = quantized_weight_params(arch)
+    per_param = (1 / 64 + 4 / (64 * 256)) if shape.double_quant else 4 / 64
+    return q * per_param
+
+
+def unquantized_modules_bytes(arch: Architecture, shape: Shape) -> float:
+    """Embeddings, lm_head (0 when tied), norms, projection biases, routers, q/k norms: dtype bytes each.
+    Kept in the compute dtype under both methods (no fp32 upcast: `run` does not call
+    prepare_model_for_kbit_training)."""
+    dt = DTYPE_BYTES[shape.dtype]
+    biases = sum(p.bias_params for p in arch.projections)
+    return dt * (
+        arch.embedding_params + arch.lm_head_params + arch.norm_params + arch.other_params + biases
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adapter
+
+
+def lora_weights_bytes(p: int) -> float:
+    """LoRA A and B matrices; peft keeps them in fp32: 4 x P."""
+    return 4.0 * p
+
+
+def lora_gradients_bytes(p: int) -> float:
+    """Gradients of the LoRA weights, fp32: 4 x P."""
+    return 4.0 * p
+
+
+def optimizer_states_bytes(p: int, optimizer: str) -> float:
+    """AdamW keeps two fp32 moments: 8 x P; bitsandbytes 8-bit AdamW (paged or not) two 8-bit moments: 2 x P
+    (plus per-block constants, negligible). Paged states can spill to host memory under pressure; planned as
+    resident."""
+    return (8.0 if optimizer == "adamw" else 2.0) * p
+
+
+def ddp_buckets_bytes(p: int, num_gpus: int) -> float:
+    """DistributedDataParallel's gradient buckets hold a second fp32 copy of the trainable gradients for the
+    all-reduce: 4 x P on each GPU when more than one GPU trains."""
+    return 4.0 * p if num_gpus > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# activations and loss
+
+
+def layer_activation_bytes_per_token(arch: Architecture) -> float:
+    """Bytes one decoder layer saves for backward, per token (bf16 autocast, sdpa/flash attention, LoRA with
+    dropout on every projection), before the fitted scale:
+
+        a_h x h + a_kv x kv + a_i x i + a_norm x h x (norms per layer - 2)
+
+    with a_h, a_kv, a_i, a_norm from tables/memory.yaml (derived: two RMSNorm fp32 inputs 4h each, LoRA
+    dropout mask + bf16 copy 3 bytes per input element of each adapted projection, flash attention's q, k, v,
+    out; the MLP's gate, up, activation and product outputs, 2 bytes each; see docs/memory-model.md).
+    For MoE, i is experts_per_token x expert intermediate size: each token runs through its top-k experts.
+    """
+    c = coefficients()["derived"]
+    i = arch.experts_per_token * arch.moe_intermediate_size if arch.is_moe else arch.intermediate_size
+    extra_norms = max(arch.norms_per_layer - 2, 0)
+    return (
+        c["act_bytes_per_hidden"] * arch.hidden_size
+        + c["act_bytes_per_kv"] * arch.kv_dim
+        + c["act_bytes_per_intermediate"] * i
+        + c["act_bytes_per_extra_norm"] * arch.hidden_size * extra_norms
+    )
+
+
+def checkpointed_inputs_bytes(arch: Architecture, shape: Shape) -> float:
+    """With gradient checkpointing each layer keeps its input hidden states, bf16: 2 x L x h x T, plus what
+    is kept beside each checkpoint (c_ckpt x L x h x T, fitted)."""
+    if not shape.grad_checkpointing:
+        return 0.0
+    per = DTYPE_BYTES[shape.dtype] + coefficients()["fitted"]["checkpoint_extra_bytes"]
+    return per * arch.num_layers * arch.hidden_size * shape.tokens
+
+
+def _activations_device_bytes(arch: Architecture, shape: Shape) -> float:
+    f = coefficients()["fitted"]
+    x = layer_activation_bytes_per_token(arch)
+    s = f["activation_scale"] if shape.loss == "full" else f["fused_activation_scale"]
+    if shape.grad_checkpointing:
+        return (s + f["recompute_scale"]) * x * shape.tokens
+    return s * x * arch.num_layers * shape.tokens
+
+
+def _loss_device_bytes(arch: Architecture, shape: Shape) -> float:
+    f = coefficients()["fitted"]
+    t, v = shape.tokens, arch.vocab_size
+    if shape.loss == "full":
+        per = f["full_loss_bytes_per_logit"]
+        if arch.tie_word_embeddings:
+            per += f["full_loss_tied_extra_bytes_per_logit"]
+        if arch.config.get("final_logit_softcapping"):
+            per += coefficients()["derived"]["softcap_bytes_per_logit"]
+        return per * t * v
+    return f["fused_loss_bytes_per_token_hidden"] * t * arch.hidden_size + f["fused_loss_chunk_bytes_per_vocab"] * v
+
+
+def activations_bytes(arch: Architecture, shape: Shape) -> float:
+    """Saved activations, as allocated (the allocator's share is in `allocator_reserve`).
+    Without checkpointing every layer's saved tensors live at the end of the forward:
+        (1 - rho_act) x s x X x L x T.
+    With checkpointing one layer is recomputed at a time in the backward:
+        (1 - rho_act) x (s + s_rc) x X x T,
+    X = layer_activation_bytes_per_token; s = activation_scale, fitted (the fused recipe through trl has its
+    own, fused_activation_scale: trl's collator and forward differ from a plain call); s_rc the backward's
+    extra working set while a layer is recomputed, fitted."""
+    rho = coefficients()["fitted"]["reserve_share_of_activations"]
+    return (1 - rho) * _activations_device_bytes(arch, shape)
+
+
+def logits_bytes(arch: Architecture, shape: Shape) -> float:
+    """The loss, as allocated (the allocator's share is in `allocator_reserve`).
+    full (the model's own loss): the logits exist whole: bf16 out of the LM head, the fp32 upcast, the
+    log-softmax output and its gradient in fp32; what is alive at the peak is (1 - rho_loss) x c_full x T x V,
+    c_full fitted (the derivation gives 10-14 B: 2 + 4 + 4 (+ 4) depending on what is freed before the peak;
+    tied embeddings measure slightly more, c_tied); final-logit softcapping (Gemma 2) adds the tanh's saved
+    output and bf16 copies: + c_softcap x T x V (derived).
+    fused (trl's chunked LM head + cross-entropy): the logits never exist; what remains is the per-token
+    work, c_tok x T x h, and one tile of logits, c_chunk x V (fitted)."""
+    rho = coefficients()["fitted"]["reserve_share_of_loss"]
+    return (1 - rho) * _loss_device_bytes(arch, shape)
+
+
+def misc_bytes() -> float:
+    """Small allocations present at the peak whatever the shape: autocast's cache of bf16 LoRA weight copies,
+    RNG and optimizer bookkeeping, cuBLAS handles, the allocator's smallest segments (fitted constant)."""
+    return coefficients()["fitted"]["misc_bytes"]
+
+
+def allocator_reserve_bytes(arch: Architecture, shape: Shape) -> float:
+    """The caching allocator holds more than it hands out: freed blocks of transient tensors that no later
+    request fits (fragmentation). It grows with the size of the transients, so it is a share of each:
+        rho_loss x loss + rho_act x activations   (before the split; shares fitted on reserved - allocated)."""
+    f = coefficients()["fitted"]
+    return (
+        f["reserve_share_of_loss"] * _loss_device_bytes(arch, shape)
+        + f["reserve_share_of_activations"] * _activations_device_bytes(arch, shape)
+    )
+
+
+def cuda_context_bytes() -> float:
+    """CUDA context plus cuBLAS/cuDNN workspaces: device memory used that torch's allocator does not count
+    (measured on an H200: used - reserved after training, tables/memory.yaml)."""
+    return coefficients()["measured"]["cuda_context_gib"] * GIB
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def budget(arch: Architecture, selection: TargetSelection, shape: Shape) -> list[Term]:
+    """All terms for one GPU, in report order. Their sum is the predicted peak (what nvidia-smi shows)."""
+    p = trainable_params(selection, shape.r)
+    dt = DTYPE_BYTES[shape.dtype]
+    terms = []
+    if shape.method == "qlora":
+        terms.append(Term("nf4_weights", base_weights_bytes(arch, shape), "0.5 B x quantized params (+ dtype x expert params)", "weights"))
+        dq = "1/64 + 4/16384" if shape.double_quant else "4/64"
+        terms.append(Term("quant_constants", quant_constants_bytes(arch, shape), f"({dq}) B x quantized params", "weights"))
+    else:
+        terms.append(Term("base_weights", base_weights_bytes(arch, shape), f"{dt} B x projection params", "weights"))
+    terms += [
+        Term("unquantized_modules", unquantized_modules_bytes(arch, shape), f"{dt} B x (embeddings + lm_head + norms + biases)", "weights"),
+        Term("lora_weights", lora_weights_bytes(p), "4 B x P (fp32)", "adapter"),
+        Term("lora_gradients", lora_gradients_bytes(p), "4 B x P (fp32)", "adapter"),
+        Term("optimizer_states", optimizer_states_bytes(p, shape.optimizer), ("8" if shape.optimizer == "adamw" else "2") + " B x P", "adapter"),
+    ]
+    if shape.num_gpus > 1:
+        terms.append(Term("ddp_buckets", ddp_buckets_bytes(p, shape.num_gpus), "4 B x P", "adapter"))
+    if shape.grad_checkpointing:
+        terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), f"({dt} + c_ckpt) B x L x h x T", "activations"))
+    terms += [
+        Term(
+            "activations",
+            activations_bytes(arch, shape),
+            "(1-rho) (s + s_rc) x X x T" if shape.grad_checkpointing else "(1-rho) s x X x L x T",
+            "activations",
+        ),
+        Term(
+            "logits" if shape.loss == "full" else "fused_loss",
+            logits_bytes(arch, shape),
+            "(1-rho) c_full x T x V" if shape.loss == "full" else "(1-rho) (c_tok x T x h + c_chunk x V)",
+            "loss",
+        ),
+        Term("misc", misc_bytes(), "constant", "runtime"),
+        Term("allocator_reserve", allocator_reserve_bytes(arch, shape), "rho_loss x loss + rho_act x activations", "runtime"),
+        Term("cuda_context", cuda_context_bytes(), "context + library workspaces", "runtime"),
+    ]
+    return terms
+
+
+def peak_bytes(arch: Architecture, selection: TargetSelection, shape: Shape) -> float:
+    return sum(t.bytes for t in budget(arch, selection, shape))
+
+
+def loaded_bytes(arch: Architecture, selection: TargetSelection, shape: Shape) -> float:
+    """What torch.cuda.memory_allocated() shows after loading and wrapping: weights + LoRA weights."""
+    p = trainable_params(selection, shape.r)
+    return (
+        base_weights_bytes(arch, shape)
+        + quant_constants_bytes(arch, shape)
+        + unquantized_modules_bytes(arch, shape)
+        + lora_weights_bytes(p)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# throughput
+
+
+def flops_per_token(arch: Architecture, shape: Shape) -> float:
+    """Training FLOPs per token for LoRA: forward 2N, backward through frozen weights (input gradients only)
+    2N, plus 2N more to recompute the forward under gradient checkpointing; N = parameters a token touches
+    (for MoE: attention + top-k experts), plus the LM head (2 x h x V each pass) and attention scores
+    (4 x L x seq x q_dim forward, twice that backward)."""
+    active = 0
+    for p in arch.projections:
+        per = p.weight_params // max(p.experts, 1) if p.experts > 1 else p.weight_params
+        mult = arch.experts_per_token if p.experts > 1 else 1
+        active += per * mult
+    head = arch.vocab_size * arch.hidden_size
+    passes = 3 if shape.grad_checkpointing else 2
+    attn = 4 * arch.num_layers * shape.seq_len * arch.q_dim * (1 + 2 + (1 if shape.grad_checkpointing else 0))
+    return 2 * active * passes + 2 * head * 2 + attn / 2  # causal: half the score matrix
+
+
+def tokens_per_second(arch: Architecture, shape: Shape, peak_tflops: Optional[float]) -> Optional[float]:
+    """Expected tokens/s per GPU: MFU x peak bf16 FLOP/s / FLOPs per token, MFU measured per method on the
+    calibration rows (tables/memory.yaml). None when the card's peak is unknown."""
+    if not peak_tflops:
+        return None
+    mfu = coefficients()["throughput"]["mfu_" + shape.method]
+    return mfu * peak_tflops * 1e12 / flops_per_token(arch, shape)
