@@ -1,0 +1,112 @@
+"""Click commands `run` and `merge`. Only click, rich, the stdlib and planner are imported at module level: the
+training stack is imported inside the commands, so `loraplan plan` never pays for torch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import click
+
+from planner.plan import Plan, PlanError
+
+from .errors import RunError
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@click.command("run")
+@click.argument("plan_file", metavar="PLAN", required=False, type=click.Path(dir_okay=True))
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the plan's output dir "
+              "(the plan must match the one the checkpoints came from).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in the output dir.")
+@click.option("--demo", is_flag=True, help="Train a tiny random-weight model on a shipped dataset (no PLAN needed).")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Write the run here instead of the plan's output_dir (the demo's default: ./loraplan-demo).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps (recorded in the run's plan.yaml).")
+def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: bool,
+                output_dir: Optional[str], max_steps: Optional[int]) -> None:
+    """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
+
+    Loads the model (4-bit for QLoRA), wraps it with the plan's LoRA adapter, trains with trl's SFTTrainer on the
+    plan's dataset and writes, under the plan's output_dir: adapter/, checkpoint-N/, plan.yaml, metrics.jsonl and
+    summary.json. A ddp plan starts one process per GPU through accelerate's launcher. SIGINT/SIGTERM save a
+    checkpoint and stop; `--resume` continues it. Exit status: 0 done, 1 failed (e.g. out of memory), 2 bad input,
+    130 interrupted.
+    """
+    try:
+        if demo:
+            if plan_file:
+                raise RunError("give either PLAN or --demo, not both")
+            from .errors import require_run_extra
+
+            require_run_extra()
+            from .demo import prepare_demo
+
+            out = output_dir or "loraplan-demo"
+            plan = prepare_demo(out, max_steps=max_steps or 60)
+            # The demo replaces its own earlier run unless asked to resume it.
+            overwrite = overwrite or not resume
+        else:
+            if not plan_file:
+                raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
+            plan = Plan.load(plan_file)
+            if output_dir:
+                plan.output_dir = output_dir
+            if max_steps:
+                plan.training.max_steps = max_steps
+            plan.validate()
+        from .runner import execute
+
+        console = _console()
+        summary = execute(plan, resume=resume, overwrite=overwrite, console=console)
+        from .report import print_report
+
+        print_report(summary, console)
+    except PlanError as exc:
+        _fail(str(exc), 2)
+    except RunError as exc:
+        _fail(exc.message, exc.exit_code)
+
+
+@click.command("merge")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Folder for the merged model (must not exist or be empty).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="dtype the base model is loaded and saved in.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the base model's own modelling code to run.")
+def merge_command(adapter_dir: str, output: str, dtype: str, trust_remote_code: bool) -> None:
+    """Merge the LoRA adapter in ADAPTER_DIR into its base model and save a model directory that
+    `AutoModelForCausalLM.from_pretrained` loads. The base (adapter_config.json's base_model_name_or_path) must be a
+    local folder or in the local Hugging Face cache; a QLoRA adapter merges into the unquantized base."""
+    try:
+        from .merge import merge_adapter
+
+        path = merge_adapter(adapter_dir, output, dtype=dtype, trust_remote_code=trust_remote_code)
+        click.echo(f"merged model saved to {os.path.abspath(path)}")
+    except RunError as exc:
+        _fail(exc.message, exc.exit_code)
+
+
+@click.group()
+def main() -> None:
+    """The executor's commands on their own (loraplan registers the same ones)."""
+
+
+main.add_command(run_command)
+main.add_command(merge_command)
+
+if __name__ == "__main__":
+    main()

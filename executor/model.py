@@ -1,0 +1,137 @@
+"""Load the base model exactly as the plan says, and wrap it with the plan's LoRA adapter.
+
+QLoRA follows the recipe the memory model was calibrated on: every linear layer but the LM head in NF4 with
+double quantization, compute in the plan's dtype, and nothing upcast to fp32 (no prepare_model_for_kbit_training),
+wrapped with get_peft_model here so SFTTrainer never sees a peft_config (it would upcast).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Optional
+
+from .errors import RunError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _has_weights(folder: str) -> bool:
+    return any(glob.glob(os.path.join(folder, p)) for p in WEIGHT_PATTERNS)
+
+
+def check_model_dir(folder: str, what: str) -> str:
+    if not os.path.exists(folder):
+        raise RunError(f"{what} {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise RunError(f"{what} {folder} is not a directory")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise RunError(f"{what} {folder} holds no model (no config.json)")
+    if not _has_weights(folder):
+        raise RunError(f"{what} {folder} holds no model weights (no *.safetensors or *.bin files)")
+    return folder
+
+
+def resolve_model_dir(path: Optional[str], hub_id: Optional[str] = None, what: str = "model path") -> str:
+    """A local folder holding config + weights: `path` itself, else `hub_id`'s snapshot in the local HF cache."""
+    if path:
+        return check_model_dir(os.path.expanduser(path), what)
+    repo = hub_id
+    if not repo:
+        raise RunError("the plan names no model weights (model.path and model.hub_id are both empty); "
+                       "plan from a model directory or a Hugging Face id already in the local cache")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo, local_files_only=True)
+    except Exception:
+        raise RunError(f"model {repo} is not in the local Hugging Face cache and nothing is downloaded; "
+                       f"download it first or set model.path to a directory") from None
+    return check_model_dir(folder, f"cached model {repo} at")
+
+
+def plan_model_dir(plan) -> str:
+    return resolve_model_dir(plan.model.path, plan.model.hub_id)
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunError(f"cannot load a tokenizer from {model_dir}: {first}") from None
+    if tok.pad_token is None:  # batches need padding; the EOS token is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(plan):
+    """bitsandbytes 4-bit config from plan.quantization (blocksize is bitsandbytes' fixed 64)."""
+    from transformers import BitsAndBytesConfig
+
+    q = plan.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+    )
+
+
+def load_base_model(plan, model_dir: str, device_map: Optional[dict] = None):
+    """The base model in the plan's dtype, 4-bit when the plan says qlora. Nothing is upcast."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(
+        dtype=torch_dtype(plan.training.dtype),
+        trust_remote_code=plan.model.trust_remote_code,
+        local_files_only=True,
+        attn_implementation=plan.training.attn_implementation,
+    )
+    if plan.quantization.enabled:
+        kwargs["quantization_config"] = quantization_config(plan)
+        kwargs["device_map"] = device_map or {"": "cpu"}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except ImportError as exc:
+        raise RunError(f"cannot load the model from {model_dir}: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunError(f"cannot load the model from {model_dir}: {first}") from None
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return model
+
+
+def lora_config(plan):
+    from peft import LoraConfig
+
+    lo = plan.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.lora_alpha,
+        lora_dropout=lo.lora_dropout,
+        target_modules=list(lo.target_modules) or None,
+        target_parameters=list(lo.target_parameters) or None,
+        bias=lo.bias,
+        task_type=lo.task_type,
+    )
+
+
+def wrap_lora(plan, model):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(plan))
+    except ValueError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunError(f"cannot add the plan's LoRA adapter: {first}") from None

@@ -1,0 +1,200 @@
+"""The run's folder: what is in it, whether a run may start there, and which checkpoint to resume from.
+
+Layout under plan.output_dir:
+    plan.yaml         the plan this run executes (written before training starts)
+    checkpoint-N/     the Trainer's checkpoints; COMPLETE marks one whose every file was written
+    adapter/          the final PEFT adapter and tokenizer (swapped in by rename, so never half-written)
+    metrics.jsonl     one JSON object per logged step
+    summary.json      the run's outcome: predicted vs observed memory, tokens/s, wall time, paths
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Optional
+
+from planner.plan import Plan, PlanError, atomic_write_text
+
+from .errors import RunError
+
+PLAN_FILE = "plan.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+ADAPTER_DIR = "adapter"
+COMPLETE_MARKER = "COMPLETE"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+# Plan fields that do not change what is trained (the estimate, the explanation, bookkeeping, where logs go):
+# a resumed run may differ from the original in these and nothing else.
+IGNORED_FOR_RESUME = (
+    "prediction",
+    "reasons",
+    "assumptions",
+    "output_dir",
+    "model.name",
+    "model.source",
+    "hardware.gpu",
+    "hardware.gpu_name",
+    "hardware.memory_gib",
+    "hardware.peak_bf16_tflops",
+    "hardware.bandwidth_gbs",
+    "dataset.rows",
+    "dataset.tokens_total",
+    "dataset.mean_tokens_per_row",
+    "training.logging_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+)
+
+
+def write_json(path: str, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a crash: keep what was whole
+    return rows
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def training_differences(a: Plan, b: Plan) -> list[str]:
+    """Fields (dotted names) where two plans differ in a way that changes training."""
+    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    ignored = lambda k: any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_RESUME)  # noqa: E731
+    keys = sorted(k for k in set(fa) | set(fb) if not ignored(k))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
+
+
+def checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) for every checkpoint-N folder, oldest first."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            m = _CHECKPOINT_RE.match(name)
+            path = os.path.join(output_dir, name)
+            if m and os.path.isdir(path):
+                found.append((int(m.group(1)), path, os.path.exists(os.path.join(path, COMPLETE_MARKER))))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
+    done = [(step, path) for step, path, complete in checkpoints(output_dir) if complete]
+    return done[-1] if done else None
+
+
+def mark_complete(checkpoint_dir: str, step: int) -> None:
+    write_json(os.path.join(checkpoint_dir, COMPLETE_MARKER), {"step": step})
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
+    """Delete checkpoint folders without the marker: a save that was cut short. Returns what was removed."""
+    removed = []
+    for _, path, complete in checkpoints(output_dir):
+        if not complete:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def rotate_checkpoints(output_dir: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (all when keep <= 0). Runs only after a new marker is written,
+    so a crash mid-save never leaves the folder without a complete checkpoint."""
+    if keep <= 0:
+        return
+    done = [path for _, path, complete in checkpoints(output_dir) if complete]
+    for path in done[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _holds_run(output_dir: str) -> bool:
+    return bool(checkpoints(output_dir)) or os.path.isdir(os.path.join(output_dir, ADAPTER_DIR))
+
+
+def prepare_output_dir(plan: Plan, *, resume: bool, overwrite: bool) -> Optional[tuple[int, str]]:
+    """Check the output folder against this plan and get it ready. Returns the checkpoint to resume from, if any.
+
+    - empty or absent: a fresh run.
+    - holds a run of another plan: refused, unless --overwrite (which removes that run's files).
+    - holds a run of this plan: --resume continues it, --overwrite starts over, neither is refused.
+    """
+    out = plan.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"output dir {out} exists and is not a directory")
+    saved_path = os.path.join(out, PLAN_FILE)
+    saved: Optional[Plan] = None
+    if os.path.exists(saved_path):
+        try:
+            saved = Plan.load(saved_path)
+        except PlanError as exc:
+            if not overwrite:
+                raise RunError(f"output dir {out} holds an unreadable plan.yaml ({exc}); pass --overwrite to replace it")
+    if overwrite:
+        clear_run(out)
+        return None
+    if saved is None:
+        if _holds_run(out):
+            raise RunError(f"output dir {out} holds checkpoints or an adapter but no plan.yaml; pass --overwrite to replace them")
+        if resume:
+            return None
+        return None
+    diffs = training_differences(saved, plan)
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        what = "cannot resume" if resume else "output dir holds another plan's run"
+        raise RunError(f"{what} in {out}: the plan differs from the one its run came from ({shown}); "
+                       f"use another --output-dir or pass --overwrite")
+    if not resume:
+        if _holds_run(out):
+            raise RunError(f"output dir {out} already holds a run of this plan; pass --resume to continue it "
+                           f"or --overwrite to start over")
+        return None
+    remove_incomplete_checkpoints(out)
+    return latest_complete_checkpoint(out)
+
+
+def clear_run(output_dir: str) -> None:
+    """Remove what a run writes (and nothing else the user may keep in the folder)."""
+    for _, path, _ in checkpoints(output_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    for name in (ADAPTER_DIR, ADAPTER_DIR + ".tmp", ADAPTER_DIR + ".old"):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    for name in (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, "README.md"):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def replace_dir(tmp_dir: str, final_dir: str) -> None:
+    """Swap a fully written folder into place: old -> .old, tmp -> final, drop .old."""
+    old = final_dir + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(final_dir):
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,46 @@
+"""`loraplan run` without the CLI: check inputs, prepare the output folder, train in-process or launch workers."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from planner.plan import Plan
+
+from . import outputs
+from .errors import RunError, require_run_extra
+
+
+def check_inputs(plan: Plan) -> None:
+    """Fail fast, before anything is written, on a plan whose model or dataset cannot be used."""
+    from .data import load_rows
+    from .model import plan_model_dir
+
+    plan_model_dir(plan)
+    load_rows(plan.dataset.path, plan.dataset.format)
+    if plan.dataset.eval_path:
+        load_rows(plan.dataset.eval_path, plan.dataset.format, what="eval dataset")
+
+
+def needs_bitsandbytes(plan: Plan) -> bool:
+    return plan.quantization.enabled or plan.training.optimizer != "adamw"
+
+
+def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    """Run a plan end to end; returns the summary. Raises RunError (and subclasses) for one-line failures."""
+    require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
+    resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
+    check_inputs(plan)
+    os.makedirs(plan.output_dir, exist_ok=True)
+    plan.save(os.path.join(plan.output_dir, outputs.PLAN_FILE))
+    if console is not None:
+        where = f" from checkpoint {resume_from[1]}" if resume_from else ""
+        console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}"
+                      f", output {plan.output_dir}{where}")
+    if plan.strategy == "ddp" and plan.hardware.num_gpus > 1:
+        from .launch import launch_ddp
+
+        return launch_ddp(plan, resume_from[1] if resume_from else None, console)
+    from .train import train_plan
+
+    return train_plan(plan, resume_from[1] if resume_from else None, console=console, foreground=True)
