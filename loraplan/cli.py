@@ -1,0 +1,194 @@
+"""The `loraplan` command line: plan (arithmetic, no torch), run and merge (the executor, loaded on use)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import click
+
+EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class LazyGroup(click.Group):
+    """Sub-commands that live in the executor are imported only when invoked, so `loraplan plan` never
+    imports torch (or anything else the executor needs)."""
+
+    lazy = {"run": ("executor.cli", "run_command"), "merge": ("executor.cli", "merge_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[name]
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except ImportError as exc:  # a missing [run] extra surfaces when the command runs
+                missing = exc.name or str(exc)
+
+                @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+                def unavailable() -> None:
+                    click.echo(f"Error: `loraplan {name}` needs the training stack ({missing} is missing): "
+                               "pip install -e '.[run]'", err=True)
+                    sys.exit(EXIT_BAD_INPUT)
+
+                return unavailable
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="loraplan")
+def main() -> None:
+    """Plan and run LoRA / QLoRA fine-tuning.
+
+    \b
+    loraplan plan MODEL --gpu CARD     what fits: adapter size, memory per GPU term by term, the decision
+    loraplan run PLAN.yaml             train what the plan says, then compare observed with predicted memory
+    loraplan merge ADAPTER --output D  merge an adapter into its base model
+    loraplan run --demo                the whole loop on a tiny model, on any machine
+
+    Nothing is ever downloaded: models come from the catalog (`loraplan models`), a config.json or model
+    directory, or the local Hugging Face cache.
+    """
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option("--gpu", default=None, metavar="NAME|auto|cpu",
+              help="Card from the catalog (`loraplan gpus`), `auto` to read the detected GPUs through torch, or `cpu`. "
+                   "Default: auto, or custom when --gpu-memory is given.")
+@click.option("--gpu-memory", metavar="SIZE", help="Memory per GPU for a card not in the catalog (e.g. 24GiB, 80GB); "
+                                                   "with --gpu it overrides the catalog's figure.")
+@click.option("--num-gpus", type=int, default=None, help="GPUs to train on, data-parallel (default: 1, or all detected).")
+@click.option("--method", type=click.Choice(["auto", "lora", "qlora"]), default="auto", show_default=True,
+              help="auto: LoRA when it fits with headroom, else QLoRA.")
+@click.option("--rank", "-r", type=int, default=None, help="LoRA rank r (default 16).")
+@click.option("--alpha", type=int, default=None, help="LoRA alpha (default 2 x rank).")
+@click.option("--dropout", type=float, default=None, help="LoRA dropout (default 0.05; 0 for MoE experts).")
+@click.option("--targets", default=None, metavar="LIST",
+              help="Comma list of q,k,v,o,gate,up,down (or module names), or all-linear. "
+                   "Default: q,k,v,o,gate,up,down or the architecture's equivalents (fused qkv_proj, experts).")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", type=int, default=None, help="Fixed micro-batch per GPU (default: the largest that fits).")
+@click.option("--global-batch-size", type=int, default=None,
+              help="Sequences per optimizer step over all GPUs (default 16); accumulation is derived.")
+@click.option("--grad-checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="auto: only when needed to fit.")
+@click.option("--optimizer", type=click.Choice(["adamw", "adamw-8bit", "paged-adamw-8bit"]), default="adamw",
+              show_default=True)
+@click.option("--loss", type=click.Choice(["fused", "full"]), default="fused", show_default=True,
+              help="fused: LM head + cross-entropy in chunks, as trl's SFTTrainer (what `run` does); "
+                   "full: the model's own loss over materialized fp32 logits, as a plain training loop.")
+@click.option("--dataset", type=str, default=None, metavar="FILE",
+              help="Training data (.jsonl/.json/.csv/.parquet): token statistics for the time estimate and the plan.")
+@click.option("--output", "-o", type=str, default=None, metavar="PLAN.yaml", help="Write the plan file here.")
+@click.option("--output-dir", type=str, default=None, help="Where `run` will write adapters and checkpoints (default out).")
+@click.option("--learning-rate", "--lr", type=float, default=None, help="Default 2e-4.")
+@click.option("--epochs", type=float, default=None, help="Default 1, or 3 for a dataset under 5,000 rows.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
+@click.option("--train-tokens", type=int, default=None, help="Training tokens for the time estimate (without --dataset).")
+@click.option("--trust-remote-code", is_flag=True, help="Let `run` execute the model repository's own code.")
+@click.option("--no-fit-table", is_flag=True, help="Skip the table across catalog cards.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every fact (docs/plan-json.md).")
+def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dropout, targets, seq_len, batch_size,
+                 global_batch_size, grad_checkpointing, optimizer, loss, dataset, output, output_dir, learning_rate,
+                 epochs, max_steps, train_tokens, trust_remote_code, no_fit_table, as_json) -> None:
+    """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
+    in the local Hugging Face cache.
+
+    Exit status: 0 when it fits, 1 when it does not (the output says what would), 2 on bad input.
+    """
+    from planner.api import PlanRequest, make_plan
+    from planner.catalog import InputError
+
+    req = PlanRequest(
+        model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, method=method, rank=rank, alpha=alpha,
+        dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
+        grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, output_dir=output_dir,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
+        trust_remote_code=trust_remote_code, fit_table=not no_fit_table,
+    )
+    try:
+        res = make_plan(req)
+        if output:
+            res.plan.save(output)
+    except InputError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    if as_json:
+        data = res.to_json()
+        data["plan_file"] = output
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from rich.console import Console
+
+        from planner.report import render
+
+        console = Console()
+        render(res, console)
+        if output:
+            console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` will refuse it)")
+                          + (f"; run it with: loraplan run {output}" if res.feasible else ""))
+    sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True)
+def models_command(as_json: bool) -> None:
+    """List the model catalog."""
+    from planner.arch import from_config
+    from planner.catalog import models
+
+    rows = []
+    for key, e in models().items():
+        a = from_config(e["config"])
+        rows.append({"name": key, "display_name": e.get("display_name"), "hub_id": e.get("hub_id"), "family": a.family,
+                     "params": a.total_params, "layers": a.num_layers, "hidden": a.hidden_size, "vocab": a.vocab_size})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Model catalog (tables/models.yaml)")
+    for c in ("name", "hub id", "family", "params", "layers", "hidden", "vocab"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], r["hub_id"] or "", r["family"], f"{r['params'] / 1e9:.2f} B", str(r["layers"]),
+                  str(r["hidden"]), f"{r['vocab']:,}")
+    Console().print(t)
+
+
+@main.command("gpus")
+@click.option("--json", "as_json", is_flag=True)
+def gpus_command(as_json: bool) -> None:
+    """List the GPU catalog."""
+    from planner.catalog import gpus
+
+    if as_json:
+        click.echo(json.dumps(gpus(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="GPU catalog (tables/gpus.yaml)")
+    for c in ("name", "card", "memory GiB", "bf16", "bf16 TFLOP/s", "GB/s"):
+        t.add_column(c)
+    for k, e in gpus().items():
+        t.add_row(k, e["name"], f"{e['memory_gib']:.2f}", "yes" if e["bf16"] else "no",
+                  str(e.get("peak_bf16_tflops") or "-"), str(e.get("bandwidth_gbs") or "-"))
+    Console().print(t)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()
