@@ -1,0 +1,83 @@
+"""Trainable parameter counts equal what PEFT reports for the same LoraConfig, on meta-device models that
+transformers builds from the same configs (no weights)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from planner.arch import from_config, select_targets, trainable_params  # noqa: E402
+from planner.catalog import models  # noqa: E402
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "configs"
+
+
+def peft_counts(cfg: dict, target_modules: list[str], target_parameters: list[str], r: int) -> tuple[int, int]:
+    config = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        total = sum(p.numel() for p in model.parameters())
+        lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                               target_modules=target_modules or None, target_parameters=target_parameters or None)
+        wrapped = peft.get_peft_model(model, lora)
+        trainable, _ = wrapped.get_nb_trainable_parameters()
+    return trainable, total
+
+
+def _clean(cfg: dict) -> dict:
+    # rope_scaling of Llama 3.1 / Phi-3.5 are validated by transformers; the shapes do not depend on them
+    return {k: v for k, v in cfg.items() if k not in ("rope_scaling",)}
+
+
+CATALOG = sorted(models())
+
+
+@pytest.mark.parametrize("name", CATALOG)
+def test_catalog_default_targets_match_peft(name):
+    cfg = _clean(models()[name]["config"])
+    arch = from_config(cfg)
+    sel = select_targets(arch, None)
+    got, total = peft_counts(cfg, sel.target_modules, sel.target_parameters, 16)
+    assert trainable_params(sel, 16) == got
+    assert arch.total_params == total
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3.5-mini", "mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("spec,r", [("all-linear", 64), ("q,v", 8), ("o,down", 32)])
+def test_catalog_other_targets_and_ranks_match_peft(name, spec, r):
+    cfg = _clean(models()[name]["config"])
+    arch = from_config(cfg)
+    sel = select_targets(arch, spec)
+    got, _ = peft_counts(cfg, sel.target_modules, sel.target_parameters, r)
+    assert trainable_params(sel, r) == got
+
+
+@pytest.mark.skipif(not CALIBRATION.is_dir(), reason="shared/calibration is not beside the repository")
+@pytest.mark.parametrize("name", sorted(p.name for p in CALIBRATION.iterdir()) if CALIBRATION.is_dir() else [])
+def test_calibration_configs_match_peft_and_measurement(name):
+    cfg = json.loads((CALIBRATION / name / "config.json").read_text())
+    arch = from_config(cfg)
+    sel = select_targets(arch, None)
+    got, total = peft_counts(cfg, sel.target_modules, sel.target_parameters, 16)
+    assert trainable_params(sel, 16) == got
+    assert arch.total_params == total
+    # and what was measured on the H200 with the same LoraConfig
+    rows = [json.loads(line) for line in (CALIBRATION.parent / "plain-step.jsonl").read_text().splitlines() if line]
+    measured = {row["trainable_params"] for row in rows if row["model"] == name}
+    assert measured == {trainable_params(sel, 16)}
+
+
+def test_llama_projection_example_from_the_issue():
+    # a 4096 x 4096 projection at r=16: 131,072 parameters, 0.78 % of the layer
+    arch = from_config(models()["llama-3.1-8b"]["config"])
+    q = next(p for p in arch.projections if p.peft_name == "q_proj")
+    assert q.lora_params(16) // q.count == 131_072
+    assert round(100 * q.lora_params(16) / q.weight_params, 2) == 0.78
