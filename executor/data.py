@@ -31,10 +31,11 @@ INSTRUCTION_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response
 FALLBACK_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
-    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n\n"
+    "{{ '### ' + (message['role'] | capitalize) + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
 )
 
 

@@ -1,0 +1,190 @@
+"""`loraplan run` end to end on the CPU: LoRA and QLoRA on a tiny random Llama, every dataset format."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import build_plan, data_file, requires_run, write_plan
+
+pytestmark = [requires_run, pytest.mark.slow]
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _summary(out):
+    with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_adapter_loads(model_dir, adapter_dir, quantized=False):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if quantized:
+        kwargs = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                             bnb_4bit_compute_dtype=torch.float32),
+                      device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_run_trains_saves_and_reports(method, tiny_model_dir, tmp_path, cli_run):
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), method=method, max_steps=30,
+                      save_steps=10, save_total_limit=2, logging_steps=5)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "predicted" in result.stdout and "observed" in result.stdout and str(out / "adapter") in result.stdout
+
+    names = set(os.listdir(out))
+    assert {"adapter", "plan.yaml", "metrics.jsonl", "summary.json", "checkpoint-20", "checkpoint-30"} <= names
+    assert "checkpoint-10" not in names  # save_total_limit 2
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.exists(out / "adapter" / f)
+    for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "COMPLETE"):
+        assert os.path.exists(out / "checkpoint-30" / f)
+
+    rows = [r for r in _rows(out) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 5, 10, 15, 20, 25, 30]
+    for r in rows:
+        assert {"step", "loss", "learning_rate", "tokens_per_s", "peak_memory_gib"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["peak_memory_gib"] is None  # no GPU
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
+
+    s = _summary(out)
+    assert s["status"] == "completed" and s["steps"] == 30 and s["observed_peak_gib"] is None
+    assert s["predicted_peak_gib"] == 1.0 and s["tokens_per_s"] > 0 and s["wall_s"] > 0
+    assert s["truncated_sequences"] == 0 and s["adapter_dir"] == str(out / "adapter")
+    assert s["train_loss"] > 0
+
+    with open(out / "adapter" / "adapter_config.json") as f:
+        cfg = json.load(f)
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["base_model_name_or_path"] == tiny_model_dir
+    assert sorted(cfg["target_modules"]) == sorted(plan.lora.target_modules)
+    _check_adapter_loads(tiny_model_dir, str(out / "adapter"), quantized=method == "qlora")
+
+
+@pytest.mark.parametrize("name", ["chat.jsonl", "text.csv", "instruction.json", "parquet"])
+def test_each_format_and_file_type_trains(name, tiny_model_dir, tmp_path, cli_run):
+    if name == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [json.loads(line) for line in open(data_file("chat.jsonl"), encoding="utf-8")]
+        path = str(tmp_path / "chat.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path = data_file(name)
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, path, str(out), max_steps=3, logging_steps=1, save_steps=3)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    s = _summary(out)
+    assert s["steps"] == 3 and s["dataset"]["format"] == {"chat.jsonl": "chat", "parquet": "chat"}.get(
+        name, "text" if name.startswith("text") else "instruction")
+
+
+def test_truncation_is_counted_in_the_report(tiny_model_dir, tiny_tokenizer, tmp_path, cli_run):
+    from executor.data import load_rows, tokenize_rows
+
+    rows, fmt = load_rows(data_file("text.jsonl"), "auto")
+    full, _ = tokenize_rows(rows, fmt, tiny_tokenizer, seq_len=10_000, path="x")
+    longer = sum(len(ids) > 8 for ids in full["input_ids"])
+    assert longer >= 3
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(out), max_steps=2, seq_len=8, save_steps=2)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    assert _summary(out)["truncated_sequences"] == longer
+    assert "truncated sequences" in result.stdout
+
+
+@pytest.mark.parametrize("loss", ["fused", "full"])
+def test_plan_loss_picks_the_loss_path(loss, tiny_model_dir, tmp_path, cli_run):
+    """fused: trl's compute_loss (it logs entropy / token accuracy from the fused head); full: the model's own loss
+    over materialized logits (no such metrics). Both give the same loss value at step 1."""
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), loss=loss, max_steps=2,
+                      logging_steps=1, save_steps=2)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    with open(out / "checkpoint-2" / "trainer_state.json") as f:
+        history = json.load(f)["log_history"]
+    assert ("mean_token_accuracy" in history[0]) == (loss == "fused")
+    first = history[0]["loss"]
+    reference = {"value": None}
+    ref_file = tmp_path.parent / "first-loss.json"
+    if ref_file.exists():
+        reference = json.loads(ref_file.read_text())
+    if reference["value"] is not None:
+        assert first == pytest.approx(reference["value"], rel=1e-4)
+    ref_file.write_text(json.dumps({"value": first}))
+
+
+def test_eval_split_reports_eval_loss(tiny_model_dir, tmp_path, cli_run):
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), eval_fraction=0.25, max_steps=4,
+                      save_steps=2)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    s = _summary(out)
+    assert s["eval_loss"] is not None and s["eval_dataset"]["rows"] == 2
+    assert any(r["kind"] == "eval" for r in _rows(out))
+
+
+def test_qlora_loads_nf4_and_upcasts_nothing(tiny_model_dir, tmp_path):
+    """QLoRA: every linear but lm_head in NF4; embeddings, norms and lm_head stay in the plan's dtype (bf16)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from executor.model import load_base_model, wrap_lora
+
+    plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(tmp_path), method="qlora", dtype="bfloat16")
+    model = wrap_lora(plan, load_base_model(plan, tiny_model_dir))
+    base = model.get_base_model()
+    q = base.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4" and q.weight.quant_state.nested
+    assert q.compute_dtype == torch.bfloat16
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    assert base.model.norm.weight.dtype == torch.bfloat16
+    assert base.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+
+
+def test_demo_runs_and_the_loss_falls(tmp_path, cli_run):
+    out = tmp_path / "demo"
+    result = cli_run("--demo", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    s = _summary(out)
+    assert s["status"] == "completed" and s["final_loss"] < 0.5 * s["first_loss"]
+    # running the demo again replaces its own earlier run
+    result = cli_run("--demo", "--output-dir", out, "--max-steps", "5")
+    assert result.exit_code == 0, result.output
+    assert _summary(out)["steps"] == 5
+
+
+def test_make_plan_output_runs(tiny_model_dir, tmp_path, cli_run):
+    """The planner's own plan for a CPU run executes as written."""
+    api = pytest.importorskip("planner.api", reason="planner.api not written yet")
+    out = tmp_path / "out"
+    result = api.make_plan(api.PlanRequest(model=tiny_model_dir, gpu="cpu", method="lora", rank=8, seq_len=64,
+                                           batch_size=4, global_batch_size=4, dataset=data_file("instruction.jsonl"),
+                                           output_dir=str(out), max_steps=4))
+    result.plan.training.save_steps = 2
+    path = tmp_path / "plan.yaml"
+    result.plan.save(str(path))
+    run = cli_run(path)
+    assert run.exit_code == 0, run.output
+    assert _summary(out)["steps"] == 4
