@@ -235,7 +235,9 @@ def _reasons(req: PlanRequest, c: Choice, hw: Hardware, gbs: int, per_gpu_batch:
     r: dict[str, str] = {}
     if req.method == "auto":
         r["method"] = (
-            "LoRA fits with headroom, and it trains faster than QLoRA (no 4-bit dequantization)"
+            "LoRA fits, and it trains faster than QLoRA (no 4-bit dequantization: "
+            f"{M.coefficients()['throughput']['lora_speedup_over_qlora']:.2f}x the tokens/s at the same shape, "
+            "measured on an H200)"
             if c.method == "lora" else
             "LoRA's bf16 weights do not fit; QLoRA's 4-bit weights do"
         )
