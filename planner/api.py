@@ -191,7 +191,8 @@ def _validate(req: PlanRequest) -> None:
 
 def _shape(method: str, r: int, mb: int, seq: int, gc: bool, req: PlanRequest, hw: Hardware, dtype: str) -> M.Shape:
     return M.Shape(method=method, r=r, micro_batch_size=mb, seq_len=seq, grad_checkpointing=gc, loss=req.loss,
-                   optimizer=req.optimizer, dtype=dtype, double_quant=True, num_gpus=hw.num_gpus)
+                   optimizer=req.optimizer, dtype=dtype, double_quant=True, num_gpus=hw.num_gpus,
+                   device="cpu" if hw.gpu == "cpu" else "cuda")
 
 
 def _dtype(hw: Hardware) -> str:

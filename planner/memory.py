@@ -48,6 +48,7 @@ class Shape:
     dtype: str = "bfloat16"
     double_quant: bool = True
     num_gpus: int = 1
+    device: str = "cuda"  # cuda | cpu: the CPU has no CUDA context and no caching allocator
 
     @property
     def tokens(self) -> int:
@@ -284,9 +285,12 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape) -> list
             "loss",
         ),
         Term("misc", misc_bytes(), "constant", "runtime"),
-        Term("allocator_reserve", allocator_reserve_bytes(arch, shape), "rho_loss x loss + rho_act x activations", "runtime"),
-        Term("cuda_context", cuda_context_bytes(), "context + library workspaces", "runtime"),
     ]
+    if shape.device == "cuda":
+        terms += [
+            Term("allocator_reserve", allocator_reserve_bytes(arch, shape), "rho_loss x loss + rho_act x activations", "runtime"),
+            Term("cuda_context", cuda_context_bytes(), "context + library workspaces", "runtime"),
+        ]
     return terms
 
 

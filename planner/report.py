@@ -60,7 +60,8 @@ def render(res: PlanResult, console: Console) -> None:
     for term in res.terms:
         mem.add_row(term.name, f"{term.gib:.2f}", term.formula)
     total = res.per_gpu_gib
-    mem.add_row("[bold]predicted peak (nvidia-smi)", f"[bold]{total:.2f}", "")
+    label = "predicted peak (nvidia-smi)" if plan.hardware.gpu != "cpu" else "predicted peak (process memory)"
+    mem.add_row(f"[bold]{label}", f"[bold]{total:.2f}", "")
     head = plan.hardware.memory_gib - total
     colour = "green" if res.feasible else "red"
     mem.add_row(f"[{colour}]headroom", f"[{colour}]{head:.2f}", f"usable {res.usable_gib:.1f} GiB after a {plan.prediction.margin:.0%} margin")
