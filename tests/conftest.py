@@ -82,6 +82,10 @@ def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer, 64-wide random Llama with a byte-level BPE tokenizer (no chat template)."""
     if not _have_run_stack():
         pytest.skip('needs the [run] extra: pip install -e ".[run]"')
+    import torch
+
+    # Tiny matrices: one thread is faster than two, and far faster when other work shares the cores.
+    torch.set_num_threads(1)
     from executor.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-llama"), arch="llama", seed=0)
@@ -111,4 +115,5 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
