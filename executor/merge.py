@@ -46,7 +46,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
     if dtype not in MERGE_DTYPES:
         raise RunError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}")
     base, _ = base_model_of(adapter_dir)
-    local = os.path.exists(os.path.expanduser(base))
+    # A hub id is "org/name"; anything else (absolute, relative, deeper) is a local folder.
+    local = os.path.exists(os.path.expanduser(base)) or base.startswith(("/", ".", "~")) or base.count("/") > 1
     base_dir = resolve_model_dir(base if local else None, None if local else base, what="base model")
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise RunError(f"output dir {output_dir} is not empty")

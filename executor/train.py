@@ -444,7 +444,8 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         latest = outputs.latest_complete_checkpoint(out)
         where = f"at step {trainer.state.global_step}"
         seen = (f"observed peak {peak:.2f} GiB of {meter.total_bytes / GIB:.1f} GiB, predicted "
-                f"{plan.prediction.per_gpu_gib:.2f} GiB" if peak is not None else "CPU memory exhausted")
+                f"{plan.prediction.per_gpu_gib:.2f} GiB" if peak is not None
+                else f"observed peak process memory {meter.rss_peak_gib():.2f} GiB")
         kept = f"last checkpoint {latest[1]}" if latest else "no checkpoint yet"
         raise TrainingFailed(f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}") from None
     finally:
