@@ -1,0 +1,156 @@
+"""GPU check: plan and run a few real training steps per calibration architecture; predicted vs observed.
+
+For each architecture under ../shared/calibration/configs/NAME/config.json (from the repo root), this builds the
+model with random weights (memory does not depend on the values), saves it with a small offline tokenizer, plans a
+LoRA and a QLoRA run with `planner.api.make_plan` for the GPU it finds, runs each plan with `loraplan run`'s
+executor in a fresh process (so every run starts from a clean CUDA context), and prints predicted vs observed peak
+memory per GPU and tokens/s as a table. Results also go to --json.
+
+    python benchmarks/gpu_check.py                       # qwen2.5-0.5b and llama-3.2-1b, 4 x 1024 tokens
+    python benchmarks/gpu_check.py --configs all --batch-size 2 --seq-len 2048 --steps 3
+
+Without a CUDA device it says so and exits 0. Building the larger configs writes their full weights to disk
+(Llama-3.1-8B: 16 GB in bf16), so they are opt-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.normpath(os.path.join(ROOT, "..", "shared", "calibration", "configs"))
+DEFAULT_CONFIGS = ("qwen2.5-0.5b", "llama-3.2-1b")
+sys.path.insert(0, ROOT)
+
+
+def _gpu_present() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def build_model_dir(config_path: str, out_dir: str) -> str:
+    """Random-weight bf16 model from a config.json plus the executor's offline byte-level tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from executor.tiny import build_tokenizer
+
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    config = AutoConfig.from_pretrained(os.path.dirname(config_path))
+    with torch.device("cuda"):  # init on the GPU: minutes faster than on the CPU for billions of parameters
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
+    del model
+    torch.cuda.empty_cache()
+    build_tokenizer().save_pretrained(out_dir)
+    return out_dir
+
+
+def write_dataset(path: str, rows: int = 256) -> str:
+    """Plain text rows long enough to fill any seq_len (truncated to it), so every sequence is full length."""
+    words = "the quick brown fox jumps over the lazy dog while bees make honey and grass is green".split()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            text = " ".join(words[(i + j) % len(words)] for j in range(6000))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict:
+    from planner.api import PlanRequest, make_plan
+
+    result = make_plan(PlanRequest(
+        model=model_dir, gpu="auto", method=method, rank=args.rank, seq_len=args.seq_len,
+        batch_size=args.batch_size, global_batch_size=args.batch_size, dataset=data, output_dir=out_dir,
+        max_steps=args.steps, grad_checkpointing=args.grad_checkpointing,
+    ))
+    plan = result.plan
+    plan.training.save_steps = 10**6  # no checkpoint writes inside the measured steps
+    plan.training.logging_steps = 1
+    plan_path = os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.yaml")
+    plan.save(plan_path)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "executor.cli", "run", plan_path, "--overwrite"], cwd=ROOT,
+                          capture_output=True, text=True)
+    row = {"method": method, "batch": plan.training.micro_batch_size, "seq": plan.training.seq_len,
+           "grad_ckpt": plan.training.grad_checkpointing, "predicted_gib": plan.prediction.per_gpu_gib,
+           "predicted_tokens_per_s": plan.prediction.tokens_per_s, "exit": proc.returncode,
+           "wall_s": time.perf_counter() - t0}
+    summary_path = os.path.join(out_dir, "summary.json")
+    if proc.returncode == 0 and os.path.exists(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            s = json.load(f)
+        row.update(observed_gib=s["observed_peak_gib"], tokens_per_s=s["tokens_per_s"],
+                   context_gib=s["cuda_context_gib"], over_prediction=s["over_prediction"])
+    else:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated names, or 'all'")
+    parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--grad-checkpointing", choices=["auto", "on", "off"], default="on")
+    parser.add_argument("--work-dir", default=None, help="where models and runs go (default: a temp folder)")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+
+    if not _gpu_present():
+        print("gpu_check: no CUDA GPU visible (or torch missing); nothing to measure. Run it on a GPU machine.")
+        return 0
+    import torch
+
+    names = sorted(os.listdir(CONFIGS)) if args.configs == "all" else args.configs.split(",")
+    work = args.work_dir or tempfile.mkdtemp(prefix="loraplan-gpu-check-")
+    data = write_dataset(os.path.join(work, "data.jsonl"))
+    rows = []
+    for name in names:
+        config = os.path.join(CONFIGS, name, "config.json")
+        if not os.path.exists(config):
+            print(f"skip {name}: no {config}")
+            continue
+        model_dir = build_model_dir(config, os.path.join(work, "models", name))
+        for method in args.methods.split(","):
+            row = {"model": name, **run_case(model_dir, data, os.path.join(work, "runs", f"{name}-{method}"), method, args)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"gpu_check on {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
+    for col in ("model", "method", "batch x seq", "ckpt", "predicted GiB", "observed GiB", "error", "tok/s pred", "tok/s obs"):
+        table.add_column(col, justify="left" if col in ("model", "method") else "right")
+    for r in rows:
+        obs = r.get("observed_gib")
+        err = f"{(obs - r['predicted_gib']) / obs:+.1%}" if obs else r.get("error", "-")
+        pt = r.get("predicted_tokens_per_s")
+        table.add_row(r["model"], r["method"], f"{r['batch']} x {r['seq']}", "on" if r["grad_ckpt"] else "off",
+                      f"{r['predicted_gib']:.2f}", "-" if obs is None else f"{obs:.2f}", err,
+                      "-" if pt is None else f"{pt:,.0f}",
+                      "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["exit"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
