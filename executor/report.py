@@ -22,7 +22,8 @@ def print_report(summary: dict, console) -> None:
             label = "peak memory" + (f" (GPU {i})" if len(per_gpu) > 1 else " (GPU)")
             table.add_row(label, _gib(summary["predicted_peak_gib"]), _gib(peak))
     else:
-        table.add_row("peak memory (per GPU)", _gib(summary["predicted_peak_gib"]), "- (no GPU)")
+        predicted = summary["predicted_peak_gib"]
+        table.add_row("peak memory (per GPU)", _gib(predicted) if predicted else "-", "- (no GPU)")
         table.add_row("peak process memory (CPU RSS)", "", _gib(summary.get("cpu_rss_peak_gib")))
     pred_tps = summary.get("predicted_tokens_per_s")
     tps = summary.get("tokens_per_s")

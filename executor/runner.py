@@ -37,6 +37,12 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
         where = f" from checkpoint {resume_from[1]}" if resume_from else ""
         console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}"
                       f", output {plan.output_dir}{where}")
+    if plan.strategy != "cpu" and console is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            console.print(f"[yellow]no GPU visible: training this {plan.hardware.gpu_name} plan on the CPU "
+                          f"(slowly; its memory prediction does not apply)[/yellow]")
     if plan.strategy == "ddp" and plan.hardware.num_gpus > 1:
         from .launch import launch_ddp
 
