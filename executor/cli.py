@@ -26,7 +26,7 @@ def _console():
 
 
 @click.command("run")
-@click.argument("plan_file", metavar="PLAN", required=False, type=click.Path(dir_okay=True))
+@click.argument("plan_file", metavar="[PLAN]", required=False, type=click.Path(dir_okay=True))
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the plan's output dir "
               "(the plan must match the one the checkpoints came from).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in the output dir.")
