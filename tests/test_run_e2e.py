@@ -188,3 +188,46 @@ def test_make_plan_output_runs(tiny_model_dir, tmp_path, cli_run):
     run = cli_run(path)
     assert run.exit_code == 0, run.output
     assert _summary(out)["steps"] == 4
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory, tiny_model_dir):
+    from executor.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-mixtral"), arch="mixtral", seed=0)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(packing=True, dataset="text.jsonl"),
+        dict(optimizer="adamw-8bit"),
+        dict(optimizer="paged-adamw-8bit", method="qlora"),
+        dict(method="qlora", dtype="bfloat16", grad_checkpointing=True),
+        dict(dtype="bfloat16", grad_checkpointing=True, loss="full"),
+        dict(max_steps=-1, num_epochs=1.0),  # 8 rows / micro-batch 4: 2 steps
+        dict(moe=True),
+    ],
+    ids=["packing", "adamw-8bit", "paged-8bit-qlora", "qlora-bf16-ckpt", "bf16-ckpt-full-loss", "epochs", "moe-experts"],
+)
+def test_plan_variants_train(variant, tiny_model_dir, tiny_moe_dir, tmp_path, cli_run):
+    variant = dict(variant)
+    model = tiny_model_dir
+    extra = {}
+    if variant.pop("moe", False):  # LoRA on the fused 3-D expert weights through peft's target_parameters
+        model = tiny_moe_dir
+        extra = dict(target_modules=["q_proj", "v_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    dataset = data_file(variant.pop("dataset", "instruction.jsonl"))
+    settings = dict(max_steps=4, save_steps=4, logging_steps=1)
+    settings.update(variant)
+    out = tmp_path / "out"
+    plan = build_plan(model, dataset, str(out), **extra, **settings)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    s = _summary(out)
+    assert s["status"] == "completed" and s["steps"] == (2 if settings["max_steps"] == -1 else 4)
+    assert s["final_loss"] < s["first_loss"]
+    if extra:
+        with open(out / "adapter" / "adapter_config.json") as f:
+            assert sorted(json.load(f)["target_parameters"]) == sorted(extra["target_parameters"])
