@@ -128,3 +128,21 @@ def test_output_dir_guards(tiny_model_dir, tmp_path, cli_run):
     other.reasons = {"note": "re-planned"}
     done = cli_run(write_plan(other, tmp_path / "other2.yaml"), "--resume")
     assert done.exit_code == 0, done.output
+
+
+@pytest.mark.slow
+def test_sigterm_also_saves_a_complete_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(out), max_steps=400, save_steps=3,
+                      logging_steps=3, micro_batch_size=2)
+    proc = _run_cli(write_plan(plan, tmp_path / "plan.yaml"))
+    deadline = time.time() + 120
+    while not os.path.exists(out / "checkpoint-3" / "COMPLETE"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted by signal 15" in stderr, stderr
+    stopped = json.loads((out / "summary.json").read_text())["steps"]
+    assert stopped < 400 and os.path.exists(out / f"checkpoint-{stopped}" / "COMPLETE")
