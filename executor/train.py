@@ -315,6 +315,13 @@ def sft_config(plan: Plan, place: Placement, has_eval: bool):
     )
 
 
+def exceeds_prediction(plan: Plan, observed_gib: Optional[float]) -> bool:
+    """Observed peak above the prediction by more than the plan's margin (a fraction of the card's memory)."""
+    if observed_gib is None:
+        return False
+    return observed_gib > plan.prediction.per_gpu_gib + plan.prediction.margin * plan.hardware.memory_gib
+
+
 def _oom_advice(plan: Plan) -> str:
     t = plan.training
     tips = []
@@ -488,7 +495,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         "observed_peak_gib_per_gpu": peaks if place.use_cuda else None,
         "cuda_context_gib": meter.context_bytes / GIB if place.use_cuda else None,
         "margin_gib": margin_gib,
-        "over_prediction": bool(observed is not None and observed > plan.prediction.per_gpu_gib + margin_gib),
+        "over_prediction": exceeds_prediction(plan, observed),
         "cpu_rss_peak_gib": max(rss),
         "steps": state.global_step,
         "max_steps": state.max_steps,
