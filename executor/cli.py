@@ -78,6 +78,8 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: b
         _fail(str(exc), 2)
     except RunError as exc:
         _fail(exc.message, exc.exit_code)
+    except KeyboardInterrupt:  # before training started (loading, data): nothing was saved
+        _fail("interrupted before training started; nothing to resume", 130)
 
 
 @click.command("merge")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+import time
 
 from planner.plan import Plan
 
@@ -28,6 +28,7 @@ def needs_bitsandbytes(plan: Plan) -> bool:
 
 def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
     """Run a plan end to end; returns the summary. Raises RunError (and subclasses) for one-line failures."""
+    t0 = time.perf_counter()
     require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
     resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
     check_inputs(plan)
@@ -46,7 +47,12 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     if plan.strategy == "ddp" and plan.hardware.num_gpus > 1:
         from .launch import launch_ddp
 
-        return launch_ddp(plan, resume_from[1] if resume_from else None, console)
-    from .train import train_plan
+        summary = launch_ddp(plan, resume_from[1] if resume_from else None, console)
+    else:
+        from .train import train_plan
 
-    return train_plan(plan, resume_from[1] if resume_from else None, console=console, foreground=True)
+        summary = train_plan(plan, resume_from[1] if resume_from else None, console=console, foreground=True)
+    # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
+    summary["wall_s"] = time.perf_counter() - t0
+    outputs.write_json(os.path.join(plan.output_dir, outputs.SUMMARY_FILE), summary)
+    return summary

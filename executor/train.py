@@ -185,34 +185,47 @@ def _callbacks():
                 self.progress.update_metrics(row)
 
     class ProgressBar(TrainerCallback):
-        """A rich progress bar on rank 0: step, loss, learning rate, tokens/s, peak memory."""
+        """Progress on rank 0: step, loss, learning rate, tokens/s, peak memory. A live rich bar on a terminal;
+        one line per logged step otherwise (logs, CI), so a long run is never silent."""
 
         def __init__(self, console):
             self.console = console
             self.progress = None
             self.task = None
+            self.max_steps = 0
             self.fields = {"loss": "-", "lr": "-", "tps": "-", "mem": "-"}
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
                 return
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            self.max_steps = state.max_steps
+            if not self.console.is_terminal:
+                return
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  mem {task.fields[mem]}"),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
+                           "mem {task.fields[mem]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=self.console,
-                transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                               **self.fields)
 
         def update_metrics(self, row: dict) -> None:
-            if self.progress is None or row.get("kind") != "train":
+            if row.get("kind") != "train":
                 return
             mem = row.get("peak_memory_gib")
             self.fields = {
@@ -221,7 +234,12 @@ def _callbacks():
                 "tps": f"{row['tokens_per_s']:,.0f}",
                 "mem": f"{mem:.2f} GiB" if mem is not None else f"{row['cpu_rss_peak_gib']:.2f} GiB RSS",
             }
-            self.progress.update(self.task, **self.fields)
+            if self.progress is not None:
+                self.progress.update(self.task, **self.fields)
+            else:
+                f = self.fields
+                self.console.print(f"step {row['step']}/{self.max_steps}  loss {f['loss']}  lr {f['lr']}  "
+                                   f"{f['tps']} tok/s  mem {f['mem']}", highlight=False)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.progress is not None:
@@ -230,6 +248,10 @@ def _callbacks():
         def on_train_end(self, args, state, control, **kwargs):
             if self.progress is not None:
                 self.progress.update(self.task, completed=state.global_step)
+            self.close()
+
+        def close(self) -> None:
+            if self.progress is not None:
                 self.progress.stop()
                 self.progress = None
 
@@ -457,6 +479,8 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         raise TrainingFailed(f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}") from None
     finally:
         flag.restore()
+        if progress is not None:
+            progress.close()  # a failed step skips on_train_end; leave the terminal clean for the error line
 
     state = trainer.state
     interrupted = stopper.stopped_at is not None
