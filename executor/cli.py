@@ -78,8 +78,8 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: b
         _fail(str(exc), 2)
     except RunError as exc:
         _fail(exc.message, exc.exit_code)
-    except KeyboardInterrupt:  # before training started (loading, data): nothing was saved
-        _fail("interrupted before training started; nothing to resume", 130)
+    except KeyboardInterrupt:  # outside training (imports, checks, loading): nothing new was saved
+        _fail("interrupted; nothing new was saved (a run's last complete checkpoint, if any, is intact)", 130)
 
 
 @click.command("merge")

@@ -460,12 +460,30 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
             if p.requires_grad:
                 p.data = p.data.float()
 
-    flag.install()
+    flag.install()  # until the adapter and summary are written: a signal after the last step is simply finished
+    try:
+        return _train_and_save(plan, trainer, place, meter, stopper, flag, train_report, eval_report,
+                               has_eval=eval_ds is not None, resume_from=resume_from, start_step=start_step,
+                               metrics_path=metrics_path, t0=t0)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped by a second signal; the last complete checkpoint in {out} is intact") from None
+    finally:
+        flag.restore()
+        if progress is not None:
+            progress.close()  # a failed step skips on_train_end; leave the terminal clean for the error line
+
+
+def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, stopper, flag: StopFlag, train_report,
+                    eval_report, *, has_eval: bool, resume_from: Optional[str], start_step: int, metrics_path: str,
+                    t0: float) -> dict:
+    """trainer.train(), then the adapter (swapped in whole) and summary.json. Raises Interrupted after a signal."""
+    import torch
+
+    out = plan.output_dir
+    resumed_from_step = start_step if resume_from else None
     train_output = None
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt:
-        raise Interrupted(f"stopped by a second signal; the last complete checkpoint in {out} is intact") from None
     except Exception as exc:
         if not _is_oom(exc):
             raise
@@ -477,10 +495,6 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
                 else f"observed peak process memory {meter.rss_peak_gib():.2f} GiB")
         kept = f"last checkpoint {latest[1]}" if latest else "no checkpoint yet"
         raise TrainingFailed(f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}") from None
-    finally:
-        flag.restore()
-        if progress is not None:
-            progress.close()  # a failed step skips on_train_end; leave the terminal clean for the error line
 
     state = trainer.state
     interrupted = stopper.stopped_at is not None
@@ -497,7 +511,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
             outputs.replace_dir(tmp, adapter_dir)
 
     eval_loss = None
-    if eval_ds is not None and not interrupted:
+    if has_eval and not interrupted:
         eval_loss = trainer.evaluate().get("eval_loss")
 
     peaks = _gather(meter.peak_gib(), place)
@@ -523,7 +537,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         "cpu_rss_peak_gib": max(rss),
         "steps": state.global_step,
         "max_steps": state.max_steps,
-        "resumed_from_step": start_step if resume_from else None,
+        "resumed_from_step": resumed_from_step,
         "train_loss": train_output.training_loss if train_output else None,
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,
@@ -547,6 +561,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary)
     if interrupted:
         saved = f"checkpoint saved at step {stopper.stopped_at} ({latest[1]})" if latest else "no checkpoint saved"
-        raise Interrupted(f"interrupted by signal {flag.signum}: {saved}; continue with `loraplan run "
+        cause = f"signal {flag.signum}" if flag.signum else "a signal to another process"
+        raise Interrupted(f"interrupted by {cause}: {saved}; continue with `loraplan run "
                           f"{os.path.join(out, outputs.PLAN_FILE)} --resume`")
     return summary
