@@ -46,6 +46,8 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: b
     130 interrupted.
     """
     try:
+        if resume and overwrite:
+            raise RunError("give --resume or --overwrite, not both")
         if demo:
             if plan_file:
                 raise RunError("give either PLAN or --demo, not both")

@@ -72,6 +72,16 @@ def build_plan(model_dir: str, dataset: str, output_dir: str, *, method: str = "
     return plan
 
 
+def planned(model_dir: str, dataset: str, output_dir: str, *, method: str = "lora", **request):
+    """The planner's own plan (planner.api.make_plan) for a CPU run of a tiny model."""
+    from planner.api import PlanRequest, make_plan
+
+    req = dict(gpu="cpu", method=method, rank=8, seq_len=64, batch_size=4, global_batch_size=4,
+               learning_rate=5e-3, max_steps=30)
+    req.update(request)
+    return make_plan(PlanRequest(model=model_dir, dataset=dataset, output_dir=output_dir, **req)).plan
+
+
 def write_plan(plan, path) -> str:
     plan.save(str(path))
     return str(path)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import build_plan, data_file, requires_run, write_plan
+from conftest import build_plan, data_file, planned, requires_run, write_plan
 
 pytestmark = [requires_run, pytest.mark.slow]
 
@@ -41,9 +41,11 @@ def _check_adapter_loads(model_dir, adapter_dir, quantized=False):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_run_trains_saves_and_reports(method, tiny_model_dir, tmp_path, cli_run):
+    """The planner's plan, run as written (only its checkpoint and logging cadence shortened for the test)."""
     out = tmp_path / "out"
-    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), method=method, max_steps=30,
-                      save_steps=10, save_total_limit=2, logging_steps=5)
+    plan = planned(tiny_model_dir, data_file("instruction.jsonl"), str(out), method=method, max_steps=30)
+    assert plan.strategy == "cpu" and plan.quantization.enabled == (method == "qlora")
+    plan.training.save_steps, plan.training.save_total_limit, plan.training.logging_steps = 10, 2, 5
     result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
     assert result.exit_code == 0, result.output
     assert "predicted" in result.stdout and "observed" in result.stdout and str(out / "adapter") in result.stdout
@@ -65,7 +67,7 @@ def test_run_trains_saves_and_reports(method, tiny_model_dir, tmp_path, cli_run)
 
     s = _summary(out)
     assert s["status"] == "completed" and s["steps"] == 30 and s["observed_peak_gib"] is None
-    assert s["predicted_peak_gib"] == 1.0 and s["tokens_per_s"] > 0 and s["wall_s"] > 0
+    assert s["predicted_peak_gib"] == plan.prediction.per_gpu_gib and s["tokens_per_s"] > 0 and s["wall_s"] > 0
     assert s["truncated_sequences"] == 0 and s["adapter_dir"] == str(out / "adapter")
     assert s["train_loss"] > 0
 
@@ -173,21 +175,6 @@ def test_demo_runs_and_the_loss_falls(tmp_path, cli_run):
     result = cli_run("--demo", "--output-dir", out, "--max-steps", "5")
     assert result.exit_code == 0, result.output
     assert _summary(out)["steps"] == 5
-
-
-def test_make_plan_output_runs(tiny_model_dir, tmp_path, cli_run):
-    """The planner's own plan for a CPU run executes as written."""
-    api = pytest.importorskip("planner.api", reason="planner.api not written yet")
-    out = tmp_path / "out"
-    result = api.make_plan(api.PlanRequest(model=tiny_model_dir, gpu="cpu", method="lora", rank=8, seq_len=64,
-                                           batch_size=4, global_batch_size=4, dataset=data_file("instruction.jsonl"),
-                                           output_dir=str(out), max_steps=4))
-    result.plan.training.save_steps = 2
-    path = tmp_path / "plan.yaml"
-    result.plan.save(str(path))
-    run = cli_run(path)
-    assert run.exit_code == 0, run.output
-    assert _summary(out)["steps"] == 4
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ def test_plan_file_errors(tmp_path, cli_run):
     _one_line_error(cli_run(tmp_path / "inconsistent.yaml"), 2, "global_batch_size 7")
     _one_line_error(cli_run(), 2, "missing PLAN")
     _one_line_error(cli_run(tmp_path / "v99.yaml", "--demo"), 2, "not both")
+    _one_line_error(cli_run(tmp_path / "v99.yaml", "--resume", "--overwrite"), 2, "not both")
 
 
 def test_model_path_without_a_model(tmp_path, cli_run):
