@@ -49,7 +49,8 @@ def resolve_model_dir(path: Optional[str], hub_id: Optional[str] = None, what: s
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo, local_files_only=True)
+        # HF_HUB_CACHE read now, not at import: huggingface_hub fixes its default when first imported.
+        folder = snapshot_download(repo, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except Exception:
         raise RunError(f"model {repo} is not in the local Hugging Face cache and nothing is downloaded; "
                        f"download it first or set model.path to a directory") from None

@@ -218,3 +218,30 @@ def test_plan_variants_train(variant, tiny_model_dir, tiny_moe_dir, tmp_path, cl
     if extra:
         with open(out / "adapter" / "adapter_config.json") as f:
             assert sorted(json.load(f)["target_parameters"]) == sorted(extra["target_parameters"])
+
+
+def test_hub_id_from_the_local_cache_trains_and_merges(tiny_model_dir, tmp_path, cli_run, monkeypatch):
+    """model.hub_id is looked up in the local Hugging Face cache only; merge finds the same base there."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from executor.cli import merge_command
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny--llama" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--tiny--llama" / "refs").mkdir()
+    (cache / "models--tiny--llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    out = tmp_path / "out"
+    plan = build_plan("unused", data_file("instruction.jsonl"), str(out), max_steps=2, save_steps=2)
+    plan.model.path, plan.model.hub_id, plan.model.source = None, "tiny/llama", "hub-cache"
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    with open(out / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == "tiny/llama"
+    merged = CliRunner().invoke(merge_command, [str(out / "adapter"), "--output", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert os.path.exists(tmp_path / "merged" / "config.json")
