@@ -146,22 +146,21 @@ def prepare_output_dir(plan: Plan, *, resume: bool, overwrite: bool) -> Optional
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"output dir {out} exists and is not a directory")
     saved_path = os.path.join(out, PLAN_FILE)
+    if overwrite:
+        clear_run(out)
+        return None
+    if not _holds_run(out):
+        return None  # nothing trained here yet (at most a plan.yaml from a run that failed to start)
     saved: Optional[Plan] = None
     if os.path.exists(saved_path):
         try:
             saved = Plan.load(saved_path)
         except PlanError as exc:
-            if not overwrite:
-                raise RunError(f"output dir {out} holds an unreadable plan.yaml ({exc}); pass --overwrite to replace it")
-    if overwrite:
-        clear_run(out)
-        return None
+            raise RunError(f"output dir {out} holds a run with an unreadable plan.yaml ({exc}); "
+                           f"pass --overwrite to replace it") from None
     if saved is None:
-        if _holds_run(out):
-            raise RunError(f"output dir {out} holds checkpoints or an adapter but no plan.yaml; pass --overwrite to replace them")
-        if resume:
-            return None
-        return None
+        raise RunError(f"output dir {out} holds checkpoints or an adapter but no plan.yaml; "
+                       f"pass --overwrite to replace them")
     diffs = training_differences(saved, plan)
     if diffs:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
@@ -169,10 +168,8 @@ def prepare_output_dir(plan: Plan, *, resume: bool, overwrite: bool) -> Optional
         raise RunError(f"{what} in {out}: the plan differs from the one its run came from ({shown}); "
                        f"use another --output-dir or pass --overwrite")
     if not resume:
-        if _holds_run(out):
-            raise RunError(f"output dir {out} already holds a run of this plan; pass --resume to continue it "
-                           f"or --overwrite to start over")
-        return None
+        raise RunError(f"output dir {out} already holds a run of this plan; pass --resume to continue it "
+                       f"or --overwrite to start over")
     remove_incomplete_checkpoints(out)
     return latest_complete_checkpoint(out)
 
