@@ -30,8 +30,8 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     """Run a plan end to end; returns the summary. Raises RunError (and subclasses) for one-line failures."""
     t0 = time.perf_counter()
     require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
+    check_inputs(plan)  # first: --overwrite must not delete a run for a plan that cannot start
     resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
-    check_inputs(plan)
     os.makedirs(plan.output_dir, exist_ok=True)
     plan.save(os.path.join(plan.output_dir, outputs.PLAN_FILE))
     if console is not None:
