@@ -180,7 +180,7 @@ def clear_run(output_dir: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for name in (ADAPTER_DIR, ADAPTER_DIR + ".tmp", ADAPTER_DIR + ".old"):
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    for name in (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, "README.md"):
+    for name in (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, "README.md", "launch.log", ".worker-error.json"):
         path = os.path.join(output_dir, name)
         if os.path.exists(path):
             os.unlink(path)
