@@ -400,7 +400,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
             num_epochs=epochs, max_steps=req.max_steps if req.max_steps else -1,
             warmup_ratio=float(_hp("warmup_ratio")), lr_scheduler=str(_hp("lr_scheduler")),
             weight_decay=float(_hp("weight_decay")), max_grad_norm=float(_hp("max_grad_norm")),
-            dtype=dtype,
+            dtype=dtype, attn_implementation=arch.attn_implementation,
         ),
         prediction=Prediction(per_gpu_gib=round(sum(t.bytes for t in terms) / GIB, 4),
                               terms={t.name: round(t.gib, 4) for t in terms}, margin=safety_margin(),
@@ -412,7 +412,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
         output_dir=req.output_dir or "out",
         assumptions={
             "dtype": dtype,
-            "attn_implementation": "sdpa",
+            "attn_implementation": arch.attn_implementation,
             "loss": "fused LM head + cross-entropy in chunks (trl SFTTrainer)" if req.loss == "fused"
                     else "model's own loss over full logits upcast to fp32",
             "optimizer": {"adamw": "torch AdamW, fp32 states", "adamw-8bit": "bitsandbytes 8-bit AdamW",

@@ -76,6 +76,14 @@ class Architecture:
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def attn_implementation(self) -> str:
+        """What `run` asks transformers for: sdpa, except where the model cannot use it (Gemma 2's attention
+        logit softcapping: transformers marks it `_supports_sdpa = False`), which gets eager attention."""
+        if self.family == "gemma2" or self.config.get("attn_logit_softcapping"):
+            return "eager"
+        return "sdpa"
+
+    @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 

@@ -145,16 +145,17 @@ def ddp_buckets_bytes(p: int, num_gpus: int) -> float:
 # activations and loss
 
 
-def layer_activation_bytes_per_token(arch: Architecture) -> float:
+def layer_activation_bytes_per_token(arch: Architecture, seq_len: int) -> float:
     """Bytes one decoder layer saves for backward, per token (bf16 autocast, sdpa/flash attention, LoRA with
     dropout on every projection), before the fitted scale:
 
-        a_h x h + a_kv x kv + a_i x i + a_norm x h x (norms per layer - 2)
+        a_h x h + a_kv x kv + a_i x i + a_norm x h x (norms per layer - 2) [+ a_eager x heads x seq_len]
 
     with a_h, a_kv, a_i, a_norm from tables/memory.yaml (derived: two RMSNorm fp32 inputs 4h each, LoRA
     dropout mask + bf16 copy 3 bytes per input element of each adapted projection, flash attention's q, k, v,
     out; the MLP's gate, up, activation and product outputs, 2 bytes each; see docs/memory-model.md).
     For MoE, i is experts_per_token x expert intermediate size: each token runs through its top-k experts.
+    Eager attention (Gemma 2) materializes the scores: a_eager bytes per score, heads x seq_len per token.
     """
     c = coefficients()["derived"]
     i = arch.experts_per_token * arch.moe_intermediate_size if arch.is_moe else arch.intermediate_size
@@ -164,6 +165,7 @@ def layer_activation_bytes_per_token(arch: Architecture) -> float:
         + c["act_bytes_per_kv"] * arch.kv_dim
         + c["act_bytes_per_intermediate"] * i
         + c["act_bytes_per_extra_norm"] * arch.hidden_size * extra_norms
+        + (c["eager_attention_bytes_per_score"] * arch.num_heads * seq_len if arch.attn_implementation == "eager" else 0)
     )
 
 
@@ -178,7 +180,7 @@ def checkpointed_inputs_bytes(arch: Architecture, shape: Shape) -> float:
 
 def _activations_device_bytes(arch: Architecture, shape: Shape) -> float:
     f = coefficients()["fitted"]
-    x = layer_activation_bytes_per_token(arch)
+    x = layer_activation_bytes_per_token(arch, shape.seq_len)
     s = f["activation_scale"] if shape.loss == "full" else f["fused_activation_scale"]
     if shape.grad_checkpointing:
         return (s + f["recompute_scale"]) * x * shape.tokens

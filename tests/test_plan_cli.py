@@ -215,3 +215,17 @@ def test_405b_and_a_sweep_are_fast():
     t = time.perf_counter()
     make_plan(PlanRequest(model="llama-3.1-405b", gpu="h200", num_gpus=8))  # includes the 15-card table
     assert time.perf_counter() - t < 1.0
+
+
+def test_gemma2_plans_eager_attention_and_budgets_its_scores():
+    # transformers refuses sdpa for Gemma 2 (softcapped attention logits); eager keeps heads x seq^2 scores
+    _, short = plan_json("gemma-2-9b", "--gpu-memory", "500GiB", "--method", "lora", "--batch-size", "1",
+                         "--grad-checkpointing", "off", "--seq-len", "1024", "--global-batch-size", "1")
+    _, long = plan_json("gemma-2-9b", "--gpu-memory", "500GiB", "--method", "lora", "--batch-size", "1",
+                        "--grad-checkpointing", "off", "--seq-len", "4096", "--global-batch-size", "1")
+    assert short["plan"]["training"]["attn_implementation"] == "eager"
+    assert short["assumptions"]["attn_implementation"] == "eager"
+    # quadratic in the sequence: 4x the tokens cost more than 4x the activations
+    assert long["memory"]["terms"]["activations"] > 4.5 * short["memory"]["terms"]["activations"]
+    _, llama = plan_json("llama-3.1-8b", "--gpu", "h200")
+    assert llama["plan"]["training"]["attn_implementation"] == "sdpa"
