@@ -58,6 +58,14 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def append_jsonl(path: str, row: dict) -> None:
+    """Append one line and flush it to disk: the log survives a crash up to its last whole line."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_jsonl(path: str) -> list[dict]:
     rows = []
     if not os.path.exists(path):
@@ -69,7 +77,7 @@ def read_jsonl(path: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    break  # a torn last line from a crash: keep what was whole
+                    continue  # a line torn by a crash: keep what was whole
     return rows
 
 

@@ -143,10 +143,11 @@ def _callbacks():
             return control
 
     class MetricsWriter(TrainerCallback):
-        """One JSON object per logged step in metrics.jsonl (rewritten atomically each time)."""
+        """One JSON object per logged step in metrics.jsonl, appended and flushed line by line (a rewrite per log
+        would cost O(steps^2) on long runs; a line torn by a crash is skipped when the file is read back)."""
 
-        def __init__(self, path: str, rows: list[dict], meter: MemoryMeter, progress):
-            self.path, self.rows, self.meter, self.progress = path, rows, meter, progress
+        def __init__(self, path: str, meter: MemoryMeter, progress):
+            self.path, self.meter, self.progress = path, meter, progress
             self.t_last = time.perf_counter()
             self.tokens_last = 0
 
@@ -179,8 +180,7 @@ def _callbacks():
             else:
                 return
             row = {k: (float(v) if hasattr(v, "item") else v) for k, v in row.items()}
-            self.rows.append(row)
-            outputs.write_jsonl(self.path, self.rows)
+            outputs.append_jsonl(self.path, row)
             if self.progress is not None:
                 self.progress.update_metrics(row)
 
@@ -431,12 +431,15 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
             start_step = int(json.load(f)["global_step"])
     # Keep the metrics of the steps the resumed checkpoint already covers; later ones are trained again.
     metric_rows = [r for r in outputs.read_jsonl(metrics_path) if r.get("step", 0) <= start_step] if resume_from else []
+    if place.is_main:
+        os.makedirs(out, exist_ok=True)
+        outputs.write_jsonl(metrics_path, metric_rows)  # atomically: the resumed checkpoint's rows, or none
 
     StopOnSignal, MetricsWriter, ProgressBar = _callbacks()
     flag = StopFlag(second_signal_aborts=foreground)
     stopper = StopOnSignal(flag, distributed=place.world_size > 1)
     progress = ProgressBar(console) if (place.is_main and console is not None) else None
-    callbacks = [stopper, MetricsWriter(metrics_path, metric_rows, meter, progress)]
+    callbacks = [stopper, MetricsWriter(metrics_path, meter, progress)]
     if progress is not None:
         callbacks.append(progress)
 
