@@ -90,8 +90,10 @@ def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict
     if proc.returncode == 0 and os.path.exists(summary_path):
         with open(summary_path, encoding="utf-8") as f:
             s = json.load(f)
+        used_end = s.get("device_used_gib_end_per_gpu") or [None]
         row.update(observed_gib=s["observed_peak_gib"], tokens_per_s=s["tokens_per_s"],
-                   context_gib=s["cuda_context_gib"], over_prediction=s["over_prediction"])
+                   context_gib=s["cuda_context_gib"], device_used_end_gib=max(used_end, key=lambda x: x or 0),
+                   over_prediction=s["over_prediction"])
     else:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
@@ -135,14 +137,16 @@ def main() -> int:
     from rich.table import Table
 
     table = Table(title=f"gpu_check on {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
-    for col in ("model", "method", "batch x seq", "ckpt", "predicted GiB", "observed GiB", "error", "tok/s pred", "tok/s obs"):
+    for col in ("model", "method", "batch x seq", "ckpt", "predicted GiB", "observed GiB", "used at end GiB", "error",
+                "tok/s pred", "tok/s obs"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in rows:
         obs = r.get("observed_gib")
         err = f"{(obs - r['predicted_gib']) / obs:+.1%}" if obs else r.get("error", "-")
         pt = r.get("predicted_tokens_per_s")
         table.add_row(r["model"], r["method"], f"{r['batch']} x {r['seq']}", "on" if r["grad_ckpt"] else "off",
-                      f"{r['predicted_gib']:.2f}", "-" if obs is None else f"{obs:.2f}", err,
+                      f"{r['predicted_gib']:.2f}", "-" if obs is None else f"{obs:.2f}",
+                      "-" if r.get("device_used_end_gib") is None else f"{r['device_used_end_gib']:.2f}", err,
                       "-" if pt is None else f"{pt:,.0f}",
                       "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}")
     Console().print(table)

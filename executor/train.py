@@ -84,6 +84,16 @@ class MemoryMeter:
             return None
         return (torch.cuda.max_memory_reserved() + self.context_bytes) / GIB
 
+    def device_used_gib(self) -> Optional[float]:
+        """Total minus free device memory now (what nvidia-smi shows): also counts memory outside the caching
+        allocator, e.g. NCCL's buffers under DDP, created after the context was measured."""
+        import torch
+
+        if not self.use_cuda:
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / GIB
+
     @staticmethod
     def rss_peak_gib() -> float:
         import resource
@@ -519,6 +529,7 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
 
     peaks = _gather(meter.peak_gib(), place)
     rss = _gather(meter.rss_peak_gib(), place)
+    used_end = _gather(meter.device_used_gib(), place)
     train_rows = [h for h in state.log_history if "loss" in h]
     tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     train_s = (train_output.metrics.get("train_runtime") if train_output else None) or (time.perf_counter() - t0)
@@ -535,6 +546,7 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         "observed_peak_gib": observed,
         "observed_peak_gib_per_gpu": peaks if place.use_cuda else None,
         "cuda_context_gib": meter.context_bytes / GIB if place.use_cuda else None,
+        "device_used_gib_end_per_gpu": used_end if place.use_cuda else None,
         "margin_gib": margin_gib,
         "over_prediction": exceeds_prediction(plan, observed),
         "cpu_rss_peak_gib": max(rss),
