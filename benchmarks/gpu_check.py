@@ -38,14 +38,19 @@ def _gpu_present() -> bool:
 
 
 def build_model_dir(config_path: str, out_dir: str) -> str:
-    """Random-weight bf16 model from a config.json plus the executor's offline byte-level tokenizer."""
+    """Random-weight bf16 model from a config.json plus the executor's offline byte-level tokenizer, built in a
+    child process: a CUDA context left in this process would count as another process's memory in every run."""
+    if not os.path.exists(os.path.join(out_dir, "tokenizer.json")):  # written last: the build finished
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--build", config_path, out_dir], check=True)
+    return out_dir
+
+
+def _build(config_path: str, out_dir: str) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from executor.tiny import build_tokenizer
 
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        return out_dir
     config = AutoConfig.from_pretrained(os.path.dirname(config_path))
     with torch.device("cuda"):  # init on the GPU: minutes faster than on the CPU for billions of parameters
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -66,19 +71,31 @@ def write_dataset(path: str, rows: int = 256) -> str:
     return path
 
 
-def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict:
+def _plan(request: dict, plan_path: str) -> None:
+    """Child process: plan with planner.api (its --gpu auto touches CUDA, which must not happen in this process)."""
     from planner.api import PlanRequest, make_plan
 
-    result = make_plan(PlanRequest(
-        model=model_dir, gpu="auto", method=method, rank=args.rank, seq_len=args.seq_len,
-        batch_size=args.batch_size, global_batch_size=args.batch_size, dataset=data, output_dir=out_dir,
-        max_steps=args.steps, grad_checkpointing=args.grad_checkpointing,
-    ))
-    plan = result.plan
+    plan = make_plan(PlanRequest(**request)).plan
     plan.training.save_steps = 10**6  # no checkpoint writes inside the measured steps
     plan.training.logging_steps = 1
-    plan_path = os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.yaml")
     plan.save(plan_path)
+
+
+def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict:
+    from planner.plan import Plan
+
+    request = dict(model=model_dir, gpu="auto", method=method, rank=args.rank, seq_len=args.seq_len,
+                   batch_size=args.batch_size, global_batch_size=args.batch_size, dataset=data, output_dir=out_dir,
+                   max_steps=args.steps, grad_checkpointing=args.grad_checkpointing)
+    plan_path = f"{out_dir}.yaml"
+    os.makedirs(os.path.dirname(plan_path), exist_ok=True)
+    made = subprocess.run([sys.executable, os.path.abspath(__file__), "--plan", json.dumps(request), plan_path],
+                          cwd=ROOT, capture_output=True, text=True)
+    if made.returncode != 0:
+        lines = (made.stderr or made.stdout).strip().splitlines()
+        return {"method": method, "exit": made.returncode, "error": "plan: " + (lines[-1] if lines else "failed"),
+                "batch": args.batch_size, "seq": args.seq_len, "grad_ckpt": None, "predicted_gib": float("nan")}
+    plan = Plan.load(plan_path)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "executor.cli", "run", plan_path, "--overwrite"], cwd=ROOT,
                           capture_output=True, text=True)
@@ -101,6 +118,12 @@ def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict
 
 
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--build":  # the child process of build_model_dir
+        _build(sys.argv[2], sys.argv[3])
+        return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--plan":  # the child process of run_case
+        _plan(json.loads(sys.argv[2]), sys.argv[3])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated names, or 'all'")
     parser.add_argument("--methods", default="lora,qlora")
