@@ -164,6 +164,20 @@ def test_qlora_loads_nf4_and_upcasts_nothing(tiny_model_dir, tmp_path):
     assert base.model.norm.weight.dtype == torch.bfloat16
     assert base.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
 
+    # Still so once SFTTrainer has the model (it would upcast if given a peft_config with a 4-bit model).
+    from executor.data import prepare_datasets
+    from executor.model import load_tokenizer
+    from executor.train import Placement, _trainer_class, sft_config
+
+    tokenizer = load_tokenizer(tiny_model_dir, False)
+    train_ds = prepare_datasets(plan, tokenizer)[0]
+    trainer = _trainer_class()(model=model, args=sft_config(plan, Placement(1, 0, 0, False), has_eval=False),
+                               train_dataset=train_ds, processing_class=tokenizer, plan_loss="fused",
+                               keep_checkpoints=1)
+    for name, p in trainer.model.named_parameters():
+        if "embed" in name or "norm" in name or "lm_head" in name or "lora_" in name:
+            assert p.dtype == torch.bfloat16, name  # trl keeps QLoRA adapters in bf16 on bf16 plans
+
 
 def test_demo_runs_and_the_loss_falls(tmp_path, cli_run):
     out = tmp_path / "demo"
