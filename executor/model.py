@@ -79,6 +79,9 @@ def quantization_config(plan):
     from transformers import BitsAndBytesConfig
 
     q = plan.quantization
+    if q.blocksize != 64:  # transformers' bitsandbytes integration has no blocksize setting: it is always 64
+        raise RunError(f"quantization.blocksize {q.blocksize} cannot be run: bitsandbytes through transformers "
+                       f"quantizes in blocks of 64")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
