@@ -112,3 +112,10 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_checkpoint(tiny_mode
                            "plan again with", "micro_batch_size 2 with grad_accum_steps 2", "qlora")
     assert str(out / "checkpoint-2") in line
     assert os.path.exists(out / "checkpoint-2" / "COMPLETE")
+
+
+def test_loraplan_cli_exposes_run_and_merge():
+    for command, option in (("run", "--resume"), ("merge", "--dtype")):
+        out = subprocess.run([sys.executable, "-c", "from loraplan.cli import main; main()", command, "--help"],
+                             env=subprocess_env(), capture_output=True, text=True)
+        assert out.returncode == 0 and option in out.stdout, out.stderr
