@@ -72,7 +72,10 @@ def launch_ddp(plan: Plan, resume_from: Optional[str], console=None) -> dict:
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=None, stderr=log, start_new_session=True)
 
+        forwarded: list[int] = []
+
         def forward(signum, frame):
+            forwarded.append(signum)
             try:
                 proc.send_signal(signum)
             except ProcessLookupError:
@@ -94,6 +97,10 @@ def launch_ddp(plan: Plan, resume_from: Optional[str], console=None) -> dict:
 
             exc_type = Interrupted
         raise exc_type(err["message"])
+    if code != 0 and forwarded:
+        from .errors import Interrupted
+
+        raise Interrupted(f"interrupted by signal {forwarded[0]} before training started; nothing new was saved")
     if code != 0 or not os.path.exists(summary_path):
         raise TrainingFailed(f"the training processes failed (exit {code}); see {log_path}")
     with open(summary_path, encoding="utf-8") as f:

@@ -32,9 +32,12 @@ def main(argv=None) -> int:
         plan = Plan.load(args.plan)
         train_plan(plan, args.resume_from, console=Console() if rank == 0 else None, foreground=False)
         return 0
-    except (RunError, PlanError) as exc:
-        message = exc.message if isinstance(exc, RunError) else str(exc)
-        code = exc.exit_code if isinstance(exc, RunError) else 2
+    except (RunError, PlanError, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):  # a signal before training started: nothing new was saved
+            message, code = "interrupted before training started; nothing new was saved", 130
+        else:
+            message = exc.message if isinstance(exc, RunError) else str(exc)
+            code = exc.exit_code if isinstance(exc, RunError) else 2
         if args.error_file and (rank == 0 or not os.path.exists(args.error_file)):
             try:
                 with open(args.error_file + f".{rank}", "w", encoding="utf-8") as f:
