@@ -114,6 +114,9 @@ def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict
     else:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
+        if os.path.exists(summary_path):  # an out-of-memory run still records its observed peak
+            with open(summary_path, encoding="utf-8") as f:
+                row["observed_gib"] = json.load(f).get("observed_peak_gib")
     return row
 
 

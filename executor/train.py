@@ -507,7 +507,14 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
                 f"{plan.prediction.per_gpu_gib:.2f} GiB" if peak is not None
                 else f"observed peak process memory {meter.rss_peak_gib():.2f} GiB")
         kept = f"last checkpoint {latest[1]}" if latest else "no checkpoint yet"
-        raise TrainingFailed(f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}") from None
+        message = f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}"
+        if place.is_main:  # scripts (and gpu_check) read the outcome here too
+            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), {
+                "status": "out_of_memory", "message": message, "steps": trainer.state.global_step,
+                "predicted_peak_gib": plan.prediction.per_gpu_gib, "observed_peak_gib": peak,
+                "last_checkpoint": os.path.abspath(latest[1]) if latest else None,
+            })
+        raise TrainingFailed(message) from None
 
     state = trainer.state
     interrupted = stopper.stopped_at is not None

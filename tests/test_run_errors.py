@@ -112,6 +112,10 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_checkpoint(tiny_mode
                            "plan again with", "micro_batch_size 2 with grad_accum_steps 2", "qlora")
     assert str(out / "checkpoint-2") in line
     assert os.path.exists(out / "checkpoint-2" / "COMPLETE")
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "out_of_memory" and summary["steps"] == 3 and summary["message"] in line
 
 
 def test_loraplan_cli_exposes_run_and_merge():
