@@ -8,7 +8,7 @@ import time
 from planner.plan import Plan
 
 from . import outputs
-from .errors import RunError, require_run_extra
+from .errors import require_run_extra
 
 
 def check_inputs(plan: Plan) -> None:

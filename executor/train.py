@@ -406,7 +406,6 @@ def quiet_libraries() -> None:
 
 def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, foreground: bool = True) -> dict:
     """Train the plan; returns the summary (also written to summary.json by rank 0)."""
-    import torch
     import transformers
     from transformers import PrinterCallback
 
