@@ -1,46 +1,40 @@
 """`loraplan run --demo`: a tiny random-weight Llama trained with LoRA on a shipped dataset, in under a minute on a
-CPU, with the same report as a real run. Needs no download, GPU or planner."""
+CPU, with the same report as a real run. Needs no download or GPU."""
 
 from __future__ import annotations
 
 import os
 
-from planner.plan import (
-    Dataset,
-    Hardware,
-    LoraSettings,
-    ModelRef,
-    Plan,
-    Prediction,
-    Quantization,
-    Training,
-)
+import dataclasses
+
+from planner.plan import Plan
 
 from .errors import RunError
 
 DEMO_NAME = "loraplan-demo"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 60) -> Plan:
-    """The demo's plan, written by hand: LoRA r=8 on every linear layer, fp32 on the CPU, a memorizable dataset."""
-    return Plan(
-        model=ModelRef(name=DEMO_NAME, source="directory", family="llama", path=model_dir),
-        hardware=Hardware(gpu="cpu", gpu_name="CPU", memory_gib=0.0, num_gpus=1, bf16=False),
-        method="lora",
-        quantization=Quantization(enabled=False, compute_dtype="float32"),
-        lora=LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS)),
-        training=Training(
-            seq_len=128, micro_batch_size=6, grad_accum_steps=1, global_batch_size=6, learning_rate=3e-3,
-            max_steps=max_steps, warmup_ratio=0.05, lr_scheduler="cosine", logging_steps=5, save_steps=max_steps,
-            save_total_limit=1, dtype="float32", loss="fused",
-        ),
-        prediction=Prediction(per_gpu_gib=0.0, terms={}, margin=0.0),
-        strategy="cpu",
-        dataset=Dataset(path=data_path, format="instruction"),
-        output_dir=output_dir,
-        reasons={"demo": "a tiny random-weight model that shows the whole run path on any machine"},
-    )
+    """The demo's plan, made by the planner like any other (LoRA r=8 on every linear layer, on the CPU in fp32,
+    a memorizable dataset), with a high learning rate and frequent logging so a minute shows the loss fall."""
+    from planner.api import PlanRequest, make_plan
+    from planner.catalog import InputError
+
+    try:
+        result = make_plan(PlanRequest(
+            model=model_dir, gpu="cpu", method="lora", rank=8, alpha=16, dropout=0.0, seq_len=128, batch_size=6,
+            global_batch_size=6, learning_rate=3e-3, max_steps=max_steps, dataset=data_path, output_dir=output_dir,
+            fit_table=False,
+        ))
+    except InputError as exc:
+        raise RunError(str(exc)) from None
+    plan = result.plan
+    plan.model.name = DEMO_NAME
+    plan.training = dataclasses.replace(plan.training, warmup_ratio=0.05, logging_steps=5, save_steps=max_steps,
+                                        save_total_limit=1)
+    plan.reasons["demo"] = "a tiny random-weight model that shows the whole run path on any machine"
+    plan.validate()
+    return plan
 
 
 def prepare_demo(output_dir: str, max_steps: int = 60) -> Plan:

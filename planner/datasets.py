@@ -34,9 +34,20 @@ class DatasetStats:
         return asdict(self)
 
 
+def _messages(row: dict) -> Any:
+    """The chat turns; a CSV cell holds them as JSON text."""
+    msgs = row.get("messages")
+    if isinstance(msgs, str):
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError:
+            return None
+    return msgs
+
+
 def detect_format(row: Any) -> str:
     if isinstance(row, dict):
-        if isinstance(row.get("messages"), list):
+        if isinstance(_messages(row), list):
             return "chat"
         if "instruction" in row and "output" in row:
             return "instruction"
@@ -89,7 +100,7 @@ def _chars(row: dict, fmt: str) -> tuple[int, int]:
         return len(str(row.get("text") or "")), 1
     if fmt == "instruction":
         return sum(len(str(row.get(k) or "")) for k in ("instruction", "input", "output")), 2
-    msgs = row.get("messages") or []
+    msgs = _messages(row) or []
     return sum(len(str(m.get("content") or "")) for m in msgs if isinstance(m, dict)), len(msgs)
 
 

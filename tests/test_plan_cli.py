@@ -229,3 +229,22 @@ def test_gemma2_plans_eager_attention_and_budgets_its_scores():
     assert long["memory"]["terms"]["activations"] > 4.5 * short["memory"]["terms"]["activations"]
     _, llama = plan_json("llama-3.1-8b", "--gpu", "h200")
     assert llama["plan"]["training"]["attn_implementation"] == "sdpa"
+
+
+def test_dataset_formats_for_the_estimate(tmp_path):
+    import csv
+
+    chat = tmp_path / "chat.csv"
+    with open(chat, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["messages"])
+        w.writeheader()
+        for _ in range(4):
+            w.writerow({"messages": json.dumps([{"role": "user", "content": "hi " * 40}, {"role": "assistant", "content": "yo " * 40}])})
+    inst = tmp_path / "inst.json"
+    inst.write_text(json.dumps([{"instruction": "x" * 400, "input": "", "output": "y" * 400}] * 3))
+    for path, fmt, rows in ((chat, "chat", 4), (inst, "instruction", 3)):
+        code, data = plan_json("qwen2.5-0.5b", "--gpu", "l4", "--dataset", str(path), "--seq-len", "128")
+        assert code == 0 and data["dataset"]["format"] == fmt and data["dataset"]["rows"] == rows
+        assert data["estimate"]["hours"] is not None
+    code, data = plan_json("qwen2.5-0.5b", "--gpu", "l4", "--dataset", str(inst), "--seq-len", "128")
+    assert data["dataset"]["rows_over_seq_len"] == 3  # 800 characters ~ 200 tokens > 128
