@@ -35,8 +35,9 @@ def _console():
               help="Write the run here instead of the plan's output_dir (the demo's default: ./loraplan-demo).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (recorded in the run's plan.yaml).")
+@click.option("--force", is_flag=True, help="Run a plan even though its prediction does not fit its card.")
 def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: bool,
-                output_dir: Optional[str], max_steps: Optional[int]) -> None:
+                output_dir: Optional[str], max_steps: Optional[int], force: bool) -> None:
     """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
 
     Loads the model (4-bit for QLoRA), wraps it with the plan's LoRA adapter, trains with trl's SFTTrainer on the
@@ -69,6 +70,12 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: b
             if max_steps:
                 plan.training.max_steps = max_steps
             plan.validate()
+            if not plan.fits() and not force:
+                raise RunError(
+                    f"this plan does not fit: it predicts {plan.prediction.per_gpu_gib:.1f} GiB per GPU and "
+                    f"{plan.hardware.gpu_name} allows {plan.hardware.memory_gib * (1 - plan.prediction.margin):.1f} GiB; "
+                    "plan again (`loraplan plan` says what would fit) or pass --force"
+                )
         from .runner import execute
 
         console = _console()

@@ -132,7 +132,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dro
         console = Console()
         render(res, console)
         if output:
-            console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` will refuse it)")
+            console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
                           + (f"; run it with: loraplan run {output}" if res.feasible else ""))
     sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)
 

@@ -187,6 +187,10 @@ class Plan:
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"
             )
 
+    def fits(self) -> bool:
+        """The prediction fits the planned card with the plan's safety margin (what `plan` called feasible)."""
+        return self.prediction.per_gpu_gib <= self.hardware.memory_gib * (1 - self.prediction.margin) + 1e-9
+
     # ---- files -----------------------------------------------------------------------------------
     def to_yaml(self) -> str:
         import yaml

@@ -51,6 +51,17 @@ def test_plan_file_errors(tmp_path, cli_run):
     _one_line_error(cli_run(tmp_path / "v99.yaml", "--resume", "--overwrite"), 2, "not both")
 
 
+def test_an_infeasible_plan_is_refused_unless_forced(tmp_path, cli_run, tiny_model_dir):
+    plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(tmp_path / "out"), max_steps=2)
+    plan.prediction.per_gpu_gib = 20.0  # more than 90 % of the plan's 16 GiB card
+    path = write_plan(plan, tmp_path / "big.yaml")
+    _one_line_error(cli_run(path), 2, "does not fit", "--force")
+    assert not (tmp_path / "out").exists()
+    result = cli_run(path, "--force")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
 def test_model_path_without_a_model(tmp_path, cli_run):
     empty = tmp_path / "empty-model"
     empty.mkdir()
