@@ -129,13 +129,12 @@ def read_table(path: Optional[str], what: str = "dataset") -> _Table:
 
 
 def detect_format(row: dict, path: str) -> str:
-    """The format of a dataset, from the fields of its first row."""
-    if "messages" in row:
-        return "chat"
-    if "instruction" in row and "output" in row:
-        return "instruction"
-    if "text" in row:
-        return "text"
+    """The format of a dataset, from the fields of its first row (planner.datasets.detect_format's rules)."""
+    from planner.datasets import detect_format as format_of
+
+    fmt = format_of(row)
+    if fmt != "unknown":
+        return fmt
     fields = ", ".join(sorted(map(str, row))) or "none"
     raise RunError(
         f"dataset {path}: cannot tell its format from the first row (fields: {fields}); expected `messages` (chat), "

@@ -7,23 +7,17 @@ wrapped with get_peft_model here so SFTTrainer never sees a peft_config (it woul
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any, Optional
 
+from planner.catalog import has_weights
+
 from .errors import RunError
-
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
-
 
 def torch_dtype(name: str):
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def _has_weights(folder: str) -> bool:
-    return any(glob.glob(os.path.join(folder, p)) for p in WEIGHT_PATTERNS)
 
 
 def check_model_dir(folder: str, what: str) -> str:
@@ -33,7 +27,7 @@ def check_model_dir(folder: str, what: str) -> str:
         raise RunError(f"{what} {folder} is not a directory")
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise RunError(f"{what} {folder} holds no model (no config.json)")
-    if not _has_weights(folder):
+    if not has_weights(folder):
         raise RunError(f"{what} {folder} holds no model weights (no *.safetensors or *.bin files)")
     return folder
 

@@ -23,7 +23,7 @@ from .arch import Architecture, ArchitectureError, from_config
 from .plan import Hardware, ModelRef
 
 GIB = 2**30
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
 
 class InputError(ValueError):
@@ -108,8 +108,9 @@ def find_in_hf_cache(hub_id: str) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def has_weights(folder: Path) -> bool:
-    return any((folder / f).exists() for f in WEIGHT_FILES) or any(folder.glob("*.safetensors"))
+def has_weights(folder: "Path | str") -> bool:
+    """The folder holds model weights (safetensors, PyTorch .bin/.pt, or a sharded index)."""
+    return any(any(Path(folder).glob(p)) for p in WEIGHT_PATTERNS)
 
 
 def _read_config(path: Path) -> dict:

@@ -46,8 +46,10 @@ def _messages(row: dict) -> Any:
 
 
 def detect_format(row: Any) -> str:
+    """The format a row's fields name: chat (`messages`), instruction (`instruction` + `output`), text (`text`),
+    or "unknown". The one definition: `run` detects with it too, then checks every row's contents."""
     if isinstance(row, dict):
-        if isinstance(_messages(row), list):
+        if "messages" in row:
             return "chat"
         if "instruction" in row and "output" in row:
             return "instruction"
@@ -100,7 +102,9 @@ def _chars(row: dict, fmt: str) -> tuple[int, int]:
         return len(str(row.get("text") or "")), 1
     if fmt == "instruction":
         return sum(len(str(row.get(k) or "")) for k in ("instruction", "input", "output")), 2
-    msgs = _messages(row) or []
+    msgs = _messages(row)
+    if not isinstance(msgs, list):
+        return 0, 0
     return sum(len(str(m.get("content") or "")) for m in msgs if isinstance(m, dict)), len(msgs)
 
 
