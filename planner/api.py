@@ -202,9 +202,9 @@ def _dtype(hw: Hardware) -> str:
 
 
 def choose(arch: Architecture, sel: TargetSelection, req: PlanRequest, hw: Hardware, r: int, per_gpu_batch: int,
-           seq_len: int) -> tuple[Optional[Choice], Choice, list[str]]:
-    """Pick method, checkpointing and micro-batch. Returns (choice or None, the smallest candidate tried,
-    reasons). LoRA first when allowed (it trains faster), checkpointing only when needed, then the largest
+           seq_len: int) -> tuple[Optional[Choice], Choice]:
+    """Pick method, checkpointing and micro-batch. Returns (the choice, or None when nothing fits; the smallest
+    candidate tried). LoRA first when allowed (it trains faster), checkpointing only when needed, then the largest
     micro-batch dividing the per-GPU batch that fits under the card's memory less the safety margin."""
     usable = hw.memory_gib * (1 - safety_margin())
     dtype = _dtype(hw)
@@ -225,9 +225,9 @@ def choose(arch: Architecture, sel: TargetSelection, req: PlanRequest, hw: Hardw
                 else:
                     break  # memory grows with the micro-batch
             if best is not None:
-                return best, smallest, []
+                return best, smallest
     assert smallest is not None
-    return None, smallest, []
+    return None, smallest
 
 
 def _reasons(req: PlanRequest, c: Choice, hw: Hardware, gbs: int, per_gpu_batch: int, accum: int,
@@ -357,7 +357,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
                          f"(global batch {gbs} over {hw.num_gpus} GPU(s))")
     ds = dataset_stats(req.dataset, req.seq_len) if req.dataset else None
 
-    choice, smallest, _ = choose(arch, sel, req, hw, r, per_gpu_batch, req.seq_len)
+    choice, smallest = choose(arch, sel, req, hw, r, per_gpu_batch, req.seq_len)
     feasible = choice is not None
     c = choice or smallest
     usable = hw.memory_gib * (1 - safety_margin())
@@ -440,7 +440,7 @@ def fit_table(arch: Architecture, sel: TargetSelection, req: PlanRequest, r: int
     per_gpu = max(gbs // num_gpus, 1)
     for key, entry in gpus().items():
         hw = _hardware_from_entry(key, entry, num_gpus)
-        choice, smallest, _ = choose(arch, sel, req, hw, r, per_gpu, req.seq_len)
+        choice, smallest = choose(arch, sel, req, hw, r, per_gpu, req.seq_len)
         c = choice or smallest
         est = _estimate(arch, c, hw, req, None, 1.0)
         rows.append({
