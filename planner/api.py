@@ -424,6 +424,9 @@ def make_plan(req: PlanRequest) -> PlanResult:
         },
         reasons=reasons,
     )
+    if arch.is_moe and c.method == "qlora":
+        plan.assumptions["quantization"] += (f"; MoE expert weights stay in {dtype}: transformers' bitsandbytes "
+                                             "integration does not quantize fused 3-D expert parameters")
     plan.validate()
     suggestions = [] if feasible else _suggest(arch, sel, req, hw, r, per_gpu_batch, smallest)
     fit_rows = fit_table(arch, sel, req, r, hw.num_gpus) if req.fit_table else []
