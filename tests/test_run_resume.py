@@ -123,7 +123,7 @@ def test_output_dir_guards(tiny_model_dir, tmp_path, cli_run):
     assert cli_run(other_path, "--overwrite").exit_code == 0
 
     # A changed prediction (or other bookkeeping) does not block a resume: it does not change training.
-    other.prediction.per_gpu_gib = 99.0
+    other.prediction.per_gpu_gib = 3.0  # re-planned, still fits the 16 GiB card (an infeasible plan is refused)
     other.reasons = {"note": "re-planned"}
     done = cli_run(write_plan(other, tmp_path / "other2.yaml"), "--resume")
     assert done.exit_code == 0, done.output
