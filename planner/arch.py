@@ -334,9 +334,15 @@ def from_config(cfg: dict) -> Architecture:
     family = family_of(cfg)
     if family is None:
         kind = cfg.get("model_type") or (cfg.get("architectures") or ["<none>"])[0]
+        from . import generic  # the slow path: a meta-device build by transformers, when installed
+
+        if cfg.get("model_type") and generic.available():
+            return generic.from_config(cfg)
         raise ArchitectureError(
             f"unknown architecture {kind!r}: config.json needs a 'model_type' of "
             + ", ".join(sorted(FAMILIES))
+            + ("" if cfg.get("model_type") is None else
+               " (other model types are counted through transformers: pip install -e '.[run]')")
         )
     return FAMILIES[family](cfg)
 
@@ -367,8 +373,11 @@ def select_targets(arch: Architecture, spec: Optional[str]) -> TargetSelection:
     A fused module (Phi-3's qkv_proj, gate_up_proj; MoE experts' gate_up_proj) is adapted whole when any
     of the kinds it carries is asked for: peft adapts a module, not a slice of it.
     """
+    by_name = {p.peft_name: set(p.kinds) for p in arch.projections}
     if spec is None or spec.strip() == "":
         wanted = set(DEFAULT_KINDS)
+        if not any(wanted & set(p.kinds) for p in arch.projections):  # e.g. gpt_neox's query_key_value, dense
+            wanted = set(arch.kinds())
     elif spec.strip() == "all-linear":
         wanted = set(arch.kinds())
     else:
@@ -378,7 +387,9 @@ def select_targets(arch: Architecture, spec: Optional[str]) -> TargetSelection:
             if not name:
                 continue
             kind = SHORT_NAMES.get(name)
-            if kind == "qkv":
+            if name in by_name and kind is None:  # a module name of this architecture
+                wanted |= by_name[name]
+            elif kind == "qkv":
                 wanted |= {"q", "k", "v"}
             elif kind == "gate_up":
                 wanted |= {"gate", "up"}
@@ -402,10 +413,10 @@ def select_targets(arch: Architecture, spec: Optional[str]) -> TargetSelection:
                 params.append(name)
         elif p.peft_name not in modules:
             modules.append(p.peft_name)
-    widened = sorted(
-        {k for p in chosen for k in p.kinds} - wanted
-    )
+    widened = sorted({k for p in chosen for k in p.kinds} - wanted)
     note = f"fused modules also adapt {', '.join(widened)}" if widened else ""
+    if (spec is None or not spec.strip()) and not any(set(DEFAULT_KINDS) & set(p.kinds) for p in chosen):
+        note = "the architecture has none of q,k,v,o,gate,up,down: every linear layer is adapted"
     return TargetSelection(chosen, modules, params, note)
 
 

@@ -81,3 +81,25 @@ def test_llama_projection_example_from_the_issue():
     q = next(p for p in arch.projections if p.peft_name == "q_proj")
     assert q.lora_params(16) // q.count == 131_072
     assert round(100 * q.lora_params(16) / q.weight_params, 2) == 0.78
+
+
+GENERIC = {
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "vocab_size": 1000},
+    "phi": {"model_type": "phi", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 1000},
+    "olmo2": {"model_type": "olmo2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERIC))
+def test_architectures_outside_the_family_table_are_counted_from_a_meta_build(name):
+    """Families planner.arch does not know go through transformers on the meta device (planner/generic.py)."""
+    cfg = GENERIC[name]
+    arch = from_config(cfg)
+    for spec in (None, "all-linear"):
+        sel = select_targets(arch, spec)
+        got, total = peft_counts(cfg, sel.target_modules, sel.target_parameters, 8)
+        assert trainable_params(sel, 8) == got
+        assert arch.total_params == total

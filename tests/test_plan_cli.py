@@ -184,7 +184,8 @@ def test_bad_files_exit_2(tmp_path):
         (_write(tmp_path, "broken.json", "{not json"), "not valid JSON"),
         (_write(tmp_path, "list.json", "[1, 2]"), "JSON object"),
         (_write(tmp_path, "incomplete.json", json.dumps({"model_type": "llama", "hidden_size": 64})), "missing required field"),
-        (_write(tmp_path, "alien.json", json.dumps({"model_type": "rwkv", "hidden_size": 64})), "unknown architecture"),
+        (_write(tmp_path, "alien.json", json.dumps({"model_type": "alien", "hidden_size": 64})), "unknown architecture"),
+        (_write(tmp_path, "neox.json", json.dumps({"model_type": "gpt_neox", "hidden_size": 64})), "missing required field"),
     ]
     for path, needle in cases:
         res = plan(path, "--gpu", "t4")
