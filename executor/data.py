@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from planner.plan import first_line
+
 from .errors import RunError
 
 FORMATS = ("instruction", "chat", "text")
@@ -93,7 +95,7 @@ def _read_with_datasets(path: str, ext: str) -> _Table:
             ds = datasets.Dataset.from_json(path, keep_in_memory=True)
             where = lambda i: f"record {i + 1}"  # noqa: E731
     except Exception as exc:  # pyarrow/pandas errors are long; the first line says enough
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise RunError(f"dataset {path} cannot be read as {ext[1:]}: {first}") from None
     # pandas reads an empty CSV cell as NaN: make it a missing value, as in JSON
     rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in ds.to_list()]
@@ -236,7 +238,7 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, seq_len: int, path: str
         try:
             texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise RunError(f"dataset {path}: the tokenizer's chat template cannot render it: {first}") from None
         for ids in _ids(tokenizer, texts, False):
             sequences.append((ids, list(ids)))

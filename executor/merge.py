@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from planner.plan import first_line
+
 from .errors import RunError, require_run_extra
 
 MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -57,7 +59,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
     try:
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise RunError(f"cannot load adapter {adapter_dir} onto {base_dir}: {first}") from None
     with torch.no_grad():
         merged = model.merge_and_unload()

@@ -11,8 +11,10 @@ import os
 from typing import Any, Optional
 
 from planner.catalog import has_weights
+from planner.plan import first_line
 
 from .errors import RunError
+
 
 def torch_dtype(name: str):
     import torch
@@ -61,7 +63,7 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool):
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise RunError(f"cannot load a tokenizer from {model_dir}: {first}") from None
     if tok.pad_token is None:  # batches need padding; the EOS token is the usual stand-in
         tok.pad_token = tok.eos_token
@@ -104,7 +106,7 @@ def load_base_model(plan, model_dir: str, device_map: Optional[dict] = None):
     except ImportError as exc:
         raise RunError(f"cannot load the model from {model_dir}: {exc}") from None
     except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise RunError(f"cannot load the model from {model_dir}: {first}") from None
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model
@@ -131,5 +133,5 @@ def wrap_lora(plan, model):
     try:
         return get_peft_model(model, lora_config(plan))
     except ValueError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise RunError(f"cannot add the plan's LoRA adapter: {first}") from None

@@ -13,6 +13,7 @@ import warnings
 from collections import OrderedDict
 
 from .arch import SHORT_NAMES, Architecture, ArchitectureError, Projection
+from .plan import first_line
 
 
 def available() -> bool:
@@ -45,14 +46,14 @@ def from_config(cfg: dict) -> Architecture:
     try:
         config = transformers.AutoConfig.for_model(**cfg)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ArchitectureError(f"transformers cannot read this config.json ({family}): {str(exc).splitlines()[0]}") from None
+        raise ArchitectureError(f"transformers cannot read this config.json ({family}): {first_line(exc)}") from None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # transformers raises many kinds for configs it cannot build
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ArchitectureError(f"transformers cannot build a causal LM from this config.json ({family}): {first}") from None
 
     head = model.get_output_embeddings()

@@ -24,6 +24,11 @@ class PlanError(ValueError):
     """A plan file that is missing, malformed, of an unknown version or inconsistent."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when empty): what one-line errors quote."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 @dataclass
 class ModelRef:
     """Which model to train and where its architecture came from."""
@@ -213,8 +218,7 @@ class Plan:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PlanError(f"plan file {path} is not valid YAML: {first}") from None
+            raise PlanError(f"plan file {path} is not valid YAML: {first_line(exc)}") from None
         return cls.from_dict(data)
 
 
