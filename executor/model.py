@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from planner.catalog import has_weights
+from planner.catalog import find_in_hf_cache, has_weights
 from planner.plan import first_line
 
 from .errors import RunError
@@ -42,15 +42,11 @@ def resolve_model_dir(path: Optional[str], hub_id: Optional[str] = None, what: s
     if not repo:
         raise RunError("the plan names no model weights (model.path and model.hub_id are both empty); "
                        "plan from a model directory or a Hugging Face id already in the local cache")
-    from huggingface_hub import snapshot_download
-
-    try:
-        # HF_HUB_CACHE read now, not at import: huggingface_hub fixes its default when first imported.
-        folder = snapshot_download(repo, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE") or None)
-    except Exception:
+    folder = find_in_hf_cache(repo)  # the lookup `plan` made, so plan and run agree on the snapshot
+    if folder is None:
         raise RunError(f"model {repo} is not in the local Hugging Face cache and nothing is downloaded; "
-                       f"download it first or set model.path to a directory") from None
-    return check_model_dir(folder, f"cached model {repo} at")
+                       f"download it first or set model.path to a directory")
+    return check_model_dir(str(folder), f"cached model {repo} at")
 
 
 def plan_model_dir(plan) -> str:
