@@ -9,7 +9,8 @@ from typing import Optional
 
 import click
 
-from planner.plan import Plan, PlanError
+from planner.errors import PlanError
+from planner.plan import Plan
 
 from .errors import RunError
 

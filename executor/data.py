@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from planner.plan import first_line
+from planner.errors import first_line
 
 from .errors import RunError
 

@@ -18,7 +18,7 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     """The demo's plan, made by the planner like any other (LoRA r=8 on every linear layer, on the CPU in fp32,
     a memorizable dataset), with a high learning rate and frequent logging so a minute shows the loss fall."""
     from planner.api import PlanRequest, make_plan
-    from planner.catalog import InputError
+    from planner.errors import InputError
 
     try:
         result = make_plan(PlanRequest(

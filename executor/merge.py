@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from planner.plan import first_line
+from planner.errors import first_line
 
 from .errors import RunError, require_run_extra
 

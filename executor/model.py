@@ -11,7 +11,7 @@ import os
 from typing import Any, Optional
 
 from planner.catalog import find_in_hf_cache, has_weights
-from planner.plan import first_line
+from planner.errors import first_line
 
 from .errors import RunError
 

@@ -16,7 +16,8 @@ import re
 import shutil
 from typing import Any, Optional
 
-from planner.plan import Plan, PlanError, atomic_write_text
+from planner.errors import PlanError
+from planner.plan import Plan, atomic_write_text
 
 from .errors import RunError
 

@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     parser.add_argument("--error-file", default=None)
     args = parser.parse_args(argv)
 
-    from planner.plan import Plan, PlanError
+    from planner.errors import PlanError
+    from planner.plan import Plan
 
     from .errors import RunError
 

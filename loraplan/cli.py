@@ -103,7 +103,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dro
     Exit status: 0 when it fits, 1 when it does not (the output says what would), 2 on bad input.
     """
     from planner.api import PlanRequest, make_plan
-    from planner.catalog import InputError
+    from planner.errors import InputError
 
     req = PlanRequest(
         model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, method=method, rank=rank, alpha=alpha,

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import memory as M
-from .arch import Architecture, ArchitectureError, TargetSelection, select_targets, trainable_params
-from .catalog import InputError, ResolvedModel, gpus, hyperparameters, resolve_hardware, resolve_model
+from .arch import Architecture, TargetSelection, select_targets, trainable_params
+from .catalog import ResolvedModel, gpus, hyperparameters, resolve_hardware, resolve_model
+from .errors import ArchitectureError, InputError
 from .datasets import DatasetStats, dataset_stats
 from .plan import Dataset, Hardware, LoraSettings, Plan, Prediction, Quantization, Training
 

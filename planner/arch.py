@@ -14,9 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-
-class ArchitectureError(ValueError):
-    """A config.json this planner cannot count (names the missing or bad field)."""
+from .errors import ArchitectureError
 
 
 @dataclass(frozen=True)

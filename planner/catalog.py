@@ -19,15 +19,12 @@ import yaml
 
 from tables import TABLES_DIR
 
-from .arch import Architecture, ArchitectureError, from_config
+from .arch import Architecture, from_config
+from .errors import ArchitectureError, InputError
 from .plan import Hardware, ModelRef
 
 GIB = 2**30
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
-
-
-class InputError(ValueError):
-    """Bad input from the user: the CLI prints it on one line and exits 2."""
 
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

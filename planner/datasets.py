@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from .catalog import InputError
+from .errors import InputError
 
 CHARS_PER_TOKEN = 4.0
 TEMPLATE_TOKENS_PER_TURN = 4

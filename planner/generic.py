@@ -12,8 +12,8 @@ import importlib.util
 import warnings
 from collections import OrderedDict
 
-from .arch import SHORT_NAMES, Architecture, ArchitectureError, Projection
-from .plan import first_line
+from .arch import SHORT_NAMES, Architecture, Projection
+from .errors import ArchitectureError, first_line
 
 
 def available() -> bool:

@@ -16,17 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .errors import PlanError, first_line
+
 PLAN_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-
-
-class PlanError(ValueError):
-    """A plan file that is missing, malformed, of an unknown version or inconsistent."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when empty): what one-line errors quote."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass
