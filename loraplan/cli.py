@@ -8,6 +8,8 @@ from typing import Optional
 
 import click
 
+from planner import options as O
+
 EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -64,31 +66,35 @@ def main() -> None:
 @click.option("--gpu-memory", metavar="SIZE", help="Memory per GPU for a card not in the catalog (e.g. 24GiB, 80GB); "
                                                    "with --gpu it overrides the catalog's figure.")
 @click.option("--num-gpus", type=int, default=None, help="GPUs to train on, data-parallel (default: 1, or all detected).")
-@click.option("--method", type=click.Choice(["auto", "lora", "qlora"]), default="auto", show_default=True,
+@click.option("--method", type=click.Choice(O.METHOD_CHOICES), default=O.default("method"), show_default=True,
               help="auto: LoRA when it fits with headroom, else QLoRA.")
-@click.option("--rank", "-r", type=int, default=None, help="LoRA rank r (default 16).")
-@click.option("--alpha", type=int, default=None, help="LoRA alpha (default 2 x rank).")
-@click.option("--dropout", type=float, default=None, help="LoRA dropout (default 0.05; 0 for MoE experts).")
+@click.option("--rank", "-r", type=int, default=None, help=f"LoRA rank r (default {O.default('rank')}).")
+@click.option("--alpha", type=int, default=None, help=f"LoRA alpha (default {O.setting('alpha', 'per_rank')} x rank).")
+@click.option("--dropout", type=float, default=None,
+              help=f"LoRA dropout (default {O.default('dropout')}; 0 for MoE experts).")
 @click.option("--targets", default=None, metavar="LIST",
               help="Comma list of q,k,v,o,gate,up,down (or module names), or all-linear. "
                    "Default: q,k,v,o,gate,up,down or the architecture's equivalents (fused qkv_proj, experts).")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option("--seq-len", type=int, default=O.default("seq_len"), show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=int, default=None, help="Fixed micro-batch per GPU (default: the largest that fits).")
 @click.option("--global-batch-size", type=int, default=None,
-              help="Sequences per optimizer step over all GPUs (default 16); accumulation is derived.")
-@click.option("--grad-checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="auto: only when needed to fit.")
-@click.option("--optimizer", type=click.Choice(["adamw", "adamw-8bit", "paged-adamw-8bit"]), default="adamw",
+              help=f"Sequences per optimizer step over all GPUs (default {O.default('global_batch_size')}); "
+                   "accumulation is derived.")
+@click.option("--grad-checkpointing", type=click.Choice(O.CHECKPOINTING_CHOICES),
+              default=O.default("gradient_checkpointing"), show_default=True, help="auto: only when needed to fit.")
+@click.option("--optimizer", type=click.Choice(tuple(O.OPTIMIZERS)), default=O.default("optimizer"),
               show_default=True)
-@click.option("--loss", type=click.Choice(["fused", "full"]), default="fused", show_default=True,
+@click.option("--loss", type=click.Choice(O.LOSSES), default=O.default("loss"), show_default=True,
               help="fused: LM head + cross-entropy in chunks, as trl's SFTTrainer (what `run` does); "
                    "full: the model's own loss over materialized fp32 logits, as a plain training loop.")
 @click.option("--dataset", type=str, default=None, metavar="FILE",
               help="Training data (.jsonl/.json/.csv/.parquet): token statistics for the time estimate and the plan.")
 @click.option("--output", "-o", type=str, default=None, metavar="PLAN.yaml", help="Write the plan file here.")
 @click.option("--output-dir", type=str, default=None, help="Where `run` will write adapters and checkpoints (default out).")
-@click.option("--learning-rate", "--lr", type=float, default=None, help="Default 2e-4.")
-@click.option("--epochs", type=float, default=None, help="Default 1, or 3 for a dataset under 5,000 rows.")
+@click.option("--learning-rate", "--lr", type=float, default=None, help=f"Default {O.default('learning_rate'):g}.")
+@click.option("--epochs", type=float, default=None,
+              help=f"Default {O.default('num_epochs')}, or {O.setting('num_epochs', 'small_dataset_value')} for a "
+                   f"dataset under {O.setting('num_epochs', 'small_dataset_rows'):,} rows.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
 @click.option("--train-tokens", type=int, default=None, help="Training tokens for the time estimate (without --dataset).")
 @click.option("--trust-remote-code", is_flag=True, help="Let `run` execute the model repository's own code.")

@@ -1,119 +1,33 @@
-"""Architecture: a model's shapes read from its Hugging Face `config.json`, and the modules LoRA can target.
+"""Architecture families: a model's shapes read from its Hugging Face `config.json`.
 
 Pure arithmetic, no torch. Families are a plug-in table (`FAMILIES`): each maps a config to an
-`Architecture`, so adding a family is one function, not a subclass.
+`Architecture` (planner.architecture), so adding a family is one function, not a subclass. The last resort,
+after the table, is a meta-device build by transformers (planner.generic) for any other decoder.
 
 Counting follows transformers' own modeling files (v5): the dense decoders (Llama, Mistral, Qwen2, Qwen3,
 Gemma 2, Phi-3) build `nn.Linear` projections per layer; the MoE families (Mixtral, Qwen3-MoE) keep every
 expert's weights fused in two 3-D parameters per layer (`mlp.experts.gate_up_proj` of shape
 [E, 2*I, H] and `mlp.experts.down_proj` of shape [E, H, I]) which peft targets with `target_parameters`.
+
+`Architecture`, `Projection` and the target selection are re-exported here for callers that predate the split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .architecture import Architecture, Projection
 from .errors import ArchitectureError
+from .targets import (
+    SHORT_NAMES,
+    TargetSelection,
+    default_kinds,
+    select_targets,
+    trainable_params,
+)
 
-
-@dataclass(frozen=True)
-class Projection:
-    """One kind of weight LoRA can adapt, repeated `count` times in the model.
-
-    `peft_name` is what goes into LoraConfig (target_modules, or target_parameters when `param=True`).
-    `kinds` are the user-facing short names it covers (q, k, v, o, gate, up, down).
-    """
-
-    peft_name: str
-    in_features: int
-    out_features: int
-    count: int  # layers x copies
-    bias: bool
-    kinds: tuple[str, ...]
-    experts: int = 1  # >1 for a fused 3-D expert parameter: LoRA A is [E*r, in], B is [out, E*r]
-    param: bool = False  # a fused parameter (peft target_parameters), not an nn.Linear
-    quantizable: bool = True  # replaced by bnb Linear4bit under QLoRA (nn.Linear only)
-
-    @property
-    def weight_params(self) -> int:
-        return self.count * self.experts * self.in_features * self.out_features
-
-    @property
-    def bias_params(self) -> int:
-        return self.count * self.experts * self.out_features if self.bias else 0
-
-    def lora_params(self, r: int) -> int:
-        """peft LoRA: A is r x in, B is out x r (per expert for fused experts): r * (in + out)."""
-        return self.count * self.experts * r * (self.in_features + self.out_features)
-
-
-@dataclass
-class Architecture:
-    family: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    projections: list[Projection]
-    # parameters outside the projections, in the compute dtype and never quantized
-    embedding_params: int
-    lm_head_params: int  # 0 when tied to the embeddings
-    norm_params: int
-    other_params: int  # routers, q/k norms, ...
-    num_experts: int = 0
-    experts_per_token: int = 0
-    moe_intermediate_size: int = 0
-    activation: str = "silu"
-    norms_per_layer: int = 2
-    max_position_embeddings: Optional[int] = None
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def attn_implementation(self) -> str:
-        """What `run` asks transformers for: sdpa, except where the model cannot use it (Gemma 2's attention
-        logit softcapping: transformers marks it `_supports_sdpa = False`), which gets eager attention."""
-        if self.family == "gemma2" or self.config.get("attn_logit_softcapping"):
-            return "eager"
-        return "sdpa"
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def projection_params(self) -> int:
-        return sum(p.weight_params + p.bias_params for p in self.projections)
-
-    @property
-    def total_params(self) -> int:
-        return (
-            self.projection_params
-            + self.embedding_params
-            + self.lm_head_params
-            + self.norm_params
-            + self.other_params
-        )
-
-    def kinds(self) -> list[str]:
-        out: list[str] = []
-        for p in self.projections:
-            for k in p.kinds:
-                if k not in out:
-                    out.append(k)
-        return out
+__all__ = ["Architecture", "Projection", "TargetSelection", "SHORT_NAMES", "FAMILIES", "default_kinds",
+           "family_of", "from_config", "select_targets", "trainable_params"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,99 +238,35 @@ def family_of(cfg: dict) -> Optional[str]:
     return None
 
 
+def _known_family(cfg: dict) -> Optional[Architecture]:
+    family = family_of(cfg)
+    return FAMILIES[family](cfg) if family else None
+
+
+def _meta_device_build(cfg: dict) -> Optional[Architecture]:
+    """The slow path: a meta-device build by transformers, when installed and the config names a model_type."""
+    from . import generic  # imports transformers only when called
+
+    return generic.from_config(cfg) if cfg.get("model_type") and generic.available() else None
+
+
+# Tried in order; the first that returns an Architecture wins. The meta-device build is the last resort.
+RESOLVERS: list[Callable[[dict], Optional[Architecture]]] = [_known_family, _meta_device_build]
+
+
 def from_config(cfg: dict) -> Architecture:
-    """Architecture of a config.json dict of a known family (raises ArchitectureError otherwise)."""
+    """Architecture of a config.json dict (raises ArchitectureError when no resolver can count it)."""
     if not isinstance(cfg, dict):
         raise ArchitectureError("config.json must hold a JSON object")
     cfg = _text_config(cfg)
-    family = family_of(cfg)
-    if family is None:
-        kind = cfg.get("model_type") or (cfg.get("architectures") or ["<none>"])[0]
-        from . import generic  # the slow path: a meta-device build by transformers, when installed
-
-        if cfg.get("model_type") and generic.available():
-            return generic.from_config(cfg)
-        raise ArchitectureError(
-            f"unknown architecture {kind!r}: config.json needs a 'model_type' of "
-            + ", ".join(sorted(FAMILIES))
-            + ("" if cfg.get("model_type") is None else
-               " (other model types are counted through transformers: pip install -e '.[run]')")
-        )
-    return FAMILIES[family](cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# LoRA targets
-
-SHORT_NAMES = {
-    "q": "q", "q_proj": "q", "k": "k", "k_proj": "k", "v": "v", "v_proj": "v", "o": "o", "o_proj": "o",
-    "gate": "gate", "gate_proj": "gate", "w1": "gate", "up": "up", "up_proj": "up", "w3": "up",
-    "down": "down", "down_proj": "down", "w2": "down",
-    "qkv": "qkv", "qkv_proj": "qkv", "gate_up": "gate_up", "gate_up_proj": "gate_up",
-}
-DEFAULT_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-@dataclass
-class TargetSelection:
-    projections: list[Projection]
-    target_modules: list[str]  # peft LoraConfig.target_modules
-    target_parameters: list[str]  # peft LoraConfig.target_parameters (fused MoE experts)
-    note: str = ""
-
-
-def select_targets(arch: Architecture, spec: Optional[str]) -> TargetSelection:
-    """Resolve a user's --targets ("q,k,v,o,gate,up,down", "all-linear", or module names) for `arch`.
-
-    A fused module (Phi-3's qkv_proj, gate_up_proj; MoE experts' gate_up_proj) is adapted whole when any
-    of the kinds it carries is asked for: peft adapts a module, not a slice of it.
-    """
-    by_name = {p.peft_name: set(p.kinds) for p in arch.projections}
-    if spec is None or spec.strip() == "":
-        wanted = set(DEFAULT_KINDS)
-        if not any(wanted & set(p.kinds) for p in arch.projections):  # e.g. gpt_neox's query_key_value, dense
-            wanted = set(arch.kinds())
-    elif spec.strip() == "all-linear":
-        wanted = set(arch.kinds())
-    else:
-        wanted = set()
-        for raw in spec.split(","):
-            name = raw.strip()
-            if not name:
-                continue
-            kind = SHORT_NAMES.get(name)
-            if name in by_name and kind is None:  # a module name of this architecture
-                wanted |= by_name[name]
-            elif kind == "qkv":
-                wanted |= {"q", "k", "v"}
-            elif kind == "gate_up":
-                wanted |= {"gate", "up"}
-            elif kind is not None:
-                wanted.add(kind)
-            else:
-                raise ArchitectureError(
-                    f"target {name!r} matches no module of {arch.family}; choose from "
-                    + ", ".join(p.peft_name for p in arch.projections)
-                    + " (or q,k,v,o,gate,up,down, or all-linear)"
-                )
-    chosen = [p for p in arch.projections if wanted & set(p.kinds)]
-    if not chosen:
-        raise ArchitectureError(f"targets {spec!r} match no module of {arch.family}")
-    modules: list[str] = []
-    params: list[str] = []
-    for p in chosen:
-        if p.param:
-            name = f"mlp.experts.{p.peft_name}"
-            if name not in params:
-                params.append(name)
-        elif p.peft_name not in modules:
-            modules.append(p.peft_name)
-    widened = sorted({k for p in chosen for k in p.kinds} - wanted)
-    note = f"fused modules also adapt {', '.join(widened)}" if widened else ""
-    if (spec is None or not spec.strip()) and not any(set(DEFAULT_KINDS) & set(p.kinds) for p in chosen):
-        note = "the architecture has none of q,k,v,o,gate,up,down: every linear layer is adapted"
-    return TargetSelection(chosen, modules, params, note)
-
-
-def trainable_params(selection: TargetSelection, r: int) -> int:
-    return sum(p.lora_params(r) for p in selection.projections)
+    for resolver in RESOLVERS:
+        arch = resolver(cfg)
+        if arch is not None:
+            return arch
+    kind = cfg.get("model_type") or (cfg.get("architectures") or ["<none>"])[0]
+    raise ArchitectureError(
+        f"unknown architecture {kind!r}: config.json needs a 'model_type' of "
+        + ", ".join(sorted(FAMILIES))
+        + ("" if cfg.get("model_type") is None else
+           " (other model types are counted through transformers: pip install -e '.[run]')")
+    )

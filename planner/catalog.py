@@ -199,7 +199,7 @@ def parse_memory_gib(text: str) -> float:
     return value
 
 
-def _hardware_from_entry(key: str, entry: dict, num_gpus: int) -> Hardware:
+def hardware_from_entry(key: str, entry: dict, num_gpus: int) -> Hardware:
     return Hardware(
         gpu=key, gpu_name=entry["name"], memory_gib=float(entry["memory_gib"]), num_gpus=num_gpus,
         bf16=bool(entry["bf16"]),
@@ -240,7 +240,11 @@ def system_memory_gib() -> float:
 
 
 def cpu_hardware(num: int = 1) -> Hardware:
-    return Hardware(gpu="cpu", gpu_name="CPU (no GPU)", memory_gib=round(system_memory_gib(), 2), num_gpus=num, bf16=False)
+    """The CPU as the device: its RAM, shared by the `num` processes of a multi-process CPU run, so each may use
+    RAM / num."""
+    ram = system_memory_gib()
+    name = "CPU (no GPU)" if num == 1 else f"CPU (no GPU), {num} processes sharing {ram:.1f} GiB of RAM"
+    return Hardware(gpu="cpu", gpu_name=name, memory_gib=round(ram / num, 2), num_gpus=num, bf16=False)
 
 
 def resolve_hardware(gpu: Optional[str], gpu_memory: Optional[str], num_gpus: Optional[int]) -> tuple[Hardware, str]:
@@ -258,7 +262,7 @@ def resolve_hardware(gpu: Optional[str], gpu_memory: Optional[str], num_gpus: Op
             dev, total, count, bf16 = found
             key = match_device_name(dev)
             if key:
-                hw = _hardware_from_entry(key, gpus()[key], num_gpus or count)
+                hw = hardware_from_entry(key, gpus()[key], num_gpus or count)
             else:
                 hw = Hardware(gpu="custom", gpu_name=dev, memory_gib=round(total, 2), num_gpus=num_gpus or count, bf16=bf16)
             hw.memory_gib = round(total, 2)  # what this card reports beats the catalog
@@ -272,7 +276,7 @@ def resolve_hardware(gpu: Optional[str], gpu_memory: Optional[str], num_gpus: Op
         if key is None:
             raise InputError(f"unknown GPU {gpu!r}" + (_suggest(gpus(), name) or f"; known: {', '.join(gpus())}")
                              + " (or use --gpu-memory 24GiB for a card not in the catalog)")
-        hw = _hardware_from_entry(key, gpus()[key], num_gpus or 1)
+        hw = hardware_from_entry(key, gpus()[key], num_gpus or 1)
     if gpu_memory:
         hw.memory_gib = round(parse_memory_gib(gpu_memory), 3)
         if hw.gpu == "custom":

@@ -12,8 +12,9 @@ import importlib.util
 import warnings
 from collections import OrderedDict
 
-from .arch import SHORT_NAMES, Architecture, Projection
+from .architecture import Architecture, Projection
 from .errors import ArchitectureError, first_line
+from .targets import SHORT_NAMES
 
 
 def available() -> bool:

@@ -14,24 +14,15 @@ keep, the fused loss's buffers, the caching allocator's fragmentation) are fitte
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-import yaml
-
-from tables import TABLES_DIR
-
-from .arch import Architecture, TargetSelection, trainable_params
+from .architecture import Architecture
+from .coefficients import coefficients
+from .options import DTYPE_BYTES, OPTIMIZERS
+from .targets import TargetSelection, trainable_params
 
 GIB = 2**30
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-@functools.lru_cache(maxsize=1)
-def coefficients() -> dict:
-    with open(TABLES_DIR / "memory.yaml", encoding="utf-8") as f:
-        return yaml.safe_load(f)
 
 
 @dataclass(frozen=True)
@@ -47,6 +38,7 @@ class Shape:
     optimizer: str = "adamw"
     dtype: str = "bfloat16"
     double_quant: bool = True
+    blocksize: int = 64  # NF4 block size (Quantization.blocksize)
     num_gpus: int = 1
     device: str = "cuda"  # cuda | cpu: the CPU has no CUDA context and no caching allocator
 
@@ -65,6 +57,10 @@ class Term:
     @property
     def gib(self) -> float:
         return self.bytes / GIB
+
+    @staticmethod
+    def sum_gib(terms) -> float:
+        return sum(t.bytes for t in terms) / GIB
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,14 +88,15 @@ def base_weights_bytes(arch: Architecture, shape: Shape) -> float:
 
 
 def quant_constants_bytes(arch: Architecture, shape: Shape) -> float:
-    """NF4 quantization constants, blocksize 64 (bitsandbytes):
-    without double quantization one fp32 absmax per block: 4/64 byte/param;
+    """NF4 quantization constants, block size b (bitsandbytes; 64 by default):
+    without double quantization one fp32 absmax per block: 4/b byte/param;
     with double quantization the absmax are themselves quantized to 8 bits in blocks of 256 with an fp32
-    constant each: 1/64 + 4/(64 x 256) byte/param."""
+    constant each: 1/b + 4/(b x 256) byte/param."""
     if shape.method != "qlora":
         return 0.0
     q = quantized_weight_params(arch)
-    per_param = (1 / 64 + 4 / (64 * 256)) if shape.double_quant else 4 / 64
+    b = shape.blocksize
+    per_param = (1 / b + 4 / (b * 256)) if shape.double_quant else 4 / b
     return q * per_param
 
 
@@ -132,7 +129,7 @@ def optimizer_states_bytes(p: int, optimizer: str) -> float:
     """AdamW keeps two fp32 moments: 8 x P; bitsandbytes 8-bit AdamW (paged or not) two 8-bit moments: 2 x P
     (plus per-block constants, negligible). Paged states can spill to host memory under pressure; planned as
     resident."""
-    return (8.0 if optimizer == "adamw" else 2.0) * p
+    return OPTIMIZERS[optimizer].state_bytes_per_param * p
 
 
 def ddp_buckets_bytes(p: int, num_gpus: int) -> float:
@@ -157,15 +154,15 @@ def layer_activation_bytes_per_token(arch: Architecture, seq_len: int) -> float:
     For MoE, i is experts_per_token x expert intermediate size: each token runs through its top-k experts.
     Eager attention (Gemma 2) materializes the scores: a_eager bytes per score, heads x seq_len per token.
     """
-    c = coefficients()["derived"]
+    c = coefficients().derived
     i = arch.experts_per_token * arch.moe_intermediate_size if arch.is_moe else arch.intermediate_size
     extra_norms = max(arch.norms_per_layer - 2, 0)
     return (
-        c["act_bytes_per_hidden"] * arch.hidden_size
-        + c["act_bytes_per_kv"] * arch.kv_dim
-        + c["act_bytes_per_intermediate"] * i
-        + c["act_bytes_per_extra_norm"] * arch.hidden_size * extra_norms
-        + (c["eager_attention_bytes_per_score"] * arch.num_heads * seq_len if arch.attn_implementation == "eager" else 0)
+        c.act_bytes_per_hidden * arch.hidden_size
+        + c.act_bytes_per_kv * arch.kv_dim
+        + c.act_bytes_per_intermediate * i
+        + c.act_bytes_per_extra_norm * arch.hidden_size * extra_norms
+        + (c.eager_attention_bytes_per_score * arch.num_heads * seq_len if arch.attn_implementation == "eager" else 0)
     )
 
 
@@ -174,30 +171,30 @@ def checkpointed_inputs_bytes(arch: Architecture, shape: Shape) -> float:
     is kept beside each checkpoint (c_ckpt x L x h x T, fitted)."""
     if not shape.grad_checkpointing:
         return 0.0
-    per = DTYPE_BYTES[shape.dtype] + coefficients()["fitted"]["checkpoint_extra_bytes"]
+    per = DTYPE_BYTES[shape.dtype] + coefficients().fitted.checkpoint_extra_bytes
     return per * arch.num_layers * arch.hidden_size * shape.tokens
 
 
 def _activations_device_bytes(arch: Architecture, shape: Shape) -> float:
-    f = coefficients()["fitted"]
+    f = coefficients().fitted
     x = layer_activation_bytes_per_token(arch, shape.seq_len)
-    s = f["activation_scale"] if shape.loss == "full" else f["fused_activation_scale"]
+    s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
     if shape.grad_checkpointing:
-        return (s + f["recompute_scale"]) * x * shape.tokens
+        return (s + f.recompute_scale) * x * shape.tokens
     return s * x * arch.num_layers * shape.tokens
 
 
 def _loss_device_bytes(arch: Architecture, shape: Shape) -> float:
-    f = coefficients()["fitted"]
+    f = coefficients().fitted
     t, v = shape.tokens, arch.vocab_size
     if shape.loss == "full":
-        per = f["full_loss_bytes_per_logit"]
+        per = f.full_loss_bytes_per_logit
         if arch.tie_word_embeddings:
-            per += f["full_loss_tied_extra_bytes_per_logit"]
+            per += f.full_loss_tied_extra_bytes_per_logit
         if arch.config.get("final_logit_softcapping"):
-            per += coefficients()["derived"]["softcap_bytes_per_logit"]
+            per += coefficients().derived.softcap_bytes_per_logit
         return per * t * v
-    return f["fused_loss_bytes_per_token_hidden"] * t * arch.hidden_size + f["fused_loss_chunk_bytes_per_vocab"] * v
+    return f.fused_loss_bytes_per_token_hidden * t * arch.hidden_size + f.fused_loss_chunk_bytes_per_vocab * v
 
 
 def activations_bytes(arch: Architecture, shape: Shape) -> float:
@@ -209,7 +206,7 @@ def activations_bytes(arch: Architecture, shape: Shape) -> float:
     X = layer_activation_bytes_per_token; s = activation_scale, fitted (the fused recipe through trl has its
     own, fused_activation_scale: trl's collator and forward differ from a plain call); s_rc the backward's
     extra working set while a layer is recomputed, fitted."""
-    rho = coefficients()["fitted"]["reserve_share_of_activations"]
+    rho = coefficients().fitted.reserve_share_of_activations
     return (1 - rho) * _activations_device_bytes(arch, shape)
 
 
@@ -222,44 +219,47 @@ def logits_bytes(arch: Architecture, shape: Shape) -> float:
     output and bf16 copies: + c_softcap x T x V (derived).
     fused (trl's chunked LM head + cross-entropy): the logits never exist; what remains is the per-token
     work, c_tok x T x h, and one tile of logits, c_chunk x V (fitted)."""
-    rho = coefficients()["fitted"]["reserve_share_of_loss"]
+    rho = coefficients().fitted.reserve_share_of_loss
     return (1 - rho) * _loss_device_bytes(arch, shape)
 
 
 def misc_bytes() -> float:
     """Small allocations present at the peak whatever the shape: autocast's cache of bf16 LoRA weight copies,
     RNG and optimizer bookkeeping, cuBLAS handles, the allocator's smallest segments (fitted constant)."""
-    return coefficients()["fitted"]["misc_bytes"]
+    return coefficients().fitted.misc_bytes
 
 
 def allocator_reserve_bytes(arch: Architecture, shape: Shape) -> float:
     """The caching allocator holds more than it hands out: freed blocks of transient tensors that no later
     request fits (fragmentation). It grows with the size of the transients, so it is a share of each:
         rho_loss x loss + rho_act x activations   (before the split; shares fitted on reserved - allocated)."""
-    f = coefficients()["fitted"]
+    f = coefficients().fitted
     return (
-        f["reserve_share_of_loss"] * _loss_device_bytes(arch, shape)
-        + f["reserve_share_of_activations"] * _activations_device_bytes(arch, shape)
+        f.reserve_share_of_loss * _loss_device_bytes(arch, shape)
+        + f.reserve_share_of_activations * _activations_device_bytes(arch, shape)
     )
 
 
 def cuda_context_bytes() -> float:
     """CUDA context plus cuBLAS/cuDNN workspaces: device memory used that torch's allocator does not count
     (measured on an H200: used - reserved after training, tables/memory.yaml)."""
-    return coefficients()["measured"]["cuda_context_gib"] * GIB
+    return coefficients().measured.cuda_context_gib * GIB
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def budget(arch: Architecture, selection: TargetSelection, shape: Shape) -> list[Term]:
-    """All terms for one GPU, in report order. Their sum is the predicted peak (what nvidia-smi shows)."""
+def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
+           strategy_terms: Sequence[Term] = ()) -> list[Term]:
+    """All terms for one GPU, in report order. Their sum is the predicted peak (what nvidia-smi shows).
+    `strategy_terms` are what the distributed strategy adds (planner.strategies), placed after the adapter's."""
     p = trainable_params(selection, shape.r)
     dt = DTYPE_BYTES[shape.dtype]
     terms = []
     if shape.method == "qlora":
         terms.append(Term("nf4_weights", base_weights_bytes(arch, shape), "0.5 B x quantized params (+ dtype x expert params)", "weights"))
-        dq = "1/64 + 4/16384" if shape.double_quant else "4/64"
+        b = shape.blocksize
+        dq = f"1/{b} + 4/{b * 256}" if shape.double_quant else f"4/{b}"
         terms.append(Term("quant_constants", quant_constants_bytes(arch, shape), f"({dq}) B x quantized params", "weights"))
     else:
         terms.append(Term("base_weights", base_weights_bytes(arch, shape), f"{dt} B x projection params", "weights"))
@@ -267,10 +267,9 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape) -> list
         Term("unquantized_modules", unquantized_modules_bytes(arch, shape), f"{dt} B x (embeddings + lm_head + norms + biases)", "weights"),
         Term("lora_weights", lora_weights_bytes(p), "4 B x P (fp32)", "adapter"),
         Term("lora_gradients", lora_gradients_bytes(p), "4 B x P (fp32)", "adapter"),
-        Term("optimizer_states", optimizer_states_bytes(p, shape.optimizer), ("8" if shape.optimizer == "adamw" else "2") + " B x P", "adapter"),
+        Term("optimizer_states", optimizer_states_bytes(p, shape.optimizer), f"{OPTIMIZERS[shape.optimizer].state_bytes_per_param:g} B x P", "adapter"),
     ]
-    if shape.num_gpus > 1:
-        terms.append(Term("ddp_buckets", ddp_buckets_bytes(p, shape.num_gpus), "4 B x P", "adapter"))
+    terms += list(strategy_terms)
     if shape.grad_checkpointing:
         terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), f"({dt} + c_ckpt) B x L x h x T", "activations"))
     terms += [
@@ -336,5 +335,5 @@ def tokens_per_second(arch: Architecture, shape: Shape, peak_tflops: Optional[fl
     calibration rows (tables/memory.yaml). None when the card's peak is unknown."""
     if not peak_tflops:
         return None
-    mfu = coefficients()["throughput"]["mfu_" + shape.method]
+    mfu = coefficients().throughput.mfu(shape.method)
     return mfu * peak_tflops * 1e12 / flops_per_token(arch, shape)

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import options as O
 from .errors import PlanError, first_line
 
 PLAN_VERSION = 1
@@ -50,56 +51,56 @@ class Quantization:
     """bitsandbytes 4-bit settings; `enabled` is False for plain LoRA."""
 
     enabled: bool = False
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
-    compute_dtype: str = "bfloat16"
+    quant_type: str = field(default_factory=lambda: O.default("quantization"))
+    double_quant: bool = field(default_factory=lambda: O.default("double_quantization"))
+    blocksize: int = field(default_factory=lambda: O.default("quant_blocksize"))
+    compute_dtype: str = field(default_factory=lambda: O.default("compute_dtype"))
 
 
 @dataclass
 class LoraSettings:
     """Mirrors peft.LoraConfig's fields of the same names."""
 
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    r: int = field(default_factory=lambda: O.default("rank"))
+    lora_alpha: int = field(default_factory=lambda: O.default("alpha"))
+    lora_dropout: float = field(default_factory=lambda: O.default("dropout"))
     target_modules: list[str] = field(default_factory=list)
     # peft's target_parameters: fused 3-D expert weights of MoE models in transformers >= 5
     # (e.g. "mlp.experts.gate_up_proj"), which are nn.Parameters, not nn.Linear modules.
     target_parameters: list[str] = field(default_factory=list)
-    bias: str = "none"
+    bias: str = field(default_factory=lambda: O.default("bias"))
     task_type: str = "CAUSAL_LM"
 
 
 @dataclass
 class Training:
-    seq_len: int = 2048
+    seq_len: int = field(default_factory=lambda: O.default("seq_len"))
     micro_batch_size: int = 1
-    grad_accum_steps: int = 16
-    global_batch_size: int = 16
+    grad_accum_steps: int = field(default_factory=lambda: O.default("global_batch_size"))
+    global_batch_size: int = field(default_factory=lambda: O.default("global_batch_size"))
     grad_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw | adamw-8bit | paged-adamw-8bit
-    loss: str = "fused"  # fused (trl's chunked LM head + CE) | full (materialized fp32 logits)
-    learning_rate: float = 2e-4
-    num_epochs: float = 1.0
+    optimizer: str = field(default_factory=lambda: O.default("optimizer"))  # planner.options.OPTIMIZERS
+    loss: str = field(default_factory=lambda: O.default("loss"))  # fused (trl's chunked LM head + CE) | full (materialized fp32 logits)
+    learning_rate: float = field(default_factory=lambda: O.default("learning_rate"))
+    num_epochs: float = field(default_factory=lambda: float(O.default("num_epochs")))
     max_steps: int = -1  # > 0 overrides num_epochs
-    warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
+    warmup_ratio: float = field(default_factory=lambda: O.default("warmup_ratio"))
+    lr_scheduler: str = field(default_factory=lambda: O.default("lr_scheduler"))
+    weight_decay: float = field(default_factory=lambda: O.default("weight_decay"))
+    max_grad_norm: float = field(default_factory=lambda: O.default("max_grad_norm"))
+    seed: int = field(default_factory=lambda: O.default("seed"))
+    logging_steps: int = field(default_factory=lambda: O.default("logging_steps"))
+    save_steps: int = field(default_factory=lambda: O.default("save_steps"))
+    save_total_limit: int = field(default_factory=lambda: O.default("save_total_limit"))
     packing: bool = False
-    dtype: str = "bfloat16"  # compute dtype of the base model: bfloat16, or float16 on cards without bf16
+    dtype: str = field(default_factory=lambda: O.default("compute_dtype"))  # compute dtype of the base model: bfloat16, or float16 on cards without bf16
     attn_implementation: str = "sdpa"
 
 
 @dataclass
 class Dataset:
     path: Optional[str] = None
-    format: str = "auto"  # auto | instruction | chat | text
+    format: str = "auto"  # options.DATASET_FORMATS
     eval_path: Optional[str] = None
     eval_fraction: float = 0.0
     rows: Optional[int] = None
@@ -119,16 +120,17 @@ class Prediction:
 class Plan:
     model: ModelRef
     hardware: Hardware
-    method: str  # lora | qlora
+    method: str  # options.METHODS
     quantization: Quantization
     lora: LoraSettings
     training: Training
     prediction: Prediction
-    strategy: str = "single"  # single | ddp | cpu
+    strategy: str = "single"  # a key of planner.strategies.STRATEGIES
     dataset: Dataset = field(default_factory=Dataset)
     output_dir: str = "out"
     assumptions: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. a sequence beyond the model's context
     version: int = PLAN_VERSION
 
     # ---- serialization -------------------------------------------------------------------------
@@ -150,19 +152,21 @@ class Plan:
 
     def validate(self) -> None:
         """Reject a plan whose fields contradict each other (e.g. edited by hand into inconsistency)."""
+        from .strategies import (
+            STRATEGIES,  # lazy: strategies -> memory -> arch -> ... -> plan
+        )
+
         t = self.training
-        if self.method not in ("lora", "qlora"):
-            raise PlanError(f"method must be lora or qlora, not {self.method!r}")
+        O.check_choice("method", self.method, O.METHODS, PlanError)
         if (self.method == "qlora") != self.quantization.enabled:
             raise PlanError(f"method {self.method} contradicts quantization.enabled={self.quantization.enabled}")
-        if self.strategy not in ("single", "ddp", "cpu"):
-            raise PlanError(f"strategy must be single, ddp or cpu, not {self.strategy!r}")
+        O.check_choice("strategy", self.strategy, tuple(STRATEGIES), PlanError)
         for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "global_batch_size"):
             if getattr(t, name) < 1:
                 raise PlanError(f"training.{name} must be at least 1, got {getattr(t, name)}")
         if self.hardware.num_gpus < 1:
             raise PlanError(f"hardware.num_gpus must be at least 1, got {self.hardware.num_gpus}")
-        data_parallel = self.hardware.num_gpus if self.strategy == "ddp" else 1
+        data_parallel = self.hardware.num_gpus if STRATEGIES[self.strategy].data_parallel else 1
         if t.micro_batch_size * t.grad_accum_steps * data_parallel != t.global_batch_size:
             raise PlanError(
                 f"training.global_batch_size {t.global_batch_size} != micro_batch_size {t.micro_batch_size}"
@@ -174,12 +178,10 @@ class Plan:
             raise PlanError("lora.target_modules and lora.target_parameters are both empty")
         if not 0.0 <= self.lora.lora_dropout < 1.0:
             raise PlanError(f"lora.lora_dropout must be in [0, 1), got {self.lora.lora_dropout}")
-        if t.optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
-            raise PlanError(f"training.optimizer {t.optimizer!r} is not adamw, adamw-8bit or paged-adamw-8bit")
-        if t.loss not in ("fused", "full"):
-            raise PlanError(f"training.loss must be fused or full, not {t.loss!r}")
-        if t.dtype not in ("bfloat16", "float16", "float32"):
-            raise PlanError(f"training.dtype {t.dtype!r} is not bfloat16, float16 or float32")
+        O.check_choice("training.optimizer", t.optimizer, tuple(O.OPTIMIZERS), PlanError)
+        O.check_choice("training.loss", t.loss, O.LOSSES, PlanError)
+        O.check_choice("training.dtype", t.dtype, O.DTYPES, PlanError)
+        O.check_choice("dataset.format", self.dataset.format, O.DATASET_FORMATS, PlanError)
         if self.quantization.enabled and self.quantization.compute_dtype != t.dtype:
             raise PlanError(
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"

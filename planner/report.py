@@ -87,11 +87,11 @@ def render(res: PlanResult, console: Console) -> None:
     console.print(dec)
 
     est = res.estimate
-    if est.get("tokens_per_s"):
-        line = f"Expected throughput: {est['tokens_per_s']:,.0f} tokens/s over {plan.hardware.num_gpus} GPU(s)"
-        if est.get("hours"):
-            line += f"; {est['train_tokens']:,} training tokens take about {_hours(est['hours'])}"
-        console.print(line + f"  [dim]({est['basis']}, MFU {est['mfu']:.0%})[/dim]")
+    if est.tokens_per_s:
+        line = f"Expected throughput: {est.tokens_per_s:,.0f} tokens/s over {plan.hardware.num_gpus} GPU(s)"
+        if est.hours:
+            line += f"; {est.train_tokens:,} training tokens take about {_hours(est.hours)}"
+        console.print(line + f"  [dim]({est.basis}, MFU {est.mfu:.0%})[/dim]")
     if res.dataset is not None:
         d = res.dataset
         console.print(f"Dataset: {d.path}: {d.rows:,} rows, {d.format} format, about {d.tokens_total:,} tokens "
@@ -102,18 +102,20 @@ def render(res: PlanResult, console: Console) -> None:
         for col in ("card", "memory GiB", "fits", "method", "micro-batch", "checkpointing", "peak GiB", "headroom GiB", "tokens/s"):
             ft.add_column(col, justify="left" if col in ("card", "fits", "method") else "right")
         for row in res.fit_table:
-            ok = row["fits"]
+            ok = row.fits
             ft.add_row(
-                row["gpu"], f"{row['memory_gib']:.1f}", "[green]yes" if ok else "[red]no",
-                (row["method"] or "").upper() if ok else "-", str(row["micro_batch_size"]) if ok else "-",
-                ("on" if row["grad_checkpointing"] else "off") if ok else "-",
-                f"{row['per_gpu_gib']:.1f}", f"{row['headroom_gib']:.1f}",
-                f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else "-",
+                row.gpu, f"{row.memory_gib:.1f}", "[green]yes" if ok else "[red]no",
+                (row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
+                ("on" if row.grad_checkpointing else "off") if ok else "-",
+                f"{row.per_gpu_gib:.1f}", f"{row.headroom_gib:.1f}",
+                f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
             )
         console.print(ft)
 
     if res.hardware_note:
         console.print(f"[dim]{res.hardware_note}[/dim]")
+    for warning in res.warnings:
+        console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
     if res.feasible:
         console.print(f"[bold green]FITS[/bold green] on {plan.hardware.num_gpus} x {plan.hardware.gpu_name}: "
                       f"{total:.1f} of {plan.hardware.memory_gib:.1f} GiB per GPU, {head:.1f} GiB headroom")

@@ -1,0 +1,84 @@
+"""Every option's allowed values and default, defined once.
+
+The CLI's choices, request validation (`planner.request`), plan validation (`planner.plan`) and the executor's
+mappings (to transformers' `optim` names, for example) are all derived from the tables here. Defaults come from
+`tables/hyperparameters.yaml` (each with its reason and source); nothing else in the code repeats them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+Method = Literal["lora", "qlora"]
+MethodChoice = Literal["auto", "lora", "qlora"]
+Checkpointing = Literal["auto", "on", "off"]
+Loss = Literal["fused", "full"]
+Dtype = Literal["bfloat16", "float16", "float32"]
+DatasetFormat = Literal["auto", "instruction", "chat", "text"]
+
+METHODS: tuple[str, ...] = get_args(Method)
+METHOD_CHOICES: tuple[str, ...] = get_args(MethodChoice)
+CHECKPOINTING_CHOICES: tuple[str, ...] = get_args(Checkpointing)
+LOSSES: tuple[str, ...] = get_args(Loss)
+DTYPES: tuple[str, ...] = get_args(Dtype)
+DATASET_FORMATS: tuple[str, ...] = get_args(DatasetFormat)
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One optimizer `plan` can choose and `run` can build."""
+
+    name: str  # what the CLI and the plan say
+    hf_name: str  # transformers TrainingArguments(optim=...)
+    state_bytes_per_param: float  # optimizer states per trainable parameter
+    description: str
+    needs_bitsandbytes: bool
+
+
+OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
+    Optimizer("adamw", "adamw_torch", 8.0, "torch AdamW, fp32 states", False),
+    Optimizer("adamw-8bit", "adamw_bnb_8bit", 2.0, "bitsandbytes 8-bit AdamW", True),
+    Optimizer("paged-adamw-8bit", "paged_adamw_8bit", 2.0, "bitsandbytes paged 8-bit AdamW", True),
+)}
+
+LOSS_DESCRIPTIONS = {
+    "fused": "fused LM head + cross-entropy in chunks (trl SFTTrainer)",
+    "full": "model's own loss over full logits upcast to fp32",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict[str, dict]:
+    from .catalog import hyperparameters
+
+    return hyperparameters()
+
+
+def default(name: str) -> Any:
+    """The default of hyperparameter `name` (tables/hyperparameters.yaml `value`)."""
+    return _table()[name]["value"]
+
+
+def setting(name: str, key: str) -> Any:
+    """Another field of a hyperparameter entry (e.g. `small_dataset_rows` of num_epochs)."""
+    return _table()[name][key]
+
+
+def reason(name: str) -> str:
+    return _table()[name]["reason"]
+
+
+def choices_text(values) -> str:
+    """'a, b or c' for error messages."""
+    values = list(values)
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def check_choice(what: str, value: Any, allowed, error: type[Exception] = ValueError) -> None:
+    """Raise `error` with a one-line message when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise error(f"{what} must be {choices_text(allowed)}, not {value!r}")

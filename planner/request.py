@@ -1,0 +1,195 @@
+"""What the user asked for (`PlanRequest`), checked, and resolved into everything the decision needs (`Resolved`).
+
+`resolve(req)` is the one place where defaults are applied (from `planner.options`, i.e.
+tables/hyperparameters.yaml) and derived values are computed: rank -> alpha, global batch -> per-GPU batch, the
+compute dtype from the card, the strategy from the topology. `planner.decide` then works on a `Resolved` alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import options as O
+from .architecture import Architecture
+from .catalog import ResolvedModel, resolve_hardware, resolve_model
+from .datasets import DatasetStats, dataset_stats
+from .errors import ArchitectureError, InputError
+from .plan import Hardware
+from .strategies import Strategy, strategy_for
+from .targets import TargetSelection, select_targets
+
+# Longest sequence a request may name: beyond any model's context and any card's memory, but still arithmetic
+# that prints readable numbers (2**24 = 16.8M tokens).
+MAX_SEQ_LEN = 2**24
+
+
+@dataclass
+class PlanRequest:
+    """The `plan` command's options; None means "the default" (tables/hyperparameters.yaml) or "choose"."""
+
+    model: str
+    gpu: Optional[str] = "auto"
+    gpu_memory: Optional[str] = None
+    num_gpus: Optional[int] = None
+    method: str = field(default_factory=lambda: O.default("method"))  # options.METHOD_CHOICES
+    rank: Optional[int] = None
+    alpha: Optional[int] = None
+    dropout: Optional[float] = None
+    targets: Optional[str] = None
+    seq_len: int = field(default_factory=lambda: O.default("seq_len"))
+    batch_size: Optional[int] = None  # fixed micro-batch; None: choose
+    global_batch_size: Optional[int] = None
+    grad_checkpointing: str = field(default_factory=lambda: O.default("gradient_checkpointing"))  # CHECKPOINTING_CHOICES
+    optimizer: str = field(default_factory=lambda: O.default("optimizer"))  # options.OPTIMIZERS
+    loss: str = field(default_factory=lambda: O.default("loss"))  # options.LOSSES
+    dataset: Optional[str] = None
+    output_dir: Optional[str] = None
+    learning_rate: Optional[float] = None
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    train_tokens: Optional[int] = None  # for the time estimate when no dataset is given
+    trust_remote_code: bool = False
+    fit_table: bool = True
+
+
+@dataclass
+class Resolved:
+    """Every input of the decision, resolved and checked: what `decide` and `estimate` read."""
+
+    model: ResolvedModel
+    selection: TargetSelection
+    hardware: Hardware
+    hardware_note: str
+    strategy: Strategy
+    rank: int
+    alpha: int
+    dropout: float
+    dtype: str
+    seq_len: int
+    global_batch_size: int
+    per_gpu_batch: int
+    method: str  # auto | lora | qlora, as asked
+    grad_checkpointing: str  # auto | on | off, as asked
+    batch_size: Optional[int]  # a fixed micro-batch, or None to choose
+    optimizer: str
+    loss: str
+    learning_rate: float
+    epochs: float
+    epochs_reason: Optional[str]  # why the epochs differ from the default, when they do
+    max_steps: Optional[int]
+    train_tokens: Optional[int]
+    dataset: Optional[DatasetStats]
+
+    @property
+    def arch(self) -> Architecture:
+        return self.model.arch
+
+    @property
+    def usable_gib(self) -> float:
+        """The card's memory less the safety margin: what a plan may use."""
+        from .memory import coefficients
+
+        return self.hardware.memory_gib * (1 - coefficients().decision.safety_margin)
+
+
+def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+    if not bad:
+        bad = value < 0 if allow_zero else value <= 0
+    if bad:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise InputError(f"{name} must be {kind}, got {value}")
+
+
+def validate(req: PlanRequest) -> None:
+    """One-line InputErrors for options that no plan can be built from."""
+    if req.seq_len is None:
+        raise InputError("--seq-len must be a positive number of tokens, got None")
+    _positive("--seq-len", req.seq_len, integer=True)
+    if req.seq_len > MAX_SEQ_LEN:
+        raise InputError(f"--seq-len {req.seq_len} is beyond any model's context; at most {MAX_SEQ_LEN:,} tokens")
+    for name, value in (("--rank", req.rank), ("--batch-size", req.batch_size),
+                        ("--global-batch-size", req.global_batch_size), ("--num-gpus", req.num_gpus),
+                        ("--max-steps", req.max_steps), ("--train-tokens", req.train_tokens)):
+        _positive(name, value, integer=True)
+    for name, value in (("--alpha", req.alpha), ("--epochs", req.epochs), ("--learning-rate", req.learning_rate)):
+        _positive(name, value)
+    if req.dropout is not None and not (math.isfinite(req.dropout) and 0.0 <= req.dropout < 1.0):
+        raise InputError(f"--dropout must be in [0, 1), got {req.dropout}")
+    O.check_choice("--method", req.method, O.METHOD_CHOICES, InputError)
+    O.check_choice("--grad-checkpointing", req.grad_checkpointing, O.CHECKPOINTING_CHOICES, InputError)
+    O.check_choice("--optimizer", req.optimizer, tuple(O.OPTIMIZERS), InputError)
+    O.check_choice("--loss", req.loss, O.LOSSES, InputError)
+
+
+def compute_dtype(hw: Hardware) -> str:
+    """fp32 on the CPU, bf16 on cards that have it, else fp16 (T4, V100)."""
+    if hw.gpu == "cpu":
+        return "float32"
+    return "bfloat16" if hw.bf16 else "float16"
+
+
+def _adapter(arch: Architecture, req: PlanRequest) -> tuple[TargetSelection, int, int, float]:
+    """(targets, rank, alpha, dropout), checked against the architecture."""
+    try:
+        sel = select_targets(arch, req.targets)
+    except ArchitectureError as exc:
+        raise InputError(str(exc)) from None
+    r = req.rank if req.rank is not None else int(O.default("rank"))
+    widest = min(min(p.in_features, p.out_features) for p in sel.projections)
+    if r > widest:
+        raise InputError(f"--rank {r} is larger than the smallest adapted layer dimension ({widest}): a LoRA rank "
+                         "beyond min(in, out) adds parameters without adding capacity")
+    experts_targeted = bool(sel.target_parameters)
+    dropout = req.dropout if req.dropout is not None else (0.0 if experts_targeted else float(O.default("dropout")))
+    if experts_targeted and dropout > 0:
+        raise InputError("peft cannot apply LoRA dropout to fused expert weights (target_parameters); "
+                         "use --dropout 0 or leave the experts out of --targets")
+    alpha = req.alpha if req.alpha is not None else int(O.setting("alpha", "per_rank") * r)
+    return sel, r, alpha, dropout
+
+
+def _epochs(req: PlanRequest, ds: Optional[DatasetStats]) -> tuple[float, Optional[str]]:
+    if req.epochs is not None:
+        return req.epochs, None
+    small_rows = int(O.setting("num_epochs", "small_dataset_rows"))
+    if ds is not None and ds.rows < small_rows:
+        epochs = float(O.setting("num_epochs", "small_dataset_value"))
+        return epochs, f"{epochs:g}: a small dataset ({ds.rows} rows, under {small_rows:,}) gains from more than one pass"
+    return float(O.default("num_epochs")), None
+
+
+def resolve(req: PlanRequest) -> Resolved:
+    """Check the request and resolve the model, card, adapter, batch and dataset (InputError on bad input)."""
+    validate(req)
+    model = resolve_model(req.model, req.trust_remote_code)
+    hw, hw_note = resolve_hardware(req.gpu, req.gpu_memory, req.num_gpus)
+    if hw.memory_gib <= 0:
+        raise InputError("--gpu custom needs --gpu-memory (e.g. --gpu-memory 24GiB)")
+    sel, r, alpha, dropout = _adapter(model.arch, req)
+    strategy = strategy_for(hw)
+    gbs = req.global_batch_size if req.global_batch_size is not None else int(O.default("global_batch_size"))
+    ways = hw.num_gpus if strategy.data_parallel else 1
+    if gbs % ways:
+        raise InputError(f"--global-batch-size {gbs} is not divisible by {hw.num_gpus} GPUs")
+    per_gpu_batch = gbs // ways
+    if req.batch_size and per_gpu_batch % req.batch_size:
+        raise InputError(f"--batch-size {req.batch_size} does not divide the per-GPU batch {per_gpu_batch} "
+                         f"(global batch {gbs} over {hw.num_gpus} GPU(s))")
+    dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
+    ds = dataset_stats(dataset, req.seq_len) if dataset else None
+    epochs, epochs_reason = _epochs(req, ds)
+    return Resolved(
+        model=model, selection=sel, hardware=hw, hardware_note=hw_note, strategy=strategy, rank=r, alpha=alpha,
+        dropout=dropout, dtype=compute_dtype(hw), seq_len=req.seq_len, global_batch_size=gbs,
+        per_gpu_batch=per_gpu_batch, method=req.method, grad_checkpointing=req.grad_checkpointing,
+        batch_size=req.batch_size, optimizer=req.optimizer, loss=req.loss,
+        learning_rate=req.learning_rate if req.learning_rate is not None else float(O.default("learning_rate")),
+        epochs=epochs, epochs_reason=epochs_reason, max_steps=req.max_steps, train_tokens=req.train_tokens,
+        dataset=ds,
+    )

@@ -1,0 +1,108 @@
+"""What `make_plan` returns: the plan and every fact behind it, and its JSON form (docs/plan-json.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import memory as M
+from .architecture import Architecture
+from .catalog import ResolvedModel
+from .datasets import DatasetStats
+from .estimate import Estimate
+from .fit_table import FitRow
+from .plan import Plan
+from .targets import TargetSelection
+
+GIB = 2**30
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    model: ResolvedModel
+    selection: TargetSelection
+    trainable_params: int
+    terms: list[M.Term]
+    feasible: bool
+    usable_gib: float
+    hardware_note: str
+    suggestions: list[str]
+    fit_table: list[FitRow]
+    dataset: Optional[DatasetStats]
+    estimate: Estimate
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def arch(self) -> Architecture:
+        return self.model.arch
+
+    @property
+    def per_gpu_gib(self) -> float:
+        return M.Term.sum_gib(self.terms)
+
+    def _adapter_json(self) -> dict[str, Any]:
+        a, lora = self.arch, self.plan.lora
+        return {
+            "trainable_params": self.trainable_params,
+            "trainable_percent": 100.0 * self.trainable_params / a.total_params,
+            "r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+            "target_modules": lora.target_modules, "target_parameters": lora.target_parameters,
+            "per_module": [
+                {
+                    "name": p.peft_name, "kinds": list(p.kinds), "in_features": p.in_features,
+                    "out_features": p.out_features, "count": p.count, "experts": p.experts,
+                    "params_each": p.lora_params(lora.r) // p.count,
+                    "trainable_params": p.lora_params(lora.r),
+                    "percent_of_layer": 100.0 * p.lora_params(lora.r) / p.weight_params,
+                    "percent_of_model": 100.0 * p.lora_params(lora.r) / a.total_params,
+                }
+                for p in self.selection.projections
+            ],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """Every fact the tables show (docs/plan-json.md documents the schema)."""
+        a, plan = self.arch, self.plan
+        hw, t = plan.hardware, plan.training
+        return {
+            "schema": "loraplan.plan-result/1",
+            "feasible": self.feasible,
+            "model": {
+                "name": plan.model.name, "display_name": self.model.display_name, "source": plan.model.source,
+                "family": a.family, "path": plan.model.path, "hub_id": plan.model.hub_id,
+            },
+            "architecture": {
+                "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size, "num_layers": a.num_layers,
+                "num_attention_heads": a.num_heads, "num_key_value_heads": a.num_kv_heads, "head_dim": a.head_dim,
+                "vocab_size": a.vocab_size, "tie_word_embeddings": a.tie_word_embeddings,
+                "num_experts": a.num_experts, "experts_per_token": a.experts_per_token,
+                "total_params": a.total_params,
+            },
+            "adapter": self._adapter_json(),
+            "hardware": {
+                "gpu": hw.gpu, "name": hw.gpu_name, "memory_gib": hw.memory_gib, "num_gpus": hw.num_gpus,
+                "bf16": hw.bf16, "note": self.hardware_note,
+            },
+            "memory": {
+                "per_gpu_gib": self.per_gpu_gib,
+                "usable_gib": self.usable_gib,
+                "headroom_gib": hw.memory_gib - self.per_gpu_gib,
+                "safety_margin": plan.prediction.margin,
+                "terms": {term.name: term.gib for term in self.terms},
+                "formulas": {term.name: term.formula for term in self.terms},
+            },
+            "decision": {
+                "method": plan.method, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
+                "global_batch_size": t.global_batch_size, "grad_checkpointing": t.grad_checkpointing,
+                "strategy": plan.strategy, "reasons": plan.reasons,
+            },
+            "training": dict(plan.to_dict()["training"]),
+            "assumptions": plan.assumptions,
+            "warnings": self.warnings,
+            "estimate": self.estimate.to_dict(),
+            "dataset": None if self.dataset is None else self.dataset.to_dict(),
+            "fit_table": [row.to_dict() for row in self.fit_table],
+            "suggestions": self.suggestions,
+            "plan": plan.to_dict(),
+        }
