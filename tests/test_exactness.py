@@ -90,6 +90,8 @@ GENERIC = {
             "num_attention_heads": 4, "vocab_size": 1000},
     "olmo2": {"model_type": "olmo2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000},
+    # GPT-2 style models build transformers' Conv1D (weight in x out), which peft adapts like nn.Linear
+    "gpt2": {"model_type": "gpt2", "n_embd": 128, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "n_positions": 256},
 }
 
 
@@ -103,3 +105,10 @@ def test_architectures_outside_the_family_table_are_counted_from_a_meta_build(na
         got, total = peft_counts(cfg, sel.target_modules, sel.target_parameters, 8)
         assert trainable_params(sel, 8) == got
         assert arch.total_params == total
+
+
+def test_an_encoder_decoder_config_is_refused_in_words():
+    from planner.errors import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="t5 is an encoder-decoder model: loraplan plans decoder-only"):
+        from_config({"model_type": "t5", "d_model": 128, "num_layers": 2, "num_heads": 4, "vocab_size": 1000})
