@@ -55,11 +55,10 @@ def features(arch, shape) -> list[float]:
     ]
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    rows = load_rows()
-    path = TABLES_DIR / "memory.yaml"
-    table = yaml.safe_load(path.read_text())
+def fit(rows: list[dict]) -> dict:
+    """The fitted coefficients and the measured CUDA context from these calibration rows, as the `fitted` and
+    `measured` sections of tables/memory.yaml (nothing is written; `benchmarks/accuracy.py --held-out` refits on
+    subsets of the rows with it)."""
     context = float(np.median([r["device_used_gib_end"] - r["peak_reserved_gib"] for r in rows]))
     X, y, w, loaded_err = [], [], [], []
     for row in rows:
@@ -86,9 +85,17 @@ def main() -> None:
     rho, _ = nnls(X2 * w[:, None], y2 * w)
     fitted["reserve_share_of_loss"] = round(float(min(rho[0], 0.9)), 4)
     fitted["reserve_share_of_activations"] = round(float(min(rho[1], 0.9)), 4)
-    table["fitted"] = fitted
-    table["measured"] = {"cuda_context_gib": round(context, 4), "card": "NVIDIA H200",
-                         "loaded_weights_max_error_gib": round(float(np.max(np.abs(loaded_err))), 4)}
+    measured = {"cuda_context_gib": round(context, 4), "card": "NVIDIA H200",
+                "loaded_weights_max_error_gib": round(float(np.max(np.abs(loaded_err))), 4)}
+    return {"fitted": fitted, "measured": measured}
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    rows = load_rows()
+    path = TABLES_DIR / "memory.yaml"
+    table = yaml.safe_load(path.read_text())
+    table.update(fit(rows))
     _write(path, table)
     M.coefficients.cache_clear()
     # throughput: model FLOP utilisation of LoRA on the plain rows that report tokens/s; QLoRA's from the
