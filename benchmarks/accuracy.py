@@ -1,10 +1,15 @@
 """Predicted vs measured peak memory per GPU on every calibration row, beside today's static rules of thumb.
 
-    python benchmarks/accuracy.py            # table + summary (the last two lines: median and max error)
-    python benchmarks/accuracy.py --markdown # the same table as Markdown, for docs/accuracy.md
+    python benchmarks/accuracy.py              # table + summary (the last two lines: median and max error)
+    python benchmarks/accuracy.py --markdown   # the same table as Markdown, for docs/accuracy.md
+    python benchmarks/accuracy.py --held-out   # leave one architecture out: refit on the others, predict it
 
 Predicted: `loraplan plan`'s peak per GPU for the row's shape and recipe (plain rows: --loss full; trl rows:
 --loss fused). Measured: device_used_gib_end (total - free after the steps: what nvidia-smi shows).
+--held-out: the coefficients of tables/memory.yaml were fitted on these same rows, so the default table shows the
+fit. --held-out refits them (benchmarks/fit_memory.py's `fit`, in memory: tables/memory.yaml is not written) on the
+rows of every architecture but one, predicts the left-out architecture's rows with that fit, and does so for each
+architecture in turn: what to expect on an architecture the fit has not seen.
 Static tables: the widely quoted "7B LoRA 16 GB / QLoRA 6 GB, 13B 32/10, 70B 160/48" (interpolated linearly
 in parameter count between its rows) and "2 bytes per parameter" (bf16 weights, regardless of method).
 """
@@ -12,14 +17,19 @@ in parameter count between its rows) and "2 bytes per parameter" (bf16 weights, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import contextlib
+import copy
 import statistics
 import sys
 from pathlib import Path
+from typing import Iterator, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
 from planner import memory as M  # noqa: E402
+from planner.coefficients import Coefficients  # noqa: E402
 
 GIB = 2**30
 # the widely quoted table: params (billions) -> (LoRA GB, QLoRA GB)
@@ -38,9 +48,10 @@ def static_table_gib(params_b: float, method: str) -> float:
     return pts[-1][col] * params_b / pts[-1][0] * 1e9 / GIB
 
 
-def evaluate() -> list[dict]:
+def evaluate(rows: Optional[list[dict]] = None) -> list[dict]:
+    """Predicted vs measured (and the static tables) on these calibration rows (default: all of them)."""
     out = []
-    for row in load_rows():
+    for row in load_rows() if rows is None else rows:
         arch, sel, shape = row_inputs(row)
         pred = M.peak_bytes(arch, sel, shape) / GIB
         meas = row["device_used_gib_end"]
@@ -58,6 +69,35 @@ def evaluate() -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def coefficients_from(fitted: dict) -> Iterator[None]:
+    """Predict with these `fitted` and `measured` sections instead of tables/memory.yaml's (the rest of the
+    table, the derived coefficients, unchanged); the file is neither read again nor written."""
+    data = dataclasses.asdict(M.coefficients())
+    data.update(copy.deepcopy(fitted))
+    table = Coefficients.from_dict(data)
+    original = M.coefficients
+    M.coefficients = lambda: table  # memory.py looks the function up by name on every call
+    try:
+        yield
+    finally:
+        M.coefficients = original
+
+
+def held_out() -> list[dict]:
+    """Leave one architecture out: for each calibration architecture, refit the coefficients on the other
+    architectures' rows and predict its rows with that fit. Each row dict gains `held_out` (the model left out)."""
+    from benchmarks.fit_memory import fit
+
+    rows = load_rows()
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        with coefficients_from(fit([r for r in rows if r["model"] != model])):
+            for r in evaluate([r for r in rows if r["model"] == model]):
+                out.append(dict(r, held_out=model))
+    return out
+
+
 def summary(rows: list[dict], key: str) -> tuple[float, float]:
     errs = [abs(r[key]) for r in rows]
     return statistics.median(errs), max(errs)
@@ -66,7 +106,12 @@ def summary(rows: list[dict], key: str) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description="predicted vs measured peak memory on the calibration rows")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--held-out", action="store_true",
+                    help="leave one architecture out: refit on the others, predict it (tables/memory.yaml untouched)")
     args = ap.parse_args()
+    if args.held_out:
+        print_held_out(held_out(), args.markdown)
+        return
     rows = evaluate()
     if args.markdown:
         print("| recipe | model | method | batch x seq | ckpt | measured GiB | loraplan GiB | error | static table GiB | error | 2 B/param GiB | error |")
@@ -90,6 +135,30 @@ def main() -> None:
     print(f"static table: median |error| {summary(rows, 'static_error')[0]:.0%}, max {summary(rows, 'static_error')[1]:.0%}; "
           f"2 bytes/param: median {summary(rows, 'two_bytes_error')[0]:.0%}, max {summary(rows, 'two_bytes_error')[1]:.0%}")
     print(f"loraplan on all {len(rows)} rows: median |error| {med:.1%}, max |error| {mx:.1%}")
+
+
+def print_held_out(rows: list[dict], markdown: bool) -> None:
+    if markdown:
+        print("| held out | rows | median abs. error | worst row | its error |")
+        print("|---|---:|---:|---|---:|")
+    for model in sorted({r["held_out"] for r in rows}):
+        sub = [r for r in rows if r["held_out"] == model]
+        med, mx = summary(sub, "error")
+        w = max(sub, key=lambda r: abs(r["error"]))
+        where = f"{w['recipe']} {w['method']} {w['batch']} x {w['seq']} ckpt {'on' if w['grad_ckpt'] else 'off'}"
+        if markdown:
+            print(f"| {model} | {len(sub)} | {med:.1%} | {where} | {w['error']:+.1%} |")
+        else:
+            print(f"held out {model:14} {len(sub):3} rows: median |error| {med:.1%}, max {mx:.1%} ({where}: {w['error']:+.1%})")
+    if markdown:
+        print()
+    for recipe in ("plain", "trl-sft"):
+        sub = [r for r in rows if r["recipe"] == recipe]
+        med, mx = summary(sub, "error")
+        print(f"{recipe}: {len(sub)} rows, held-out median |error| {med:.1%}, max {mx:.1%}")
+    med, mx = summary(rows, "error")
+    print(f"loraplan held out (each architecture predicted by a fit on the others) on all {len(rows)} rows: "
+          f"median |error| {med:.1%}, max |error| {mx:.1%}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The measured calibration rows (shared/calibration) and the planner inputs that describe each row."""
+"""The measured calibration rows (tables/calibration, a copy of shared/calibration) and the planner inputs that
+describe each row."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def calibration_dir() -> Path:
-    """$LORAPLAN_CALIBRATION_DIR, else shared/calibration beside the repository (../shared/calibration)."""
+    """$LORAPLAN_CALIBRATION_DIR, else the repository's copy of the measurements (tables/calibration)."""
     env = os.environ.get("LORAPLAN_CALIBRATION_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "calibration"
+    return Path(env) if env else ROOT / "tables" / "calibration"
 
 
 def load_rows(include_peft_upcast: bool = False) -> list[dict]:

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
 from planner import memory as M  # noqa: E402
+from planner.catalog import gpus  # noqa: E402
 from tables import TABLES_DIR  # noqa: E402
 
 GIB = 2**30
-H200_PEAK_TFLOPS = 989.0
 NAMES = [
     "misc_bytes", "activation_scale", "fused_activation_scale", "recompute_scale", "checkpoint_extra_bytes",
     "full_loss_bytes_per_logit", "full_loss_tied_extra_bytes_per_logit", "fused_loss_bytes_per_token_hidden",
@@ -55,11 +55,10 @@ def features(arch, shape) -> list[float]:
     ]
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    rows = load_rows()
-    path = TABLES_DIR / "memory.yaml"
-    table = yaml.safe_load(path.read_text())
+def fit(rows: list[dict]) -> dict:
+    """The fitted coefficients and the measured CUDA context from these calibration rows, as the `fitted` and
+    `measured` sections of tables/memory.yaml (nothing is written; `benchmarks/accuracy.py --held-out` refits on
+    subsets of the rows with it)."""
     context = float(np.median([r["device_used_gib_end"] - r["peak_reserved_gib"] for r in rows]))
     X, y, w, loaded_err = [], [], [], []
     for row in rows:
@@ -86,20 +85,29 @@ def main() -> None:
     rho, _ = nnls(X2 * w[:, None], y2 * w)
     fitted["reserve_share_of_loss"] = round(float(min(rho[0], 0.9)), 4)
     fitted["reserve_share_of_activations"] = round(float(min(rho[1], 0.9)), 4)
-    table["fitted"] = fitted
-    table["measured"] = {"cuda_context_gib": round(context, 4), "card": "NVIDIA H200",
-                         "loaded_weights_max_error_gib": round(float(np.max(np.abs(loaded_err))), 4)}
+    measured = {"cuda_context_gib": round(context, 4), "card": "NVIDIA H200",
+                "loaded_weights_max_error_gib": round(float(np.max(np.abs(loaded_err))), 4)}
+    return {"fitted": fitted, "measured": measured}
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    rows = load_rows()
+    path = TABLES_DIR / "memory.yaml"
+    table = yaml.safe_load(path.read_text())
+    table.update(fit(rows))
     _write(path, table)
     M.coefficients.cache_clear()
     # throughput: model FLOP utilisation of LoRA on the plain rows that report tokens/s; QLoRA's from the
     # paired rows (same model and shape, both methods), since the rows' shapes differ between methods
     mfu, speed = [], {}
+    h200_tflops = gpus()["h200"]["peak_bf16_tflops"]  # the card the rows were measured on (tables/gpus.yaml)
     for row in rows:
         if row.get("tokens_per_s"):
             arch, sel, shape = row_inputs(row)
             speed[(row["model"], row["method"], row["batch"], row["seq"], row["grad_ckpt"])] = row["tokens_per_s"]
             if row["method"] == "lora":
-                mfu.append(row["tokens_per_s"] * M.flops_per_token(arch, shape) / (H200_PEAK_TFLOPS * 1e12))
+                mfu.append(row["tokens_per_s"] * M.flops_per_token(arch, shape) / (h200_tflops * 1e12))
     pairs = [v / speed[(k[0], "qlora", *k[2:])] for k, v in speed.items()
              if k[1] == "lora" and (k[0], "qlora", *k[2:]) in speed]
     ratio = float(np.median(pairs))
@@ -108,7 +116,8 @@ def main() -> None:
         "mfu_qlora": round(float(np.median(mfu)) / ratio, 4),
         "lora_speedup_over_qlora": round(ratio, 3),
         "pairs": len(pairs),
-        "source": "shared/calibration/plain-step.jsonl tokens_per_s on an H200 (989 TFLOP/s bf16): median LoRA MFU; "
+        "source": f"shared/calibration/plain-step.jsonl tokens_per_s on an H200 ({h200_tflops:g} TFLOP/s bf16, "
+                  "tables/gpus.yaml): median LoRA MFU; "
                   "QLoRA = LoRA / the median LoRA:QLoRA speed ratio over rows of the same model and shape",
     }
     _write(path, table)

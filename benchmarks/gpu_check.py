@@ -1,8 +1,8 @@
 """GPU check: plan and run a few real training steps per calibration architecture; predicted vs observed.
 
-For each architecture under ../shared/calibration/configs/NAME/config.json (from the repo root), this builds the
-model with random weights (memory does not depend on the values), saves it with a small offline tokenizer, plans a
-LoRA and a QLoRA run with `planner.api.make_plan` for the GPU it finds, runs each plan with `loraplan run`'s
+For each architecture under tables/calibration/configs/NAME/config.json (or $LORAPLAN_CALIBRATION_DIR/configs), this
+builds the model with random weights (memory does not depend on the values), saves it with a small offline tokenizer,
+plans a LoRA and a QLoRA run with `planner.api.make_plan` for the GPU it finds, runs each plan with `loraplan run`'s
 executor in a fresh process (so every run starts from a clean CUDA context), and prints predicted vs observed peak
 memory per GPU and tokens/s as a table. Results also go to --json.
 
@@ -24,7 +24,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.normpath(os.path.join(ROOT, "..", "shared", "calibration", "configs"))
+CONFIGS = os.path.join(os.environ.get("LORAPLAN_CALIBRATION_DIR") or os.path.join(ROOT, "tables", "calibration"), "configs")
 DEFAULT_CONFIGS = ("qwen2.5-0.5b", "llama-3.2-1b")
 sys.path.insert(0, ROOT)
 

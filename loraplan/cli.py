@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
@@ -131,11 +132,9 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dro
         data["plan_file"] = output
         click.echo(json.dumps(data, indent=2))
     else:
-        from rich.console import Console
-
         from planner.report import render
 
-        console = Console()
+        console = _console()
         render(res, console)
         if output:
             console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
@@ -158,16 +157,27 @@ def models_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from planner.report import key_column, min_width, new_table, print_table, text_column
 
-    t = Table(title="Model catalog (tables/models.yaml)")
-    for c in ("name", "hub id", "family", "params", "layers", "hidden", "vocab"):
-        t.add_column(c)
-    for r in rows:
-        t.add_row(r["name"], r["hub_id"] or "", r["family"], f"{r['params'] / 1e9:.2f} B", str(r["layers"]),
-                  str(r["hidden"]), f"{r['vocab']:,}")
-    Console().print(t)
+    console = _console()
+
+    def table(narrow: bool):
+        t = new_table("Model catalog (tables/models.yaml)")
+        key_column(t, "name")
+        text_column(t, "hub id")  # folds (never cut) only on a console too narrow for even the narrow layout
+        key_column(t, "family")
+        for c in ("params", "vocab") if narrow else ("params", "layers", "hidden", "vocab"):
+            key_column(t, c, justify="right")
+        for r in rows:
+            cells = [f"{r['params'] / 1e9:.2f} B"] + ([] if narrow else [str(r["layers"]), str(r["hidden"])])
+            t.add_row(r["name"], r["hub_id"] or "", r["family"], *cells, f"{r['vocab']:,}")
+        return t
+
+    t = table(narrow=False)
+    if min_width(console, t) > console.width:  # fewer columns rather than cut names (80 columns: this one)
+        t = table(narrow=True)
+        t.caption, t.caption_justify = "layers and hidden size: loraplan models --json, or a wider terminal", "left"
+    print_table(console, t)
 
 
 @main.command("gpus")
@@ -179,16 +189,27 @@ def gpus_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(gpus(), indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from planner.report import key_column, new_table, print_table, text_column
 
-    t = Table(title="GPU catalog (tables/gpus.yaml)")
-    for c in ("name", "card", "memory GiB", "bf16", "bf16 TFLOP/s", "GB/s"):
-        t.add_column(c)
+    t = new_table("GPU catalog (tables/gpus.yaml)")
+    key_column(t, "name")
+    text_column(t, "card")  # the vendor's name wraps between words; the key in `name` is what --gpu takes
+    for c in ("memory\nGiB", "bf16", "bf16\nTFLOP/s", "GB/s"):
+        key_column(t, c, justify="left" if c == "bf16" else "right")
     for k, e in gpus().items():
         t.add_row(k, e["name"], f"{e['memory_gib']:.2f}", "yes" if e["bf16"] else "no",
                   str(e.get("peak_bf16_tflops") or "-"), str(e.get("bandwidth_gbs") or "-"))
-    Console().print(t)
+    print_table(_console(), t)
+
+
+def _console():
+    """The console for people. In a terminal: its width. Piped into a file or a log: $COLUMNS when set, else 120
+    columns, not rich's 80, so that a log keeps the tables as wide as a terminal shows them."""
+    from rich.console import Console
+
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return Console()  # rich reads $COLUMNS itself
+    return Console(width=120)
 
 
 def _fail(message: str) -> None:

@@ -11,6 +11,45 @@ from .api import PlanResult
 GIB = 2**30
 
 
+def new_table(title: str, **kw) -> Table:
+    """The style of every table loraplan prints: a rule under the header, no outer edge, two spaces between
+    columns, so that the plan's tables fit an 80-column terminal without cutting a name or a number."""
+    return Table(title=title, box=box.SIMPLE_HEAVY, title_justify="left", show_edge=False, pad_edge=False,
+                 collapse_padding=True, **kw)
+
+
+def key_column(table: Table, header: str, **kw) -> None:
+    """A column of names or numbers: never wrapped, never cut (a multi-line header keeps it narrow)."""
+    table.add_column(header, no_wrap=True, **kw)
+
+
+def text_column(table: Table, header: str, **kw) -> None:
+    """A column of prose (reasons, formulas): wraps at spaces, and folds a word longer than the column rather
+    than cutting it with an ellipsis."""
+    table.add_column(header, overflow="fold", **kw)
+
+
+def min_width(console: Console, table: Table) -> int:
+    """The narrowest the table renders without cutting: key columns at their widest cell, prose columns at
+    their longest word, plus padding and rules (rich's own column measurement, which ignores no_wrap)."""
+    wide = console.options.update_width(10_000)
+    cols = [table._measure_column(console, wide, c) for c in table.columns]
+    return sum(m.maximum if c.no_wrap else m.minimum for m, c in zip(cols, table.columns)) + table._extra_width
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a table so that nothing in it is cut. Key columns do not wrap and prose columns take the squeeze;
+    on a console narrower than the key columns alone need, the table keeps that minimum width and its lines run
+    past the edge (the terminal wraps them) instead of rich cropping names and numbers to fit."""
+    need = min_width(console, table)
+    if need > console.width:
+        table.width = need
+        console.print(table, crop=False)
+    else:
+        console.print(table)
+    console.print()
+
+
 def _n(x: int) -> str:
     return f"{x:,}"
 
@@ -27,9 +66,9 @@ def render(res: PlanResult, console: Console) -> None:
     plan, a = res.plan, res.arch
     t = plan.training
 
-    arch = Table(title=f"Model: {res.model.display_name}", box=box.SIMPLE_HEAVY, show_header=False, title_justify="left")
-    arch.add_column(style="bold")
-    arch.add_column()
+    arch = new_table(f"Model: {res.model.display_name}", show_header=False)
+    key_column(arch, "", style="bold")
+    text_column(arch, "")
     arch.add_row("family", f"{a.family} ({plan.model.source}{': ' + plan.model.path if plan.model.path else ''})")
     arch.add_row("parameters", f"{_n(a.total_params)} ({a.total_params / 1e9:.2f} B)")
     arch.add_row("layers x hidden", f"{a.num_layers} x {a.hidden_size}, intermediate {a.intermediate_size}")
@@ -37,12 +76,13 @@ def render(res: PlanResult, console: Console) -> None:
     arch.add_row("vocabulary", f"{_n(a.vocab_size)}{' (tied embeddings)' if a.tie_word_embeddings else ''}")
     if a.is_moe:
         arch.add_row("experts", f"{a.num_experts}, {a.experts_per_token} per token, expert size {a.moe_intermediate_size}")
-    console.print(arch)
+    print_table(console, arch)
 
-    ad = Table(title=f"LoRA adapter: r={plan.lora.r}, alpha={plan.lora.lora_alpha}, dropout={plan.lora.lora_dropout}",
-               box=box.SIMPLE_HEAVY, title_justify="left")
-    for col in ("module", "shape (in x out)", "copies", "params each", "% of layer", "trainable", "% of model"):
-        ad.add_column(col, justify="left" if col in ("module", "shape (in x out)") else "right")
+    ad = new_table(f"LoRA adapter: r={plan.lora.r}, alpha={plan.lora.lora_alpha}, dropout={plan.lora.lora_dropout}")
+    key_column(ad, "module")
+    text_column(ad, "shape\n(in x out)")  # wraps between its numbers: "2048 x 1536" / "x 128 experts"
+    for col in ("copies", "params\neach", "% of\nlayer", "trainable", "% of\nmodel"):
+        key_column(ad, col, justify="right")
     for p in res.selection.projections:
         lp = p.lora_params(plan.lora.r)
         shape = f"{p.in_features} x {p.out_features}" + (f" x {p.experts} experts" if p.experts > 1 else "")
@@ -50,27 +90,30 @@ def render(res: PlanResult, console: Console) -> None:
                    f"{100 * lp / a.total_params:.3f} %")
     ad.add_row("[bold]total", "", "", "", "", f"[bold]{_n(res.trainable_params)}",
                f"[bold]{100 * res.trainable_params / a.total_params:.3f} %")
-    console.print(ad)
+    print_table(console, ad)
 
-    mem = Table(title=f"Memory per GPU: {plan.hardware.gpu_name}, {plan.hardware.memory_gib:.1f} GiB",
-                box=box.SIMPLE_HEAVY, title_justify="left")
-    mem.add_column("term")
-    mem.add_column("GiB", justify="right")
-    mem.add_column("formula", style="dim")
+    mem = new_table(f"Memory per GPU: {plan.hardware.gpu_name}, {plan.hardware.memory_gib:.1f} GiB")
+    key_column(mem, "term")
+    key_column(mem, "GiB", justify="right")
+    text_column(mem, "formula", style="dim")
     for term in res.terms:
         mem.add_row(term.name, f"{term.gib:.2f}", term.formula)
     total = res.per_gpu_gib
     label = "predicted peak (nvidia-smi)" if plan.hardware.gpu != "cpu" else "predicted peak (process memory)"
     mem.add_row(f"[bold]{label}", f"[bold]{total:.2f}", "")
     head = plan.hardware.memory_gib - total
-    colour = "green" if res.feasible else "red"
-    mem.add_row(f"[{colour}]headroom", f"[{colour}]{head:.2f}", f"usable {res.usable_gib:.1f} GiB after a {plan.prediction.margin:.0%} margin")
-    console.print(mem)
+    if res.feasible:
+        mem.add_row("[green]headroom", f"[green]{head:.2f}", f"usable {res.usable_gib:.1f} GiB after a {plan.prediction.margin:.0%} margin")
+    else:  # fitting needs peak <= usable: a positive "headroom" against the whole card would read as room to spare
+        mem.add_row("[red]short", f"[red]{total - res.usable_gib:.2f}",
+                    f"over the usable {res.usable_gib:.1f} GiB ({plan.hardware.memory_gib:.1f} GiB less a "
+                    f"{plan.prediction.margin:.0%} margin)")
+    print_table(console, mem)
 
-    dec = Table(title="Decision", box=box.SIMPLE_HEAVY, title_justify="left")
-    dec.add_column("setting", style="bold")
-    dec.add_column("value")
-    dec.add_column("why")
+    dec = new_table("Decision" if res.feasible else "Closest configuration tried (does not fit)")
+    key_column(dec, "setting", style="bold")
+    text_column(dec, "value")  # short words, except a long target list, which wraps at its commas
+    text_column(dec, "why")
     r = plan.reasons
     dec.add_row("method", plan.method.upper(), r.get("method", ""))
     dec.add_row("gradient checkpointing", "on" if t.grad_checkpointing else "off", r.get("grad_checkpointing", ""))
@@ -84,7 +127,7 @@ def render(res: PlanResult, console: Console) -> None:
     dec.add_row("loss / optimizer", f"{t.loss} / {t.optimizer}", plan.assumptions.get("loss", ""))
     if "targets" in r:
         dec.add_row("targets", ", ".join(plan.lora.target_modules + plan.lora.target_parameters), r["targets"])
-    console.print(dec)
+    print_table(console, dec)
 
     est = res.estimate
     if est.tokens_per_s:
@@ -98,19 +141,33 @@ def render(res: PlanResult, console: Console) -> None:
                       f"(estimated at 4 characters per token), {d.rows_over_seq_len} rows longer than {t.seq_len}")
 
     if res.fit_table:
-        ft = Table(title="Across the catalog's cards (same request)", box=box.SIMPLE_HEAVY, title_justify="left")
-        for col in ("card", "memory GiB", "fits", "method", "micro-batch", "checkpointing", "peak GiB", "headroom GiB", "tokens/s"):
-            ft.add_column(col, justify="left" if col in ("card", "fits", "method") else "right")
+        if est.tokens_per_s or res.dataset is not None:
+            console.print()
+        margin = plan.prediction.margin
+        ft = new_table("Across the catalog's cards (same request)")
+        for col in ("card", "memory\nGiB", "fits", "method", "micro-\nbatch", "grad\nckpt", "peak\nGiB", "headroom\nGiB",
+                    "tokens/s"):
+            key_column(ft, col, justify="left" if col in ("card", "fits", "method") else "right")
+        short = False
         for row in res.fit_table:
             ok = row.fits
+            if ok:
+                room = f"{row.headroom_gib:.1f}"
+            else:  # what it lacks against the usable memory, the bound fitting is judged by
+                room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
+                short = True
             ft.add_row(
                 row.gpu, f"{row.memory_gib:.1f}", "[green]yes" if ok else "[red]no",
                 (row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
                 ("on" if row.grad_checkpointing else "off") if ok else "-",
-                f"{row.per_gpu_gib:.1f}", f"{row.headroom_gib:.1f}",
+                f"{row.per_gpu_gib:.1f}", room,
                 f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
             )
-        console.print(ft)
+        if short:
+            ft.caption = (f"peak: the smallest configuration tried where it does not fit; short: GiB over the usable "
+                          f"memory (the card's less a {margin:.0%} safety margin)")
+            ft.caption_justify = "left"
+        print_table(console, ft)
 
     if res.hardware_note:
         console.print(f"[dim]{res.hardware_note}[/dim]")

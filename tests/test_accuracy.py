@@ -1,4 +1,4 @@
-"""The memory model against the peak memory measured on an H200 (shared/calibration): every row within 10 %,
+"""The memory model against the peak memory measured on an H200 (tables/calibration): every row within 10 %,
 the median within 5 %, for both recipes."""
 
 from __future__ import annotations
@@ -7,12 +7,7 @@ import statistics
 
 import pytest
 
-from benchmarks.calibration import calibration_dir
-
-if not (calibration_dir() / "plain-step.jsonl").exists():  # CI and sessions have shared/ beside the repo
-    pytest.skip(f"no calibration data at {calibration_dir()}", allow_module_level=True)
-
-from benchmarks.accuracy import evaluate  # noqa: E402
+from benchmarks.accuracy import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +39,29 @@ def test_weights_match_the_measured_parameter_bytes():
             arch, sel, shape = row_inputs(row)
             weights = M.loaded_bytes(arch, sel, shape)
             assert weights == row["param_bytes"], row["model"]
+
+
+# Leave one architecture out (benchmarks/accuracy.py --held-out): the coefficients refitted on the other
+# architectures' rows predict the left-out one's. Today: median 1.3 %, worst 19.8 % (Llama-3.1-8B's trl row at
+# 8,192 tokens without checkpointing); the README quotes these beside the in-sample figures.
+HELD_OUT_WORST, HELD_OUT_MEDIAN = 0.22, 0.02
+
+
+def test_held_out_architectures_within_the_quoted_bound():
+    from benchmarks.accuracy import held_out
+    from tables import TABLES_DIR
+
+    before = (TABLES_DIR / "memory.yaml").read_bytes()
+    rows = held_out()
+    assert (TABLES_DIR / "memory.yaml").read_bytes() == before  # refits in memory, never writes the table
+    assert {r["held_out"] for r in rows} == {"llama-3.1-8b", "llama-3.2-1b", "qwen2.5-0.5b", "qwen2.5-14b"}
+    assert len(rows) == len(evaluate())  # every row predicted once, by the fit that did not see its architecture
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    assert abs(worst["error"]) <= HELD_OUT_WORST, worst
+    assert statistics.median(abs(r["error"]) for r in rows) <= HELD_OUT_MEDIAN
+    # a real refit: predictions move away from the in-sample fit's, and the planner's own table is back in use
+    in_sample = {(r["recipe"], r["model"], r["method"], r["batch"], r["seq"], r["grad_ckpt"]): r["predicted"]
+                 for r in evaluate()}
+    moved = [r for r in rows if abs(r["predicted"] - in_sample[(r["recipe"], r["model"], r["method"], r["batch"],
+                                                                 r["seq"], r["grad_ckpt"])]) > 0.01]
+    assert len(moved) > len(rows) // 2

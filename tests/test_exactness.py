@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -13,10 +12,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from benchmarks.calibration import calibration_dir  # noqa: E402
 from planner.arch import from_config, select_targets, trainable_params  # noqa: E402
 from planner.catalog import models  # noqa: E402
 
-CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "configs"
+CALIBRATION = calibration_dir() / "configs"
 
 
 def peft_counts(cfg: dict, target_modules: list[str], target_parameters: list[str], r: int) -> tuple[int, int]:
@@ -60,8 +60,7 @@ def test_catalog_other_targets_and_ranks_match_peft(name, spec, r):
     assert trainable_params(sel, r) == got
 
 
-@pytest.mark.skipif(not CALIBRATION.is_dir(), reason="shared/calibration is not beside the repository")
-@pytest.mark.parametrize("name", sorted(p.name for p in CALIBRATION.iterdir()) if CALIBRATION.is_dir() else [])
+@pytest.mark.parametrize("name", sorted(p.name for p in CALIBRATION.iterdir()))
 def test_calibration_configs_match_peft_and_measurement(name):
     cfg = json.loads((CALIBRATION / name / "config.json").read_text())
     arch = from_config(cfg)

@@ -15,7 +15,6 @@ from loraplan.cli import main
 from planner.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = ROOT.parent / "shared" / "calibration"
 
 
 def plan(*args: str):

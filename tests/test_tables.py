@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.calibration import calibration_dir
+
 TABLES_DIR = Path(__file__).resolve().parents[1] / "tables"
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-CALIBRATION_CONFIGS = SHARED_DIR / "calibration" / "configs"
-RECIPE_CARD = SHARED_DIR / "reference" / "lora-qlora-card.md"
+CALIBRATION_CONFIGS = calibration_dir() / "configs"
+RECIPE_CARD = TABLES_DIR / "reference" / "lora-qlora-card.md"  # a copy of shared/reference/lora-qlora-card.md
 
 PARAM_TOLERANCE = 0.03
 
@@ -172,23 +173,18 @@ def test_model_builds_on_meta_with_published_parameter_count(key):
 
 
 def _calibration_names() -> list[str]:
-    if not CALIBRATION_CONFIGS.is_dir():
-        return []
     return sorted(p.parent.name for p in CALIBRATION_CONFIGS.glob("*/config.json"))
 
 
 def test_calibration_architectures_are_in_the_catalog():
     names = _calibration_names()
-    if not names:
-        pytest.skip(f"no calibration configs under {CALIBRATION_CONFIGS}")
+    assert len(names) >= 4, f"calibration configs missing under {CALIBRATION_CONFIGS}"
     missing = [n for n in names if n not in MODELS]
     assert not missing, f"calibration architectures missing from models.yaml: {missing}"
 
 
-@pytest.mark.parametrize("name", _calibration_names() or ["<none>"])
+@pytest.mark.parametrize("name", _calibration_names())
 def test_catalog_matches_calibration_config(name):
-    if name == "<none>":
-        pytest.skip(f"no calibration configs under {CALIBRATION_CONFIGS}")
     if name not in MODELS:
         pytest.skip(f"{name} not in the catalog (reported by the test above)")
     calibration = json.loads((CALIBRATION_CONFIGS / name / "config.json").read_text())
@@ -336,8 +332,6 @@ def _card_table() -> dict[str, str]:
 
 
 def test_hyperparameters_agree_with_the_recipe_card():
-    if not RECIPE_CARD.is_file():
-        pytest.skip(f"recipe card not found at {RECIPE_CARD}")
     card = _card_table()
     assert card, "the card's Key Hyperparameters table was not found"
 
