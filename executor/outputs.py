@@ -2,14 +2,17 @@
 
 Layout under plan.output_dir:
     plan.yaml         the plan this run executes (written before training starts)
-    checkpoint-N/     the Trainer's checkpoints; COMPLETE marks one whose every file was written
+    checkpoint-N/     the Trainer's checkpoints; COMPLETE marks one whose every file was written, and lists
+                      each file's size and sha256 so that a damaged one is told apart and skipped
     adapter/          the final PEFT adapter and tokenizer (swapped in by rename, so never half-written)
     metrics.jsonl     one JSON object per logged step
     summary.json      the run's outcome: predicted vs observed memory, tokens/s, wall time, paths
+    dataset_fingerprint.json  size and sha256 of the dataset (and eval) file the run started with
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
 COMPLETE_MARKER = "COMPLETE"
+FINGERPRINT_FILE = "dataset_fingerprint.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Plan fields that do not change what is trained (the estimate, the explanation, bookkeeping, where logs go):
@@ -111,13 +115,110 @@ def checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
     return sorted(found)
 
 
-def latest_complete_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
-    done = [(step, path) for step, path, complete in checkpoints(output_dir) if complete]
-    return done[-1] if done else None
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoint_files(checkpoint_dir: str) -> list[str]:
+    """Every file of a checkpoint but its marker, as paths relative to the folder (sorted)."""
+    files = []
+    for root, _, names in os.walk(checkpoint_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), checkpoint_dir)
+            if rel != COMPLETE_MARKER:
+                files.append(rel)
+    return sorted(files)
+
+
+# Verdicts already reached in this process, keyed by the checkpoint's files' (name, size, mtime): resume looks a
+# checkpoint up more than once (choosing it, then reporting what it skipped) and should hash it once.
+_verdicts: dict[tuple, Optional[str]] = {}
+
+
+def _stat_key(checkpoint_dir: str, verify_hashes: bool) -> tuple:
+    entries = []
+    for rel in [COMPLETE_MARKER] + _checkpoint_files(checkpoint_dir):
+        st = os.stat(os.path.join(checkpoint_dir, rel))
+        entries.append((rel, st.st_size, st.st_mtime_ns))
+    return (os.path.abspath(checkpoint_dir), verify_hashes, tuple(entries))
+
+
+def checkpoint_problem(checkpoint_dir: str, *, verify_hashes: bool = True) -> Optional[str]:
+    """Why a checkpoint marked complete cannot be resumed from, or None when it can.
+
+    The marker lists every file with its size and sha256 (written last, after all processes finished writing);
+    a file missing, of another size (checked first: cheap) or with another hash means the checkpoint was damaged
+    after it was marked (a truncated copy, a full disk on another machine, a hand edit). A marker from an older
+    loraplan lists no files and is taken at its word."""
+    try:
+        key = _stat_key(checkpoint_dir, verify_hashes)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if key in _verdicts:
+        return _verdicts[key]
+    verdict = _check_against_marker(checkpoint_dir, verify_hashes)
+    _verdicts[key] = verdict
+    return verdict
+
+
+def _check_against_marker(checkpoint_dir: str, verify_hashes: bool) -> Optional[str]:
+    try:
+        with open(os.path.join(checkpoint_dir, COMPLETE_MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return f"its {COMPLETE_MARKER} marker is unreadable"
+    listed = marker.get("files") if isinstance(marker, dict) else None
+    if listed is None:
+        return None  # an old-style marker: no manifest to check against
+    if not isinstance(listed, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in listed.values()):
+        return f"its {COMPLETE_MARKER} marker is unreadable"
+    for rel, entry in listed.items():
+        path = os.path.join(checkpoint_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        size = os.path.getsize(path)
+        if size != entry["size"]:
+            return f"{rel} is {size:,} bytes, {entry['size']:,} when the checkpoint was saved"
+    if verify_hashes:
+        for rel, entry in listed.items():
+            if file_sha256(os.path.join(checkpoint_dir, rel)) != entry["sha256"]:
+                return f"{rel} does not match the sha256 recorded when the checkpoint was saved"
+    return None
+
+
+def resumable_checkpoint(output_dir: str, *, verify_hashes: bool = True
+                         ) -> tuple[Optional[tuple[int, str]], list[tuple[int, str, str]]]:
+    """The newest checkpoint marked complete whose files match its marker, and the newer ones skipped on the way
+    as (step, path, why), newest first."""
+    skipped = []
+    for step, path, complete in reversed(checkpoints(output_dir)):
+        if not complete:
+            continue
+        problem = checkpoint_problem(path, verify_hashes=verify_hashes)
+        if problem is None:
+            return (step, path), skipped
+        skipped.append((step, path, problem))
+    return None, skipped
+
+
+def latest_complete_checkpoint(output_dir: str, *, verify_hashes: bool = True) -> Optional[tuple[int, str]]:
+    return resumable_checkpoint(output_dir, verify_hashes=verify_hashes)[0]
 
 
 def mark_complete(checkpoint_dir: str, step: int) -> None:
-    write_json(os.path.join(checkpoint_dir, COMPLETE_MARKER), {"step": step})
+    """Write the COMPLETE marker (atomically, after every file): the step and each file's size and sha256."""
+    files = {}
+    for rel in _checkpoint_files(checkpoint_dir):
+        path = os.path.join(checkpoint_dir, rel)
+        files[rel] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+    write_json(os.path.join(checkpoint_dir, COMPLETE_MARKER), {"step": step, "files": files})
+    _verdicts[_stat_key(checkpoint_dir, True)] = None  # just hashed: resuming or reporting it needs no second pass
 
 
 def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
@@ -204,3 +305,39 @@ def replace_dir(tmp_dir: str, final_dir: str) -> None:
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fingerprint(path: str) -> dict:
+    return {"path": path, "size": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def check_and_record_datasets(plan: Plan, *, resuming: bool) -> None:
+    """Record the size and sha256 of the dataset (and eval) file a run starts with; on resume, refuse when one
+    differs from what the run started with (its remaining steps would train on other rows than the first ones,
+    and the data position restored from the checkpoint would point into another file)."""
+    out = plan.output_dir
+    record = os.path.join(out, FINGERPRINT_FILE)
+    now = {"dataset": _fingerprint(plan.dataset.path)}
+    if plan.dataset.eval_path:
+        now["eval_dataset"] = _fingerprint(plan.dataset.eval_path)
+    if resuming and os.path.exists(record):
+        try:
+            with open(record, encoding="utf-8") as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            before = None
+        if not isinstance(before, dict):
+            raise RunError(f"cannot resume in {out}: {FINGERPRINT_FILE} is unreadable, so the dataset cannot be "
+                           f"checked against the one the run started with; pass --overwrite to start over")
+        for role, label in (("dataset", "dataset"), ("eval_dataset", "eval dataset")):
+            was, is_ = before.get(role), now.get(role)
+            if not isinstance(was, dict) or is_ is None:
+                continue  # not recorded (or the plan has none): a changed path is the plan check's business
+            if (was.get("size"), was.get("sha256")) != (is_["size"], is_["sha256"]):
+                how = (f"{was['size']:,} -> {is_['size']:,} bytes" if isinstance(was.get("size"), int)
+                       and was["size"] != is_["size"] else "same size, other contents")
+                raise RunError(f"cannot resume in {out}: the {label} {is_['path']} changed since the run started "
+                               f"({how}); restore it, or pass --overwrite to start over on the new file")
+        if before == now:
+            return
+    write_json(record, now)

@@ -33,11 +33,16 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     check_inputs(plan)  # first: --overwrite must not delete a run for a plan that cannot start
     resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
     os.makedirs(plan.output_dir, exist_ok=True)
+    outputs.check_and_record_datasets(plan, resuming=resume_from is not None)
     plan.save(os.path.join(plan.output_dir, outputs.PLAN_FILE))
     if console is not None:
         where = f" from checkpoint {resume_from[1]}" if resume_from else ""
         console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}"
                       f", output {plan.output_dir}{where}")
+        if resume:  # say which newer checkpoints were damaged (already verified, so this hashes nothing again)
+            instead = f"resuming from {resume_from[1]} instead" if resume_from else "starting from step 0"
+            for _, path, why in outputs.resumable_checkpoint(plan.output_dir)[1]:
+                console.print(f"[yellow]skipping checkpoint {path}: {why}; {instead}[/yellow]", soft_wrap=True)
     if plan.strategy != "cpu" and console is not None:
         import torch
 

@@ -265,7 +265,29 @@ def _callbacks():
                 self.progress.stop()
                 self.progress = None
 
-    return StopOnSignal, MetricsWriter, ProgressBar
+    class LogCadence(TrainerCallback):
+        """Log often enough to see a short run learn: every min(plan's logging_steps, steps // 10) steps (at
+        least 1), once the real number of optimizer steps is known, and always the last step."""
+
+        def __init__(self, logging_steps: int):
+            self.plan_steps = logging_steps
+            self.interval = logging_steps
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.interval = effective_logging_steps(self.plan_steps, state.max_steps)
+            state.logging_steps = self.interval  # what DefaultFlowCallback counts against (a resumed state too)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return StopOnSignal, MetricsWriter, ProgressBar, LogCadence
+
+
+def effective_logging_steps(plan_logging_steps: int, max_steps: int) -> int:
+    """At least ~10 logs over a short run, the plan's interval on a long one."""
+    return max(1, min(plan_logging_steps, max_steps // 10))
 
 
 def _trainer_class():
@@ -294,6 +316,10 @@ def _trainer_class():
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
         def _save_checkpoint(self, model, trial):
+            # A step saved again (after resuming past a damaged checkpoint) is incomplete until re-marked.
+            stale = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", outputs.COMPLETE_MARKER)
+            if self.args.should_save and os.path.exists(stale):
+                os.unlink(stale)
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # every rank has written its part (RNG state is per rank)
             if self.args.should_save:
@@ -433,22 +459,26 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
 
     metrics_path = os.path.join(out, outputs.METRICS_FILE)
     start_step = 0
+    finished = False  # the checkpoint is the run's last step: only its adapter is left to write
     if resume_from:
         import json
 
         with open(os.path.join(resume_from, "trainer_state.json"), encoding="utf-8") as f:
-            start_step = int(json.load(f)["global_step"])
+            saved_state = json.load(f)
+        start_step = int(saved_state["global_step"])
+        finished = 0 < int(saved_state.get("max_steps") or 0) <= start_step
     # Keep the metrics of the steps the resumed checkpoint already covers; later ones are trained again.
     metric_rows = [r for r in outputs.read_jsonl(metrics_path) if r.get("step", 0) <= start_step] if resume_from else []
     if place.is_main:
         os.makedirs(out, exist_ok=True)
         outputs.write_jsonl(metrics_path, metric_rows)  # atomically: the resumed checkpoint's rows, or none
 
-    StopOnSignal, MetricsWriter, ProgressBar = _callbacks()
+    StopOnSignal, MetricsWriter, ProgressBar, LogCadence = _callbacks()
     flag = StopFlag(second_signal_aborts=foreground)
     stopper = StopOnSignal(flag, distributed=place.world_size > 1)
     progress = ProgressBar(console) if (place.is_main and console is not None) else None
-    callbacks = [stopper, MetricsWriter(metrics_path, meter, progress)]
+    cadence = LogCadence(t.logging_steps)
+    callbacks = [cadence, stopper, MetricsWriter(metrics_path, meter, progress)]
     if progress is not None:
         callbacks.append(progress)
 
@@ -474,9 +504,12 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
 
     flag.install()  # until the adapter and summary are written: a signal after the last step is simply finished
     try:
+        if finished and place.is_main and console is not None:
+            console.print(f"checkpoint {resume_from} is the run's last step ({start_step}): writing its adapter, "
+                          f"nothing left to train", soft_wrap=True)
         return _train_and_save(plan, trainer, place, meter, stopper, flag, train_report, eval_report,
                                has_eval=eval_ds is not None, resume_from=resume_from, start_step=start_step,
-                               metrics_path=metrics_path, t0=t0)
+                               metrics_path=metrics_path, t0=t0, finished=finished, cadence=cadence)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped by a second signal; the last complete checkpoint in {out} is intact") from None
     finally:
@@ -485,17 +518,34 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
             progress.close()  # a failed step skips on_train_end; leave the terminal clean for the error line
 
 
+def _restore_finished_checkpoint(trainer, checkpoint: str, cadence) -> None:
+    """Load a last-step checkpoint's adapter weights and trainer state, as trainer.train() would, without a step."""
+    from transformers import TrainerState
+
+    model = trainer.model
+    model.load_adapter(checkpoint, model.active_adapter, is_trainable=True)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    if cadence is not None:
+        cadence.interval = effective_logging_steps(cadence.plan_steps, trainer.state.max_steps)
+
+
 def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, stopper, flag: StopFlag, train_report,
                     eval_report, *, has_eval: bool, resume_from: Optional[str], start_step: int, metrics_path: str,
-                    t0: float) -> dict:
-    """trainer.train(), then the adapter (swapped in whole) and summary.json. Raises Interrupted after a signal."""
+                    t0: float, finished: bool = False, cadence=None) -> dict:
+    """trainer.train(), then the adapter (swapped in whole) and summary.json. Raises Interrupted after a signal.
+
+    finished: resume_from is the run's last step (a kill during the final save); its weights and state are loaded
+    and nothing is trained (Trainer would run one step past max_steps when max_steps ends mid-epoch)."""
     import torch
 
     out = plan.output_dir
     resumed_from_step = start_step if resume_from else None
     train_output = None
     try:
-        train_output = trainer.train(resume_from_checkpoint=resume_from)
+        if finished:
+            _restore_finished_checkpoint(trainer, resume_from, cadence)
+        else:
+            train_output = trainer.train(resume_from_checkpoint=resume_from)
     except Exception as exc:
         if not _is_oom(exc):
             raise
@@ -537,8 +587,11 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
     rss = _gather(meter.rss_peak_gib(), place)
     used_end = _gather(meter.device_used_gib(), place)
     train_rows = [h for h in state.log_history if "loss" in h]
-    tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
-    train_s = (train_output.metrics.get("train_runtime") if train_output else None) or (time.perf_counter() - t0)
+    # The whole run's tokens (trainer_state.json carries the count across a resume); speed from this session's.
+    tokens = state.num_input_tokens_seen
+    session_tokens = 0 if finished else tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    train_s = 0.0 if finished else (
+        (train_output.metrics.get("train_runtime") if train_output else None) or (time.perf_counter() - t0))
     observed = max(peaks) if place.use_cuda else None
     margin_gib = plan.prediction.margin * plan.hardware.memory_gib
     latest = outputs.latest_complete_checkpoint(out)
@@ -559,12 +612,13 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "resumed_from_step": resumed_from_step,
+        "logging_steps": cadence.interval if cadence is not None else plan.training.logging_steps,
         "train_loss": train_output.training_loss if train_output else None,
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,
         "eval_loss": eval_loss,
         "tokens": tokens,
-        "tokens_per_s": tokens / train_s if train_s else None,
+        "tokens_per_s": session_tokens / train_s if train_s and session_tokens else None,
         "predicted_tokens_per_s": plan.prediction.tokens_per_s,
         "train_s": train_s,
         "wall_s": time.perf_counter() - t0,

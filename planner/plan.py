@@ -10,6 +10,7 @@ Version history:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import typing
@@ -21,6 +22,7 @@ from .errors import PlanError, first_line
 
 PLAN_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+MAX_SEQ_LEN = 2**24  # far above any model's context; a larger number is a typo, not a plan
 
 
 @dataclass
@@ -141,6 +143,8 @@ class Plan:
     def from_dict(cls, data: Any) -> "Plan":
         if not isinstance(data, dict):
             raise PlanError("plan must be a mapping at the top level")
+        if "version" not in data:
+            raise PlanError("the plan has no version field: truncated, or not a loraplan plan")
         version = data.get("version")
         if version not in SUPPORTED_VERSIONS:
             raise PlanError(
@@ -186,6 +190,35 @@ class Plan:
             raise PlanError(
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"
             )
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Refuse numbers that cannot run (a hand edit, or YAML's .nan/.inf), naming the field and its range:
+        otherwise they end in a traceback from torch or transformers, or in a run that 'completes' untrained."""
+        for name, value in _numbers(self):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PlanError(f"{name} must be a finite number, got {value}")
+        t = self.training
+        checks = [
+            ("training.learning_rate", t.learning_rate, t.learning_rate > 0, "> 0"),
+            ("training.num_epochs", t.num_epochs, t.num_epochs > 0 or t.max_steps > 0,
+             "> 0 (or set training.max_steps > 0)"),
+            ("training.seq_len", t.seq_len, t.seq_len <= MAX_SEQ_LEN, f"between 1 and {MAX_SEQ_LEN:,} (2**24)"),
+            ("training.logging_steps", t.logging_steps, t.logging_steps >= 1, ">= 1"),
+            ("training.save_steps", t.save_steps, t.save_steps >= 1, ">= 1"),
+            ("training.save_total_limit", t.save_total_limit, t.save_total_limit >= 1, ">= 1"),
+            ("training.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "in [0, 1)"),
+            ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+            ("training.max_grad_norm", t.max_grad_norm, t.max_grad_norm > 0, "> 0"),
+            ("training.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)"),
+            ("dataset.eval_fraction", self.dataset.eval_fraction, 0 <= self.dataset.eval_fraction < 1, "in [0, 1)"),
+            ("lora.lora_alpha", self.lora.lora_alpha, self.lora.lora_alpha > 0, "> 0"),
+            ("hardware.memory_gib", self.hardware.memory_gib, self.hardware.memory_gib > 0, "> 0"),
+            ("prediction.margin", self.prediction.margin, 0 <= self.prediction.margin < 1, "in [0, 1)"),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise PlanError(f"{name} must be {allowed}, got {value:g}")
 
     def fits(self) -> bool:
         """The prediction fits the planned card with the plan's safety margin (what `plan` called feasible)."""
@@ -214,7 +247,24 @@ class Plan:
                 data = yaml.safe_load(f)
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise PlanError(f"plan file {path} is not valid YAML: {first_line(exc)}") from None
+        if not isinstance(data, dict) or "version" not in data:
+            raise PlanError(f"plan file {path} has no version field: truncated, or not a loraplan plan")
         return cls.from_dict(data)
+
+
+def _numbers(data: Any, where: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, value) of every number in a (nested) dataclass, dict or list."""
+    if dataclasses.is_dataclass(data):
+        items = [(f.name, getattr(data, f.name)) for f in dataclasses.fields(data)]
+    elif isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, list):
+        return [n for i, v in enumerate(data) for n in _numbers(v, f"{where}[{i}]")]
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        return [(where, data)]
+    else:
+        return []
+    return [n for k, v in items for n in _numbers(v, f"{where}.{k}" if where else str(k))]
 
 
 def atomic_write_text(path: str, text: str) -> None:
