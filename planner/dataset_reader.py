@@ -183,7 +183,7 @@ def _parquet_records(path: str, name: str) -> list[dict]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise InputError(f"{name}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        raise InputError(f'{name}: reading .parquet needs pyarrow (in the [run] extra: pip install -e ".[run]")') from None
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for a file it cannot read
