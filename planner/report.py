@@ -137,8 +137,8 @@ def render(res: PlanResult, console: Console) -> None:
         console.print(line + f"  [dim]({est.basis}, MFU {est.mfu:.0%})[/dim]")
     if res.dataset is not None:
         d = res.dataset
-        console.print(f"Dataset: {d.path}: {d.rows:,} rows, {d.format} format, about {d.tokens_total:,} tokens "
-                      f"(estimated at 4 characters per token), {d.rows_over_seq_len} rows longer than {t.seq_len}")
+        console.print(f"Dataset: {d.path}: {d.rows:,} rows, {d.format} format, {'about ' if d.estimated else ''}"
+                      f"{d.tokens_total:,} tokens ({d.basis}), {d.rows_over_seq_len} rows longer than {t.seq_len}")
 
     if res.fit_table:
         if est.tokens_per_s or res.dataset is not None:

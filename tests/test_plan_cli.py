@@ -157,7 +157,7 @@ BAD = [
     (["llama-3.1-8b", "--gpu", "t4", "--batch-size", "0"], "--batch-size"),
     (["llama-3.1-8b", "--gpu", "t4", "--targets", "foo_proj"], "matches no module"),
     (["llama-3.1-8b", "--gpu", "t4", "--num-gpus", "0"], "--num-gpus"),
-    (["llama-3.1-8b", "--gpu", "t4", "--dataset", "nope.jsonl"], "dataset file not found"),
+    (["llama-3.1-8b", "--gpu", "t4", "--dataset", "nope.jsonl"], "dataset not found"),
     (["llama-3.1-8b", "--gpu-memory", "lots"], "memory size"),
     (["mixtral-8x7b", "--gpu", "h200", "--dropout", "0.1"], "dropout"),
 ]
