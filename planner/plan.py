@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -244,8 +245,16 @@ class Plan:
             raise PlanError(f"plan path is a directory, not a file: {path}")
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"plan file {path} is not valid YAML: {first_line(exc)}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            # `version` is the last line loraplan writes: without it the file was cut short (or is not a plan)
+            if not re.search(r"^version:", text, re.MULTILINE):
+                raise PlanError(f"plan file {path} has no version field: truncated, or not a loraplan plan "
+                                f"(it is not valid YAML either: {first_line(exc)})") from None
             raise PlanError(f"plan file {path} is not valid YAML: {first_line(exc)}") from None
         if not isinstance(data, dict) or "version" not in data:
             raise PlanError(f"plan file {path} has no version field: truncated, or not a loraplan plan")

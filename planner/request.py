@@ -182,7 +182,8 @@ def resolve(req: PlanRequest) -> Resolved:
         raise InputError(f"--batch-size {req.batch_size} does not divide the per-GPU batch {per_gpu_batch} "
                          f"(global batch {gbs} over {hw.num_gpus} GPU(s))")
     dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
-    ds = dataset_stats(dataset, req.seq_len) if dataset else None
+    # the model's own tokenizer.json counts the tokens when the model is a local folder (else 4 chars per token)
+    ds = dataset_stats(dataset, req.seq_len, tokenizer_dir=model.ref.path) if dataset else None
     epochs, epochs_reason = _epochs(req, ds)
     return Resolved(
         model=model, selection=sel, hardware=hw, hardware_note=hw_note, strategy=strategy, rank=r, alpha=alpha,
