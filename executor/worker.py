@@ -32,6 +32,7 @@ def main(argv=None) -> int:
 
         plan = Plan.load(args.plan)
         train_plan(plan, args.resume_from, console=Console() if rank == 0 else None, foreground=False)
+        _shut_down_process_group()
         return 0
     except (RunError, PlanError, KeyboardInterrupt) as exc:
         if isinstance(exc, KeyboardInterrupt):  # a signal before training started: nothing new was saved
@@ -48,6 +49,16 @@ def main(argv=None) -> int:
                 pass
         print(f"Error (rank {rank}): {message}", file=sys.stderr)
         return code
+
+
+def _shut_down_process_group() -> None:
+    """Leave together: a rank that exits while another still holds the gloo group open can abort in the group's
+    destructor ("terminate called without an active exception"), failing a run that trained and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
