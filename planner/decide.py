@@ -38,7 +38,7 @@ class Choice:
 
     @property
     def peak_gib(self) -> float:
-        return sum(t.bytes for t in self.terms) / GIB
+        return M.Term.sum_gib(self.terms)
 
 
 @dataclass
@@ -62,7 +62,7 @@ def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, 
 def budget(r: Resolved, s: M.Shape) -> list[M.Term]:
     """The per-GPU terms of shape `s` under the plan's strategy."""
     p = trainable_params(r.selection, r.rank)
-    return M.budget(r.arch, r.selection, s, r.strategy.memory_terms(p, s))
+    return r.strategy.budget(M.budget(r.arch, r.selection, s), r.arch, p, s, r.hardware)
 
 
 def _methods(r: Resolved) -> list[str]:

@@ -52,7 +52,8 @@ class Term:
     name: str
     bytes: float
     formula: str
-    group: str  # weights | adapter | activations | loss | runtime
+    group: str  # weights | adapter | sharding | activations | loss | runtime
+    device: str = "gpu"  # gpu: counts toward the GPU's peak; host: held in (pinned) host memory instead
 
     @property
     def gib(self) -> float:
@@ -60,7 +61,13 @@ class Term:
 
     @staticmethod
     def sum_gib(terms) -> float:
-        return sum(t.bytes for t in terms) / GIB
+        """The GPU peak of these terms (host terms are not on the GPU)."""
+        return sum(t.bytes for t in terms if t.device == "gpu") / GIB
+
+    @staticmethod
+    def host_gib(terms) -> float:
+        """What these terms hold in host memory, per process."""
+        return sum(t.bytes for t in terms if t.device == "host") / GIB
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,7 +303,7 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
 
 
 def peak_bytes(arch: Architecture, selection: TargetSelection, shape: Shape) -> float:
-    return sum(t.bytes for t in budget(arch, selection, shape))
+    return Term.sum_gib(budget(arch, selection, shape)) * GIB
 
 
 def loaded_bytes(arch: Architecture, selection: TargetSelection, shape: Shape) -> float:

@@ -43,10 +43,16 @@ class Hardware:
     gpu: str  # catalog key, "custom", or "cpu"
     gpu_name: str  # human name
     memory_gib: float  # usable memory per GPU as the card reports it
-    num_gpus: int
+    num_gpus: int  # per node
     bf16: bool
     peak_bf16_tflops: Optional[float] = None
     bandwidth_gbs: Optional[float] = None
+    num_nodes: int = 1
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over all nodes: one per GPU."""
+        return self.num_gpus * self.num_nodes
 
 
 @dataclass
@@ -101,6 +107,21 @@ class Training:
 
 
 @dataclass
+class Distributed:
+    """How a sharded plan (strategy fsdp or fsdp-offload) runs under accelerate's FSDP plugin; unused otherwise.
+
+    Field names follow accelerate's FullyShardedDataParallelPlugin / `accelerate config` so the generated
+    accelerate_config.yaml reads the same."""
+
+    fsdp_version: int = 2  # torch FSDP2 (`fully_shard`)
+    offload_params: bool = False  # FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer states on the host
+    cpu_ram_efficient_loading: bool = True  # rank 0 loads the weights into host memory, the others on meta (not for 4-bit)
+    reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (FULL_SHARD)
+    wrap_class: Optional[str] = None  # decoder layer class to wrap (e.g. LlamaDecoderLayer); None: the model's _no_split_modules
+    quant_storage: Optional[str] = None  # QLoRA: bnb_4bit_quant_storage, = training.dtype so FSDP can shard the 4-bit weights
+
+
+@dataclass
 class Dataset:
     path: Optional[str] = None
     format: str = "auto"  # options.DATASET_FORMATS
@@ -130,6 +151,7 @@ class Plan:
     prediction: Prediction
     strategy: str = "single"  # a key of planner.strategies.STRATEGIES
     dataset: Dataset = field(default_factory=Dataset)
+    distributed: Distributed = field(default_factory=Distributed)
     output_dir: str = "out"
     assumptions: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
@@ -171,7 +193,11 @@ class Plan:
                 raise PlanError(f"training.{name} must be at least 1, got {getattr(t, name)}")
         if self.hardware.num_gpus < 1:
             raise PlanError(f"hardware.num_gpus must be at least 1, got {self.hardware.num_gpus}")
-        data_parallel = self.hardware.num_gpus if STRATEGIES[self.strategy].data_parallel else 1
+        if self.hardware.num_nodes < 1:
+            raise PlanError(f"hardware.num_nodes must be at least 1, got {self.hardware.num_nodes}")
+        if self.hardware.num_nodes > 1 and not STRATEGIES[self.strategy].multi_node:
+            raise PlanError(f"strategy {self.strategy} runs on one node; hardware.num_nodes is {self.hardware.num_nodes}")
+        data_parallel = self.hardware.world_size if STRATEGIES[self.strategy].data_parallel else 1
         if t.micro_batch_size * t.grad_accum_steps * data_parallel != t.global_batch_size:
             raise PlanError(
                 f"training.global_batch_size {t.global_batch_size} != micro_batch_size {t.micro_batch_size}"

@@ -1,57 +1,89 @@
 """How a plan spreads over devices: a plug-in table, one entry per strategy (in the style of peft's `dispatch_*`).
 
-Each entry says when it applies, how the global batch divides, which memory terms it adds to each GPU's budget,
-how `run` launches it and how the adapter is saved. Adding a strategy is adding an entry here (and, when it
-launches differently, a launcher in `executor/runner.py`'s table keyed by `launcher`).
+Each entry says when it is the default, how the global batch divides, how it turns the single-GPU memory terms into
+one rank's (planner.memory -> this rank), how `run` launches it and how the adapter is saved. Adding a strategy is
+adding an entry here (and, when it launches differently, a launcher in `executor/runner.py`'s table keyed by
+`launcher`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+from . import sharding
+from .architecture import Architecture
 from .memory import Shape, Term, ddp_buckets_bytes
 from .plan import Hardware
+
+Budget = Callable[[Sequence[Term], Architecture, int, Shape, Hardware], list[Term]]
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    applies: Callable[[Hardware], bool]  # the first entry whose test passes is the default for that hardware
-    data_parallel: bool  # True: each of num_gpus processes takes global_batch / num_gpus sequences per step
+    default_for: Callable[[Hardware], bool]  # the first entry whose test passes is the default for that hardware
+    data_parallel: bool  # True: each of the world's processes takes global_batch / world sequences per step
+    multi_node: bool  # can span nodes (hardware.num_nodes > 1)
+    sharded: bool  # the model's weights are sharded over the ranks (FSDP)
     launcher: str  # "in-process" (this process trains) | "accelerate" (accelerate's launcher starts workers)
     saves: str  # who writes checkpoints and the adapter
-    memory_terms: Callable[[int, Shape], list[Term]]  # extra per-GPU terms, given trainable params P
+    budget: Budget  # the single-GPU terms -> one rank's terms, given trainable params P
     describe: Callable[[Hardware], str]  # the reason shown in the plan
 
 
-def _no_terms(p: int, shape: Shape) -> list[Term]:
-    return []
+def _as_is(terms, arch, p, shape, hw) -> list[Term]:
+    return list(terms)
 
 
-def _ddp_terms(p: int, shape: Shape) -> list[Term]:
-    return [Term("ddp_buckets", ddp_buckets_bytes(p, shape.num_gpus), "4 B x P", "adapter")]
+def _ddp(terms, arch, p, shape, hw) -> list[Term]:
+    """DDP adds its gradient buckets (a second fp32 copy of the trainable gradients) after the adapter's terms."""
+    out = []
+    for t in terms:
+        out.append(t)
+        if t.name == "optimizer_states":
+            out.append(Term("ddp_buckets", ddp_buckets_bytes(p, hw.world_size), "4 B x P", "adapter"))
+    return out
 
 
-def _ddp_reason(hw: Hardware) -> str:
-    where = "processes" if hw.gpu == "cpu" else "GPUs"
-    return (f"data-parallel over {hw.num_gpus} {where} through accelerate's launcher: each holds a whole copy of "
-            "the model")
+def _fsdp(terms, arch, p, shape, hw) -> list[Term]:
+    return sharding.fsdp_terms(terms, arch, p, shape, hw.world_size, offload=False)
+
+
+def _fsdp_offload(terms, arch, p, shape, hw) -> list[Term]:
+    return sharding.fsdp_terms(terms, arch, p, shape, hw.world_size, offload=True)
+
+
+def _where(hw: Hardware) -> str:
+    if hw.gpu == "cpu":
+        return f"{hw.world_size} processes"
+    return f"{hw.num_gpus} GPUs" if hw.num_nodes == 1 else f"{hw.num_nodes} nodes x {hw.num_gpus} GPUs"
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("cpu", lambda hw: hw.gpu == "cpu" and hw.num_gpus == 1, False, "in-process", "this process",
-             _no_terms, lambda hw: "no GPU: trains on the CPU (for small models and tests)"),
-    Strategy("single", lambda hw: hw.num_gpus == 1, False, "in-process", "this process",
-             _no_terms, lambda hw: "one GPU, in-process"),
-    Strategy("ddp", lambda hw: hw.num_gpus > 1, True, "accelerate", "rank 0, after the gradients' all-reduce",
-             _ddp_terms, _ddp_reason),
+    Strategy("cpu", lambda hw: hw.gpu == "cpu" and hw.world_size == 1, False, False, False, "in-process",
+             "this process", _as_is, lambda hw: "no GPU: trains on the CPU (for small models and tests)"),
+    Strategy("single", lambda hw: hw.world_size == 1, False, False, False, "in-process", "this process",
+             _as_is, lambda hw: "one GPU, in-process"),
+    Strategy("ddp", lambda hw: hw.world_size > 1, True, True, False, "accelerate",
+             "rank 0, after the gradients' all-reduce", _ddp,
+             lambda hw: f"data-parallel over {_where(hw)} through accelerate's launcher: each holds a whole copy of "
+                        "the model"),
+    Strategy("fsdp", lambda hw: False, True, True, True, "accelerate",
+             "every rank its shard (sharded checkpoints); the adapter gathered whole by rank 0", _fsdp,
+             lambda hw: f"fully sharded (torch FSDP2 through accelerate) over {_where(hw)}: each rank holds 1/"
+                        f"{hw.world_size} of the weights and adapter states, and gathers two layers at a time"),
+    Strategy("fsdp-offload", lambda hw: False, True, True, True, "accelerate",
+             "every rank its shard (sharded checkpoints); the adapter gathered whole by rank 0", _fsdp_offload,
+             lambda hw: f"fully sharded with CPU offload over {_where(hw)}: the weight and adapter shards live in "
+                        "host memory and are copied in layer by layer"),
 )}
 
 
 def strategy_for(hw: Hardware) -> Strategy:
-    """The strategy a plan on this hardware uses: the first entry of the table that applies."""
+    """The default strategy for this hardware: the first entry of the table whose `default_for` passes. Sharded
+    strategies are chosen by the decision (planner.decide) when a replica does not fit, or asked for."""
     for s in STRATEGIES.values():
-        if s.applies(hw):
+        if s.default_for(hw):
             return s
-    raise ValueError(f"no strategy applies to {hw.num_gpus} x {hw.gpu}")  # unreachable: ddp takes num_gpus > 1
+    raise ValueError(f"no strategy applies to {hw.world_size} x {hw.gpu}")  # unreachable: ddp takes world > 1

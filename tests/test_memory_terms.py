@@ -34,7 +34,10 @@ def shape(**kw):
 
 
 def terms(s, strategy="single"):
-    return {t.name: t.bytes for t in M.budget(ARCH, SEL, s, STRATEGIES[strategy].memory_terms(P, s))}
+    from planner.plan import Hardware
+
+    hw = Hardware(gpu="h100-80gb", gpu_name="H100", memory_gib=79.1, num_gpus=s.num_gpus, bf16=True)
+    return {t.name: t.bytes for t in STRATEGIES[strategy].budget(M.budget(ARCH, SEL, s), ARCH, P, s, hw)}
 
 
 def test_trainable_params_by_hand():
