@@ -10,6 +10,7 @@ from typing import Optional
 import click
 
 from planner import options as O
+from planner.strategies import STRATEGY_CHOICES
 
 EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -66,7 +67,17 @@ def main() -> None:
                    "Default: auto, or custom when --gpu-memory is given.")
 @click.option("--gpu-memory", metavar="SIZE", help="Memory per GPU for a card not in the catalog (e.g. 24GiB, 80GB); "
                                                    "with --gpu it overrides the catalog's figure.")
-@click.option("--num-gpus", type=int, default=None, help="GPUs to train on, data-parallel (default: 1, or all detected).")
+@click.option("--num-gpus", type=int, default=None,
+              help="GPUs per node to train on (default: 1, or all detected).")
+@click.option("--num-nodes", type=int, default=None, help="Machines, each with --num-gpus GPUs (default 1).")
+@click.option("--network", default=None, metavar="NAME|GBIT",
+              help="The network between nodes: a name from tables/networks.yaml (ib-ndr-8x, ib-hdr-8x, efa-3200, "
+                   "eth-400, eth-100, eth-25) or Gbit/s per node. Default eth-100 when --num-nodes > 1.")
+@click.option("--host-memory", default=None, metavar="SIZE",
+              help="RAM per node (e.g. 512GiB): what loading and CPU offload may use. Default: this machine's with "
+                   "--gpu auto, else 2 x the node's GPU memory.")
+@click.option("--strategy", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
+              help="auto: DDP when a replica fits, else FSDP, else FSDP with CPU offload, the fastest that fits.")
 @click.option("--method", type=click.Choice(O.METHOD_CHOICES), default=O.default("method"), show_default=True,
               help="auto: LoRA when it fits with headroom, else QLoRA.")
 @click.option("--rank", "-r", type=int, default=None, help=f"LoRA rank r (default {O.default('rank')}).")
@@ -101,7 +112,7 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Let `run` execute the model repository's own code.")
 @click.option("--no-fit-table", is_flag=True, help="Skip the table across catalog cards.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every fact (docs/plan-json.md).")
-def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dropout, targets, seq_len, batch_size,
+def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank, alpha, dropout, targets, seq_len, batch_size,
                  global_batch_size, grad_checkpointing, optimizer, loss, dataset, output, output_dir, learning_rate,
                  epochs, max_steps, train_tokens, trust_remote_code, no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
@@ -113,7 +124,8 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dro
     from planner.errors import InputError
 
     req = PlanRequest(
-        model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, method=method, rank=rank, alpha=alpha,
+        model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
+        host_memory=host_memory, strategy=strategy, method=method, rank=rank, alpha=alpha,
         dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
         grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, output_dir=output_dir,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,

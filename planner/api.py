@@ -10,17 +10,20 @@ It only assembles; each job has its module:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 from . import memory as M
 from . import options as O
-from .decide import Choice, Decision, decide
+from .decide import Choice, Decision
 from .errors import InputError
 from .estimate import estimate
 from .fit_table import fit_table
-from .plan import Dataset, LoraSettings, Plan, Prediction, Quantization, Training
+from .placement import place
+from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Training
 from .request import PlanRequest, Resolved, resolve
+from .strategies import STRATEGIES
 from .result import PlanResult
 from .targets import trainable_params
 
@@ -86,6 +89,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
         prediction=Prediction(per_gpu_gib=round(M.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
                               margin=M.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),
         strategy=r.strategy.name,
+        distributed=_distributed(r, d),
         dataset=Dataset(path=ds.path if ds else None, format=ds.format if ds else "auto", rows=ds.rows if ds else None,
                         tokens_total=ds.tokens_total if ds else None, mean_tokens_per_row=ds.mean_tokens if ds else None),
         output_dir=req.output_dir or "out",
@@ -95,9 +99,18 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
     )
 
 
+def _distributed(r: Resolved, d: Decision) -> Distributed:
+    if not r.strategy.sharded:
+        return Distributed()
+    return Distributed(offload_params=r.strategy.name == "fsdp-offload",
+                       cpu_ram_efficient_loading=bool(d.load and d.load.cpu_ram_efficient_loading),
+                       quant_storage=r.dtype if d.choice.method == "qlora" else None)
+
+
 def make_plan(req: PlanRequest) -> PlanResult:
     r = resolve(req)
-    d = decide(r)
+    d = place(r)
+    r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
     warnings = _warnings(r)
     plan = _plan(req, r, d, est.tokens_per_s, warnings)
@@ -106,7 +119,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
         plan=plan, model=r.model, selection=r.selection, trainable_params=trainable_params(r.selection, r.rank),
         terms=list(d.choice.terms), feasible=d.feasible, usable_gib=r.usable_gib, hardware_note=r.hardware_note,
         suggestions=d.suggestions, fit_table=fit_table(r) if req.fit_table else [], dataset=r.dataset, estimate=est,
-        warnings=warnings,
+        warnings=warnings, strategies=d.options, load=d.load,
     )
 
 

@@ -21,6 +21,7 @@ from tables import TABLES_DIR
 
 from .arch import Architecture, from_config
 from .errors import ArchitectureError, InputError
+from .options import default
 from .plan import Hardware, ModelRef
 
 GIB = 2**30
@@ -38,6 +39,10 @@ def load_table(name: str) -> dict[str, Any]:
 
 def models() -> dict[str, dict]:
     return load_table("models.yaml")
+
+
+def networks() -> dict[str, dict]:
+    return load_table("networks.yaml")
 
 
 def gpus() -> dict[str, dict]:
@@ -204,7 +209,8 @@ def hardware_from_entry(key: str, entry: dict, num_gpus: int) -> Hardware:
         gpu=key, gpu_name=entry["name"], memory_gib=float(entry["memory_gib"]), num_gpus=num_gpus,
         bf16=bool(entry["bf16"]),
         peak_bf16_tflops=entry.get("peak_bf16_tflops") or entry.get("peak_fp16_tflops"),
-        bandwidth_gbs=entry.get("bandwidth_gbs"),
+        bandwidth_gbs=entry.get("bandwidth_gbs"), interconnect_gbs=entry.get("interconnect_gbs"),
+        host_link_gbs=entry.get("host_link_gbs"),
     )
 
 
@@ -282,3 +288,57 @@ def resolve_hardware(gpu: Optional[str], gpu_memory: Optional[str], num_gpus: Op
         if hw.gpu == "custom":
             hw.gpu_name = f"custom GPU ({hw.memory_gib:g} GiB)"
     return hw, note
+
+
+def parse_network_gbs(text: str) -> tuple[float, str]:
+    """--network: a name from tables/networks.yaml or Gbit/s per node -> (GB/s per node, how it was read)."""
+    key = str(text).strip().lower()
+    table = networks()
+    if key in table:
+        e = table[key]
+        return e["gbit_per_node"] / 8, f"{key}: {e['description']} ({e['gbit_per_node']:,} Gbit/s per node)"
+    try:
+        gbit = float(key.removesuffix("gbit").removesuffix("gb/s").strip())
+    except ValueError:
+        raise InputError(f"--network {text!r} is neither a network of tables/networks.yaml ({', '.join(table)}) "
+                         "nor a number of Gbit/s per node") from None
+    if not gbit > 0 or gbit == float("inf"):
+        raise InputError(f"--network must be a positive number of Gbit/s per node, got {text!r}")
+    return gbit / 8, f"{gbit:g} Gbit/s per node (--network)"
+
+
+DEFAULT_NETWORK = "eth-100"
+
+
+def resolve_topology(hw: Hardware, num_nodes: Optional[int], network: Optional[str],
+                     host_memory: Optional[str], detected: bool = False) -> list[str]:
+    """Nodes, the network between them and the host memory per node, set on `hw`; returns notes for the plan."""
+    notes = []
+    if num_nodes is not None:
+        if num_nodes < 1:
+            raise InputError(f"--num-nodes must be at least 1, got {num_nodes}")
+        if num_nodes > 1 and hw.gpu == "cpu":
+            raise InputError("--num-nodes needs GPUs: a multi-node plan on --gpu cpu is not supported")
+        hw.num_nodes = num_nodes
+    if hw.num_nodes > 1:
+        gbs, how = parse_network_gbs(network or DEFAULT_NETWORK)
+        hw.network_gbs = gbs
+        notes.append(f"network between nodes: {how}" + ("" if network else "; assumed, pass --network"))
+    elif network:
+        raise InputError("--network describes the link between nodes: it needs --num-nodes 2 or more")
+    if host_memory:
+        hw.host_memory_gib = round(parse_memory_gib(host_memory), 3)
+    elif detected or hw.gpu == "cpu":
+        hw.host_memory_gib = round(system_memory_gib(), 2)
+    else:  # a named card is usually someone else's machine: assume the common sizing rule
+        hw.host_memory_gib = host_memory_rule(hw)
+        if hw.world_size > 1:
+            notes.append(f"host memory per node assumed {hw.host_memory_gib:,.0f} GiB "
+                         f"({default('host_memory_per_gpu_memory'):g} x the node's GPU memory); pass --host-memory")
+    return notes
+
+
+def host_memory_rule(hw: Hardware) -> float:
+    """Host RAM per node assumed for a named card: tables/hyperparameters.yaml host_memory_per_gpu_memory x the
+    node's GPU memory."""
+    return round(float(default("host_memory_per_gpu_memory")) * hw.num_gpus * hw.memory_gib, 1)

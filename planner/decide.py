@@ -13,7 +13,7 @@ Rules, in the order they apply:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from . import memory as M
@@ -47,6 +47,9 @@ class Decision:
     feasible: bool
     reasons: dict[str, str]
     suggestions: list[str]  # empty when feasible
+    strategy: str = "single"  # the strategy the choice is for (planner.placement may shard)
+    options: list = field(default_factory=list)  # planner.placement.StrategyOption per strategy tried
+    load: Optional[object] = None  # planner.loading.LoadPeak of the choice
 
 
 def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, seq_len: Optional[int] = None,
@@ -279,8 +282,8 @@ def _larger_cards(r: Resolved, need_gib: float) -> str:
                     if e["memory_gib"] * (1 - margin) >= need_gib and e["memory_gib"] > r.hardware.memory_gib)
     if bigger:
         return "a larger card: " + ", ".join(k for _, k in bigger[:4])
-    return ("no single card in the catalog holds it: data-parallel training replicates the model on every GPU, so "
-            "more cards do not help; it needs model sharding (FSDP), which `run` does not do yet")
+    return ("no single card in the catalog holds a replica: data-parallel training copies the model to every GPU, "
+            "so only sharding it (FSDP) over more GPUs helps")
 
 
 def decide(r: Resolved) -> Decision:
@@ -288,4 +291,5 @@ def decide(r: Resolved) -> Decision:
     choice, smallest = choose(r)
     c = choice or smallest
     feasible = choice is not None
-    return Decision(c, feasible, reasons(r, c, feasible), [] if feasible else suggestions(r, smallest))
+    return Decision(c, feasible, reasons(r, c, feasible), [] if feasible else suggestions(r, smallest),
+                    strategy=r.strategy.name)

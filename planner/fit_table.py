@@ -7,11 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .catalog import gpus, hardware_from_entry
-from .decide import choose
+from .catalog import gpus, hardware_from_entry, host_memory_rule
 from .estimate import estimate
+from .placement import best_option
 from .request import Resolved
-from .strategies import strategy_for
+from .strategies import STRATEGIES, strategy_for
 
 
 @dataclass
@@ -26,6 +26,7 @@ class FitRow:
     per_gpu_gib: float  # the choice's peak, or the smallest configuration's when nothing fits
     headroom_gib: float  # memory_gib - per_gpu_gib (negative: over the card; fitting also keeps the safety margin)
     tokens_per_s: Optional[float]
+    strategy: Optional[str] = None  # the strategy that fits there (None when nothing does)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -33,18 +34,22 @@ class FitRow:
 
 def fit_table(r: Resolved) -> list[FitRow]:
     rows = []
-    per_gpu = max(r.global_batch_size // r.hardware.num_gpus, 1)
+    per_gpu = max(r.global_batch_size // r.hardware.world_size, 1)
     for key, entry in gpus().items():
         hw = hardware_from_entry(key, entry, r.hardware.num_gpus)
+        hw.num_nodes, hw.network_gbs = r.hardware.num_nodes, r.hardware.network_gbs
+        hw.host_memory_gib = (host_memory_rule(hw) if r.host_memory_assumed else r.hardware.host_memory_gib)
         on_card = dataclasses.replace(r, hardware=hw, strategy=strategy_for(hw), per_gpu_batch=per_gpu,
                                       dtype="bfloat16" if hw.bf16 else "float16")
-        choice, smallest = choose(on_card)
-        c = choice or smallest
+        best, options = best_option(on_card)
+        ok = best.fits
+        c = best.choice if ok else min((o.choice for o in options), key=lambda ch: ch.peak_gib)  # the closest
+        on_card = dataclasses.replace(on_card, strategy=STRATEGIES[best.strategy])
         rows.append(FitRow(
-            gpu=key, name=entry["name"], memory_gib=hw.memory_gib, fits=choice is not None,
-            method=c.method if choice else None, micro_batch_size=c.micro_batch_size if choice else None,
-            grad_checkpointing=c.grad_checkpointing if choice else None, per_gpu_gib=c.peak_gib,
+            gpu=key, name=entry["name"], memory_gib=hw.memory_gib, fits=ok,
+            method=c.method if ok else None, micro_batch_size=c.micro_batch_size if ok else None,
+            grad_checkpointing=c.grad_checkpointing if ok else None, per_gpu_gib=c.peak_gib,
             headroom_gib=hw.memory_gib - c.peak_gib,
-            tokens_per_s=estimate(on_card, c).tokens_per_s if choice else None,
+            tokens_per_s=estimate(on_card, c).tokens_per_s if ok else None, strategy=best.strategy if ok else None,
         ))
     return rows

@@ -48,6 +48,10 @@ class Hardware:
     peak_bf16_tflops: Optional[float] = None
     bandwidth_gbs: Optional[float] = None
     num_nodes: int = 1
+    interconnect_gbs: Optional[float] = None  # GPU-to-GPU within a node, GB/s per direction (tables/gpus.yaml)
+    host_link_gbs: Optional[float] = None  # GPU to host memory, GB/s per direction (tables/gpus.yaml)
+    network_gbs: Optional[float] = None  # between nodes, GB/s per node and direction (--network)
+    host_memory_gib: Optional[float] = None  # RAM per node (--host-memory, or detected)
 
     @property
     def world_size(self) -> int:

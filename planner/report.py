@@ -62,6 +62,31 @@ def _hours(h: float) -> str:
     return f"{h / 24:.1f} days"
 
 
+def _host_and_strategies(res: PlanResult, console: Console) -> None:
+    """What lives in host memory (offload), and every strategy tried side by side when there were several."""
+    host = [t for t in res.terms if t.device == "host"]
+    if host:
+        ht = new_table(f"Host memory per process (of {res.plan.hardware.host_memory_gib:,.0f} GiB per node)")
+        key_column(ht, "term")
+        key_column(ht, "GiB", justify="right")
+        text_column(ht, "formula", style="dim")
+        for term in host:
+            ht.add_row(term.name, f"{term.gib:.2f}", term.formula)
+        print_table(console, ht)
+    if len(res.strategies) > 1:
+        st = new_table("Strategies tried (same request)")
+        for col in ("strategy", "fits", "method", "micro-\nbatch", "grad\nckpt", "peak\nGiB", "load\nGiB",
+                    "host\nGiB", "tokens/s"):
+            key_column(st, col, justify="left" if col in ("strategy", "fits", "method") else "right")
+        text_column(st, "why not")
+        for o in res.strategies:
+            c = o.choice
+            st.add_row(o.strategy, "[green]yes" if o.fits else "[red]no", c.method.upper(), str(c.micro_batch_size),
+                       "on" if c.grad_checkpointing else "off", f"{c.peak_gib:.1f}", f"{o.load.gpu_gib:.1f}",
+                       f"{o.host_gib:.0f}", f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else "-", o.why_not or "")
+        print_table(console, st)
+
+
 def render(res: PlanResult, console: Console) -> None:
     plan, a = res.plan, res.arch
     t = plan.training
@@ -97,7 +122,8 @@ def render(res: PlanResult, console: Console) -> None:
     key_column(mem, "GiB", justify="right")
     text_column(mem, "formula", style="dim")
     for term in res.terms:
-        mem.add_row(term.name, f"{term.gib:.2f}", term.formula)
+        if term.device == "gpu":
+            mem.add_row(term.name, f"{term.gib:.2f}", term.formula)
     total = res.per_gpu_gib
     label = "predicted peak (nvidia-smi)" if plan.hardware.gpu != "cpu" else "predicted peak (process memory)"
     mem.add_row(f"[bold]{label}", f"[bold]{total:.2f}", "")
@@ -127,11 +153,15 @@ def render(res: PlanResult, console: Console) -> None:
     dec.add_row("loss / optimizer", f"{t.loss} / {t.optimizer}", plan.assumptions.get("loss", ""))
     if "targets" in r:
         dec.add_row("targets", ", ".join(plan.lora.target_modules + plan.lora.target_parameters), r["targets"])
+    for key, label in (("loading", "loading"), ("quantization", "quantization")):
+        if key in r:
+            dec.add_row(label, res.load.mode if key == "loading" and res.load else "", r[key])
     print_table(console, dec)
+    _host_and_strategies(res, console)
 
     est = res.estimate
     if est.tokens_per_s:
-        line = f"Expected throughput: {est.tokens_per_s:,.0f} tokens/s over {plan.hardware.num_gpus} GPU(s)"
+        line = f"Expected throughput: {est.tokens_per_s:,.0f} tokens/s over {plan.hardware.world_size} GPU(s)"
         if est.hours:
             line += f"; {est.train_tokens:,} training tokens take about {_hours(est.hours)}"
         console.print(line + f"  [dim]({est.basis}, MFU {est.mfu:.0%})[/dim]")
@@ -144,10 +174,11 @@ def render(res: PlanResult, console: Console) -> None:
         if est.tokens_per_s or res.dataset is not None:
             console.print()
         margin = plan.prediction.margin
+        many = plan.hardware.world_size > 1  # the strategy can differ from card to card
         ft = new_table("Across the catalog's cards (same request)")
-        for col in ("card", "memory\nGiB", "fits", "method", "micro-\nbatch", "grad\nckpt", "peak\nGiB", "headroom\nGiB",
-                    "tokens/s"):
-            key_column(ft, col, justify="left" if col in ("card", "fits", "method") else "right")
+        for col in ("card", "memory\nGiB", "fits", *(("strategy",) if many else ()), "method", "micro-\nbatch",
+                    "grad\nckpt", "peak\nGiB", "headroom\nGiB", "tokens/s"):
+            key_column(ft, col, justify="left" if col in ("card", "fits", "method", "strategy") else "right")
         short = False
         for row in res.fit_table:
             ok = row.fits
@@ -158,7 +189,7 @@ def render(res: PlanResult, console: Console) -> None:
                 short = True
             ft.add_row(
                 row.gpu, f"{row.memory_gib:.1f}", "[green]yes" if ok else "[red]no",
-                (row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
+                *(((row.strategy or "-"),) if many else ()), (row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
                 ("on" if row.grad_checkpointing else "off") if ok else "-",
                 f"{row.per_gpu_gib:.1f}", room,
                 f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",

@@ -14,11 +14,11 @@ from typing import Optional
 
 from . import options as O
 from .architecture import Architecture
-from .catalog import ResolvedModel, resolve_hardware, resolve_model
+from .catalog import ResolvedModel, resolve_hardware, resolve_model, resolve_topology
 from .datasets import DatasetStats, dataset_stats
 from .errors import ArchitectureError, InputError
 from .plan import Hardware
-from .strategies import Strategy, strategy_for
+from .strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, broken_combination, strategy_for
 from .targets import TargetSelection, select_targets
 
 # Longest sequence a request may name: beyond any model's context and any card's memory, but still arithmetic
@@ -33,7 +33,11 @@ class PlanRequest:
     model: str
     gpu: Optional[str] = "auto"
     gpu_memory: Optional[str] = None
-    num_gpus: Optional[int] = None
+    num_gpus: Optional[int] = None  # per node
+    num_nodes: Optional[int] = None
+    network: Optional[str] = None  # between nodes: a tables/networks.yaml name or Gbit/s per node
+    host_memory: Optional[str] = None  # RAM per node (default: this machine's)
+    strategy: str = "auto"  # auto, or a key of planner.strategies.STRATEGIES
     method: str = field(default_factory=lambda: O.default("method"))  # options.METHOD_CHOICES
     rank: Optional[int] = None
     alpha: Optional[int] = None
@@ -63,7 +67,9 @@ class Resolved:
     selection: TargetSelection
     hardware: Hardware
     hardware_note: str
-    strategy: Strategy
+    strategy: Strategy  # the default for the hardware, or the one asked for; decide() may shard instead
+    strategy_choice: str  # "auto" or the --strategy asked for
+    host_memory_assumed: bool  # host memory from the sizing rule (no --host-memory, not detected)
     rank: int
     alpha: int
     dropout: float
@@ -125,6 +131,7 @@ def validate(req: PlanRequest) -> None:
     O.check_choice("--grad-checkpointing", req.grad_checkpointing, O.CHECKPOINTING_CHOICES, InputError)
     O.check_choice("--optimizer", req.optimizer, tuple(O.OPTIMIZERS), InputError)
     O.check_choice("--loss", req.loss, O.LOSSES, InputError)
+    O.check_choice("--strategy", req.strategy, STRATEGY_CHOICES, InputError)
 
 
 def compute_dtype(hw: Hardware) -> str:
@@ -154,6 +161,25 @@ def _adapter(arch: Architecture, req: PlanRequest) -> tuple[TargetSelection, int
     return sel, r, alpha, dropout
 
 
+def _strategy(req: PlanRequest, hw: Hardware) -> Strategy:
+    """The strategy asked for, checked against the topology; else the hardware's default."""
+    if req.strategy == "auto":
+        return strategy_for(hw)
+    s = STRATEGIES[req.strategy]
+    if s.name == "cpu" and hw.gpu != "cpu":
+        raise InputError("--strategy cpu is for --gpu cpu")
+    if s.name in ("single", "cpu") and hw.world_size > 1:
+        raise InputError(f"--strategy {s.name} trains in one process; this plan has {hw.world_size} GPUs")
+    if s.name == "ddp" and hw.world_size == 1:
+        raise InputError("--strategy ddp needs --num-gpus 2 or more")
+    if s.sharded and hw.gpu == "cpu" and hw.world_size == 1:
+        raise InputError(f"--strategy {s.name} on the CPU needs --num-gpus 2 or more (processes)")
+    broken = broken_combination(s, req.method, req.optimizer)
+    if broken:
+        raise InputError(broken)
+    return s
+
+
 def _epochs(req: PlanRequest, ds: Optional[DatasetStats]) -> tuple[float, Optional[str]]:
     if req.epochs is not None:
         return req.epochs, None
@@ -171,12 +197,15 @@ def resolve(req: PlanRequest) -> Resolved:
     hw, hw_note = resolve_hardware(req.gpu, req.gpu_memory, req.num_gpus)
     if hw.memory_gib <= 0:
         raise InputError("--gpu custom needs --gpu-memory (e.g. --gpu-memory 24GiB)")
+    notes = [hw_note] if hw_note else []
+    detected = (req.gpu or ("custom" if req.gpu_memory else "auto")).strip().lower() == "auto"
+    notes += resolve_topology(hw, req.num_nodes, req.network, req.host_memory, detected=detected)
     sel, r, alpha, dropout = _adapter(model.arch, req)
-    strategy = strategy_for(hw)
+    strategy = _strategy(req, hw)
     gbs = req.global_batch_size if req.global_batch_size is not None else int(O.default("global_batch_size"))
-    ways = hw.num_gpus if strategy.data_parallel else 1
+    ways = hw.world_size if strategy.data_parallel else 1
     if gbs % ways:
-        raise InputError(f"--global-batch-size {gbs} is not divisible by {hw.num_gpus} GPUs")
+        raise InputError(f"--global-batch-size {gbs} is not divisible by {hw.world_size} GPUs")
     per_gpu_batch = gbs // ways
     if req.batch_size and per_gpu_batch % req.batch_size:
         raise InputError(f"--batch-size {req.batch_size} does not divide the per-GPU batch {per_gpu_batch} "
@@ -186,7 +215,9 @@ def resolve(req: PlanRequest) -> Resolved:
     ds = dataset_stats(dataset, req.seq_len, tokenizer_dir=model.ref.path) if dataset else None
     epochs, epochs_reason = _epochs(req, ds)
     return Resolved(
-        model=model, selection=sel, hardware=hw, hardware_note=hw_note, strategy=strategy, rank=r, alpha=alpha,
+        model=model, selection=sel, hardware=hw, hardware_note="; ".join(notes), strategy=strategy,
+        strategy_choice=req.strategy, host_memory_assumed=not (req.host_memory or detected or hw.gpu == "cpu"),
+        rank=r, alpha=alpha,
         dropout=dropout, dtype=compute_dtype(hw), seq_len=req.seq_len, global_batch_size=gbs,
         per_gpu_batch=per_gpu_batch, method=req.method, grad_checkpointing=req.grad_checkpointing,
         batch_size=req.batch_size, optimizer=req.optimizer, loss=req.loss,

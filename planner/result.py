@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -32,6 +33,8 @@ class PlanResult:
     dataset: Optional[DatasetStats]
     estimate: Estimate
     warnings: list[str] = field(default_factory=list)
+    strategies: list = field(default_factory=list)  # planner.placement.StrategyOption per strategy tried
+    load: Optional[object] = None  # planner.loading.LoadPeak of the plan
 
     @property
     def arch(self) -> Architecture:
@@ -82,7 +85,9 @@ class PlanResult:
             "adapter": self._adapter_json(),
             "hardware": {
                 "gpu": hw.gpu, "name": hw.gpu_name, "memory_gib": hw.memory_gib, "num_gpus": hw.num_gpus,
-                "bf16": hw.bf16, "note": self.hardware_note,
+                "num_nodes": hw.num_nodes, "world_size": hw.world_size, "bf16": hw.bf16, "note": self.hardware_note,
+                "interconnect_gbs": hw.interconnect_gbs, "network_gbs": hw.network_gbs,
+                "host_memory_gib": hw.host_memory_gib,
             },
             "memory": {
                 "per_gpu_gib": self.per_gpu_gib,
@@ -100,6 +105,10 @@ class PlanResult:
             "training": dict(plan.to_dict()["training"]),
             "assumptions": plan.assumptions,
             "warnings": self.warnings,
+            "strategies": [o.to_dict() for o in self.strategies],
+            "loading": None if self.load is None else dataclasses.asdict(self.load),
+            "host": {"memory_gib": hw.host_memory_gib, "per_process_gib": M.Term.host_gib(self.terms),
+                     "terms": {t.name: t.gib for t in self.terms if t.device == "host"}},
             "estimate": self.estimate.to_dict(),
             "dataset": None if self.dataset is None else self.dataset.to_dict(),
             "fit_table": [row.to_dict() for row in self.fit_table],

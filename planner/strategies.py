@@ -9,7 +9,7 @@ adding an entry here (and, when it launches differently, a launcher in `executor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import sharding
 from .architecture import Architecture
@@ -87,3 +87,19 @@ def strategy_for(hw: Hardware) -> Strategy:
         if s.default_for(hw):
             return s
     raise ValueError(f"no strategy applies to {hw.world_size} x {hw.gpu}")  # unreachable: ddp takes world > 1
+
+
+# What --strategy accepts: auto (the decision picks), or one entry of the table.
+STRATEGY_CHOICES: tuple[str, ...] = ("auto", *STRATEGIES)
+
+# Combinations the stack is known to break, refused with the source that says so: (sharded?, method, optimizer).
+BROKEN = {
+    (True, "qlora", "paged-adamw-8bit"):
+        "FSDP + QLoRA + paged 8-bit AdamW fails when saving a checkpoint (peft's FSDP + QLoRA guide); "
+        "use --optimizer adamw or adamw-8bit",
+}
+
+
+def broken_combination(strategy: Strategy, method: str, optimizer: str) -> Optional[str]:
+    """Why the stack cannot run this combination, or None."""
+    return BROKEN.get((strategy.sharded, method, optimizer))

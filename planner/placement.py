@@ -1,0 +1,181 @@
+"""Which strategy, and so where the model and its states live: the decision across strategies.
+
+For one process the strategy is fixed (single, or cpu) and this is planner.decide's decision. With several GPUs and
+`--strategy auto`, each data-parallel strategy is tried in turn (ddp, fsdp, fsdp-offload); for each, the method,
+checkpointing and micro-batch follow planner.decide's rules, and the plan must also load (planner.loading: the GPU
+at load time, and the host memory of rank 0's node) and fit the host memory it offloads to. Of the strategies that
+fit, the fastest by the estimate with communication (planner.communication) wins: DDP when a replica fits, since it
+gathers nothing per layer; FSDP when only shards fit; offload when only the host can hold the shards.
+Combinations the stack is known to break are not tried, with their reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from . import decide as D
+from . import memory as M
+from .communication import step_time
+from .loading import LoadPeak, load_peak
+from .request import Resolved
+from .strategies import STRATEGIES, Strategy, broken_combination
+from .targets import trainable_params
+
+AUTO_SHARDING = ("ddp", "fsdp", "fsdp-offload")
+
+
+@dataclass(frozen=True)
+class StrategyOption:
+    strategy: str
+    fits: bool
+    choice: D.Choice  # what fits, or the smallest configuration tried
+    load: LoadPeak
+    host_gib: float  # host memory needed on the busiest node (rank 0's): offloaded shards + the load's copy
+    tokens_per_s: Optional[float]  # over all GPUs, with communication; None when unknown (CPU, custom card)
+    why_not: Optional[str]  # when it does not fit: what binds
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "fits": self.fits, "method": self.choice.method,
+                "micro_batch_size": self.choice.micro_batch_size, "grad_checkpointing": self.choice.grad_checkpointing,
+                "per_gpu_gib": self.choice.peak_gib, "load_gpu_gib": self.load.gpu_gib, "host_gib": self.host_gib,
+                "loading": self.load.mode, "tokens_per_s": self.tokens_per_s, "why_not": self.why_not}
+
+
+def _runtime_gib(terms) -> float:
+    return sum(t.bytes for t in terms if t.group == "runtime" and t.name != "allocator_reserve") / 2**30
+
+
+def _load(r: Resolved, c: D.Choice) -> LoadPeak:
+    s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
+    return load_peak(r.arch, s, r.strategy.sharded, r.strategy.name == "fsdp-offload", r.hardware.world_size,
+                     _runtime_gib(c.terms))
+
+
+def host_needed_gib(r: Resolved, c: D.Choice, load: LoadPeak) -> float:
+    """Rank 0's node: its ranks' host-resident terms, plus the copy the load holds there."""
+    return M.Term.host_gib(c.terms) * r.hardware.num_gpus + load.host_gib
+
+
+def tokens_per_s(r: Resolved, c: D.Choice) -> Optional[float]:
+    hw = r.hardware
+    s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
+    compute = M.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
+    if not compute:
+        return None
+    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name,
+                   max(r.per_gpu_batch // c.micro_batch_size, 1), compute)
+    return compute * st.compute_s / st.step_s * hw.world_size
+
+
+def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
+    """The first method (LoRA before QLoRA, as planner.decide) whose training, loading and host memory all fit."""
+    rs = dataclasses.replace(r, strategy=strategy)
+    host_usable = (rs.hardware.host_memory_gib or 0) * (1 - M.coefficients().decision.safety_margin)
+    smallest: Optional[tuple[D.Choice, Resolved]] = None
+    reasons = []
+    for method in D._methods(rs):
+        rm = dataclasses.replace(rs, method=method)
+        choice, small = D.choose(rm)
+        if smallest is None or small.peak_gib < smallest[0].peak_gib:
+            smallest = (small, rm)
+        broken = broken_combination(strategy, method, r.optimizer)
+        if broken:
+            reasons.append(f"{method}: {broken}")
+            continue
+        if choice is None:
+            reasons.append(f"{method}: training needs {small.peak_gib:.1f} GiB per GPU, over the "
+                           f"{rs.usable_gib:.1f} GiB usable")
+            continue
+        load = _load(rm, choice)
+        host = host_needed_gib(rm, choice, load)
+        if load.gpu_gib > rs.usable_gib:
+            reasons.append(f"{method}: loading, not training, binds: {load.note}, {load.gpu_gib:.1f} GiB per GPU over "
+                           f"the {rs.usable_gib:.1f} GiB usable (training itself needs {choice.peak_gib:.1f})")
+        elif host > host_usable:
+            reasons.append(f"{method}: host memory binds: {host:.0f} GiB needed on rank 0's node, "
+                           f"{host_usable:.0f} GiB usable of {rs.hardware.host_memory_gib:.0f} (--host-memory)")
+        else:
+            return StrategyOption(strategy.name, True, choice, load, host, tokens_per_s(rm, choice), None)
+    assert smallest is not None
+    small, rm = smallest
+    load = _load(rm, small)
+    return StrategyOption(strategy.name, False, small, load, host_needed_gib(rm, small, load), None,
+                          "; ".join(reasons))
+
+
+def strategies_to_try(r: Resolved) -> list[Strategy]:
+    if r.strategy_choice != "auto" or r.hardware.world_size == 1 or r.hardware.gpu == "cpu":
+        return [r.strategy]
+    return [STRATEGIES[name] for name in AUTO_SHARDING]
+
+
+def _strategy_reason(r: Resolved, best: StrategyOption, options: list[StrategyOption]) -> str:
+    text = STRATEGIES[best.strategy].describe(r.hardware)
+    if r.strategy_choice != "auto":
+        return f"{text} (--strategy {r.strategy_choice})"
+    others = [o for o in options if o is not best]
+    if not others:
+        return text
+    fitting = [o for o in options if o.fits]
+    if best.fits and len(fitting) > 1 and all(o.tokens_per_s for o in fitting):
+        speeds = ", ".join(f"{o.strategy} {o.tokens_per_s:,.0f}" for o in fitting)
+        ties = [o for o in fitting if o is not best and o.tokens_per_s >= best.tokens_per_s * 0.995]
+        if ties:  # communication hidden behind compute either way: the one that moves less wins
+            return (f"{text}; as fast as {', '.join(o.strategy for o in ties)} by the estimate (tokens/s: {speeds}), "
+                    "and it moves less over the links")
+        return f"{text}; the fastest that fits (tokens/s: {speeds})"
+    missed = [f"{o.strategy} does not fit ({o.why_not})" for o in others if not o.fits]
+    return text + ("; " + "; ".join(missed) if missed else "")
+
+
+def best_option(r: Resolved) -> tuple[StrategyOption, list[StrategyOption]]:
+    """(the fastest strategy that fits, or the first tried when none does; every strategy tried)."""
+    options = [evaluate(r, s) for s in strategies_to_try(r)]
+    fitting = [o for o in options if o.fits]
+    return (max(fitting, key=lambda o: o.tokens_per_s or 0.0) if fitting else options[0]), options
+
+
+def place(r: Resolved) -> D.Decision:
+    """The decision over strategies (a pure function of `r`)."""
+    best, options = best_option(r)
+    rb = dataclasses.replace(r, strategy=STRATEGIES[best.strategy])
+    if best.fits:
+        reasons = D.reasons(rb, best.choice, True)
+        suggestions: list[str] = []
+    else:
+        single = D.decide(rb)
+        reasons, suggestions = single.reasons, list(single.suggestions)
+        if single.feasible:  # training fits; loading, the host or a broken combination does not
+            reasons["method"] = f"{best.choice.method}: {best.why_not}"
+            suggestions = [best.why_not or "", *D.suggestions(rb, best.choice)[1:]]
+        suggestions += more_gpus(r)
+    reasons["strategy"] = _strategy_reason(r, best, options)
+    if STRATEGIES[best.strategy].sharded:
+        reasons["loading"] = (f"{best.load.note}: {best.load.gpu_gib:.1f} GiB per GPU at load"
+                              + (f", {best.load.host_gib:.0f} GiB of host memory on rank 0's node"
+                                 if best.load.host_gib else ""))
+    return D.Decision(best.choice, best.fits, reasons, suggestions, best.strategy, options, best.load)
+
+
+def more_gpus(r: Resolved) -> list[str]:
+    """The smallest sharded topology that fits the same request: more GPUs per node (up to 8), then nodes of 8."""
+    from .catalog import DEFAULT_NETWORK, parse_network_gbs
+
+    hw = r.hardware
+    if hw.gpu == "cpu":
+        return []
+    shapes = [(g, 1) for g in (2, 4, 8) if g > hw.world_size] + [(8, n) for n in (2, 4, 8, 16) if 8 * n > hw.world_size]
+    for gpus, nodes in shapes:
+        network = hw.network_gbs or (parse_network_gbs(DEFAULT_NETWORK)[0] if nodes > 1 else None)
+        big = dataclasses.replace(hw, num_gpus=gpus, num_nodes=nodes, network_gbs=network)
+        per_gpu = max(r.global_batch_size // big.world_size, 1)
+        rb = dataclasses.replace(r, hardware=big, per_gpu_batch=per_gpu, global_batch_size=per_gpu * big.world_size)
+        for name in ("fsdp", "fsdp-offload"):
+            o = evaluate(rb, STRATEGIES[name])
+            if o.fits:
+                flags = f"--num-gpus {gpus}" + (f" --num-nodes {nodes}" if nodes > 1 else "")
+                return [f"sharded over {nodes} x {gpus} GPUs ({name}) it fits at {o.choice.peak_gib:.1f} GiB per GPU "
+                        f"({o.choice.method}): {flags}"]
+    return []
