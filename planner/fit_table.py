@@ -27,6 +27,7 @@ class FitRow:
     headroom_gib: float  # memory_gib - per_gpu_gib (negative: over the card; fitting also keeps the safety margin)
     tokens_per_s: Optional[float]
     strategy: Optional[str] = None  # the strategy that fits there (None when nothing does)
+    binds: Optional[str] = None  # when nothing fits: "training", "loading" or "host memory" (of the closest)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -43,7 +44,8 @@ def fit_table(r: Resolved) -> list[FitRow]:
                                       dtype="bfloat16" if hw.bf16 else "float16")
         best, options = best_option(on_card)
         ok = best.fits
-        c = best.choice if ok else min((o.choice for o in options), key=lambda ch: ch.peak_gib)  # the closest
+        closest = best if ok else min(options, key=lambda o: o.choice.peak_gib)
+        c = closest.choice
         on_card = dataclasses.replace(on_card, strategy=STRATEGIES[best.strategy])
         rows.append(FitRow(
             gpu=key, name=entry["name"], memory_gib=hw.memory_gib, fits=ok,
@@ -51,5 +53,13 @@ def fit_table(r: Resolved) -> list[FitRow]:
             grad_checkpointing=c.grad_checkpointing if ok else None, per_gpu_gib=c.peak_gib,
             headroom_gib=hw.memory_gib - c.peak_gib,
             tokens_per_s=estimate(on_card, c).tokens_per_s if ok else None, strategy=best.strategy if ok else None,
+            binds=None if ok else _binds(closest.why_not),
         ))
     return rows
+
+
+def _binds(why_not: Optional[str]) -> str:
+    text = why_not or ""
+    if "training needs" in text.split(";")[-1] or not text:
+        return "training"
+    return "loading" if "loading, not training" in text else ("host memory" if "host memory" in text else "training")

@@ -184,6 +184,8 @@ def render(res: PlanResult, console: Console) -> None:
             ok = row.fits
             if ok:
                 room = f"{row.headroom_gib:.1f}"
+            elif row.binds in ("loading", "host memory"):  # training fits there; loading or the host does not
+                room = f"{row.binds} binds"
             else:  # what it lacks against the usable memory, the bound fitting is judged by
                 room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
                 short = True
