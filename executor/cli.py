@@ -68,6 +68,7 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
             from .demo import prepare_demo
 
             out = output_dir or "loraplan-demo"
+            outputs.check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
             with outputs.lock_output_dir(out, command):  # held from before the demo builds its model
                 outputs.claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
                 plan = prepare_demo(out, max_steps=max_steps or 60)

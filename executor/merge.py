@@ -128,7 +128,7 @@ def _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, Pef
     except Exception as exc:
         if not outputs.is_disk_full(exc):
             raise
-        free = outputs._size(shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free)
+        free = outputs.format_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free)
         raise TrainingFailed(f"the disk is full: saving the merged model to {tmp} failed ({free} free); "
                              f"nothing was written to the output folder") from None
 

@@ -349,10 +349,20 @@ def claim_output_dir(path: str, *, use_existing: bool = False, plan_file: Option
     - anything else: refused, unless use_existing; even then refused when a name the run writes is already
       there (the user's plan.yaml, README.md stays as it is since nothing writes it).
     """
-    if is_loraplan_dir(path):
-        if not os.path.exists(_marker_path(path)):
-            write_json(_marker_path(path), {"created_by": "loraplan run", "claimed": time.strftime("%Y-%m-%d %H:%M:%S")})
-        return
+    entries = check_claim(path, use_existing=use_existing, plan_file=plan_file, plan_text=plan_text,
+                          also_writes=also_writes)
+    if not os.path.exists(_marker_path(path)):
+        write_json(_marker_path(path), {"created_by": "loraplan run", "claimed": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                        "existing_files": entries})
+
+
+def check_claim(path: str, *, use_existing: bool = False, plan_file: Optional[str] = None,
+                plan_text: Optional[str] = None, also_writes: tuple[str, ...] = ()) -> list[str]:
+    """claim_output_dir's decision, without writing anything: raises RunError when refused, else returns the
+    user's entries the run will write beside. Run once before the lock (a refused folder is not touched at all)
+    and again under it."""
+    if not os.path.isdir(path) or is_loraplan_dir(path):
+        return []
     entries = sorted(e for e in os.listdir(path) if e != LOCK_FILE)
     own_plan = os.path.join(path, PLAN_FILE)
     if (PLAN_FILE in entries and plan_file and plan_text is not None and os.path.isfile(plan_file)
@@ -369,8 +379,7 @@ def claim_output_dir(path: str, *, use_existing: bool = False, plan_file: Option
         if clash:
             raise RunError(f"output dir {path} already holds {', '.join(clash)}, which the run would replace "
                            f"and loraplan did not write; move them or choose another folder")
-    write_json(_marker_path(path), {"created_by": "loraplan run", "claimed": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                    "existing_files": entries})
+    return entries
 
 
 def _same_text(path: str, text: str) -> bool:
@@ -408,7 +417,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -430,7 +439,7 @@ def disk_full_message(output_dir: str, step: int) -> str:
     else:
         what = "the run's files"
     try:
-        free = _size(shutil.disk_usage(output_dir).free)
+        free = format_bytes(shutil.disk_usage(output_dir).free)
     except OSError:
         free = "unknown"
     latest = latest_complete_checkpoint(output_dir)
@@ -477,6 +486,19 @@ def quiet_library_logs() -> None:
         if _LIBRARY_LOG not in logger.handlers:
             logger.addHandler(_LIBRARY_LOG)
         logger.propagate = False
+    import warnings
+
+    if not getattr(warnings.showwarning, "_loraplan", False):  # e.g. "Paged optimizers are not supported on CPU"
+        shown = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            package = next((n for n in QUIET_LOGGERS if f"{os.sep}{n}{os.sep}" in str(filename)), None)
+            if package is None:
+                return shown(message, category, filename, lineno, file, line)
+            logging.getLogger(package).warning("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+        showwarning._loraplan = True  # type: ignore[attr-defined]
+        warnings.showwarning = showwarning
 
 
 @contextlib.contextmanager

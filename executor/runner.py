@@ -41,8 +41,10 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
     check_inputs(plan)  # first: --overwrite must not delete a run for a plan that cannot start
     out = plan.output_dir
+    claim = dict(use_existing=use_existing_dir, plan_file=plan_file, plan_text=plan.to_yaml())
+    outputs.check_claim(out, **claim)  # a folder that is not loraplan's is refused before the lock file is made
     with outputs.lock_output_dir(out, command):
-        outputs.claim_output_dir(out, use_existing=use_existing_dir, plan_file=plan_file, plan_text=plan.to_yaml())
+        outputs.claim_output_dir(out, **claim)
         resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
         try:
             outputs.save_plan(plan, os.path.join(out, outputs.PLAN_FILE))
