@@ -42,7 +42,7 @@ MARKER_FILE = ".loraplan-run.json"
 LOCK_FILE = ".loraplan.lock"
 # What a run writes at the top of its folder, checkpoint-N/ aside (launch.log and .worker-error.json: ddp only).
 RUN_NAMES = (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, ADAPTER_DIR + ".tmp", ADAPTER_DIR + ".old",
-             RUN_LOG, "launch.log", ".worker-error.json")
+             RUN_LOG, "launch.log", ".worker-error.json", "dataset_fingerprint.json")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Plan fields that do not change what is trained (the estimate, the explanation, bookkeeping, where logs go):
