@@ -30,23 +30,32 @@ def _console():
 @click.argument("plan_file", metavar="[PLAN]", required=False, type=click.Path(dir_okay=True))
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the plan's output dir "
               "(the plan must match the one the checkpoints came from).")
-@click.option("--overwrite", is_flag=True, help="Replace a run already in the output dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in the output dir (only the files a run "
+              "writes are removed).")
+@click.option("--use-existing-dir", is_flag=True, help="Write the run into a non-empty folder loraplan did not make, "
+              "beside the files already there (refused if one of them has a name the run writes, e.g. plan.yaml).")
 @click.option("--demo", is_flag=True, help="Train a tiny random-weight model on a shipped dataset (no PLAN needed).")
-@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--output-dir", type=click.Path(), default=None,
               help="Write the run here instead of the plan's output_dir (the demo's default: ./loraplan-demo).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (recorded in the run's plan.yaml).")
 @click.option("--force", is_flag=True, help="Run a plan even though its prediction does not fit its card.")
-def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: bool,
+def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_existing_dir: bool, demo: bool,
                 output_dir: Optional[str], max_steps: Optional[int], force: bool) -> None:
     """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
 
     Loads the model (4-bit for QLoRA), wraps it with the plan's LoRA adapter, trains with trl's SFTTrainer on the
     plan's dataset and writes, under the plan's output_dir: adapter/, checkpoint-N/, plan.yaml, metrics.jsonl and
     summary.json. A ddp plan starts one process per GPU through accelerate's launcher. SIGINT/SIGTERM save a
-    checkpoint and stop; `--resume` continues it. Exit status: 0 done, 1 failed (e.g. out of memory), 2 bad input,
-    130 interrupted.
+    checkpoint and stop; `--resume` continues it. One run at a time holds an output dir; a non-empty folder
+    loraplan did not make is refused unless --use-existing-dir. Exit status: 0 done, 1 failed (e.g. out of memory,
+    disk full), 2 bad input, 130 interrupted.
     """
+    from . import outputs
+
+    outputs.quiet_library_logs()  # before anything imports bitsandbytes, which speaks at import
+    command = " ".join(["loraplan run"] + ([plan_file] if plan_file else ["--demo"] if demo else [])
+                       + [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on])
     try:
         if resume and overwrite:
             raise RunError("give --resume or --overwrite, not both")
@@ -59,9 +68,12 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: b
             from .demo import prepare_demo
 
             out = output_dir or "loraplan-demo"
-            plan = prepare_demo(out, max_steps=max_steps or 60)
-            # The demo replaces its own earlier run unless asked to resume it.
-            overwrite = overwrite or not resume
+            outputs.check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
+            with outputs.lock_output_dir(out, command):  # held from before the demo builds its model
+                outputs.claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
+                plan = prepare_demo(out, max_steps=max_steps or 60)
+                # The demo replaces its own earlier run unless asked to resume it.
+                summary = _execute(plan, resume, overwrite or not resume, use_existing_dir, None, command)
         else:
             if not plan_file:
                 raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
@@ -77,13 +89,10 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: b
                     f"{plan.hardware.gpu_name} allows {plan.hardware.memory_gib * (1 - plan.prediction.margin):.1f} GiB; "
                     "plan again (`loraplan plan` says what would fit) or pass --force"
                 )
-        from .runner import execute
-
-        console = _console()
-        summary = execute(plan, resume=resume, overwrite=overwrite, console=console)
+            summary = _execute(plan, resume, overwrite, use_existing_dir, plan_file, command)
         from .report import print_report
 
-        print_report(summary, console)
+        print_report(summary, _console())
     except PlanError as exc:
         _fail(str(exc), 2)
     except RunError as exc:
@@ -92,9 +101,17 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, demo: b
         _fail("interrupted; nothing new was saved (a run's last complete checkpoint, if any, is intact)", 130)
 
 
+def _execute(plan: Plan, resume: bool, overwrite: bool, use_existing_dir: bool, plan_file: Optional[str],
+             command: str) -> dict:
+    from .runner import execute
+
+    return execute(plan, resume=resume, overwrite=overwrite, console=_console(), use_existing_dir=use_existing_dir,
+                   plan_file=plan_file, command=command)
+
+
 @click.command("merge")
 @click.argument("adapter_dir", type=click.Path())
-@click.option("--output", "output", required=True, type=click.Path(file_okay=False),
+@click.option("--output", "output", required=True, type=click.Path(),
               help="Folder for the merged model (must not exist or be empty).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="dtype the base model is loaded and saved in.")
@@ -103,6 +120,9 @@ def merge_command(adapter_dir: str, output: str, dtype: str, trust_remote_code: 
     """Merge the LoRA adapter in ADAPTER_DIR into its base model and save a model directory that
     `AutoModelForCausalLM.from_pretrained` loads. The base (adapter_config.json's base_model_name_or_path) must be a
     local folder or in the local Hugging Face cache; a QLoRA adapter merges into the unquantized base."""
+    from . import outputs
+
+    outputs.quiet_library_logs()  # bitsandbytes speaks when peft imports it
     try:
         from .merge import merge_adapter
 

@@ -7,6 +7,7 @@ wrapped with get_peft_model here so SFTTrainer never sees a peft_config (it woul
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -22,6 +23,60 @@ def torch_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def stay_offline() -> None:
+    """Nothing is downloaded: every from_pretrained here is local_files_only, and peft's adapter loader, which
+    goes to the Hub when a local file is missing, reads huggingface_hub's offline switch at call time."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for processes started from here (ddp workers) and later imports
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # already imported: the flag was read from the environment then
+        constants.HF_HUB_OFFLINE = True
+
+
+def check_safetensors(path: str) -> None:
+    """A .safetensors file whose length is what its header says: an 8-byte little-endian header length, the JSON
+    header, then the tensors' bytes up to the largest data_offsets end. Catches a copy or download cut short in
+    milliseconds, before anything is loaded."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except OSError as exc:
+        raise RunError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise RunError(f"weights file {path} is truncated or corrupt ({size:,} bytes, no readable safetensors "
+                       f"header); copy or download it again")
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise RunError(f"weights file {path} is truncated ({size:,} of the {need:,} bytes its header describes); "
+                       f"copy or download it again")
+
+
+def check_weights(folder: str) -> None:
+    """Every shard the index names is there, and every .safetensors file is whole."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{index} is not valid JSON: {first_line(exc)}") from None
+        missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+        if missing:
+            raise RunError(f"weights file {os.path.join(folder, missing[0])} is missing (named in {index}"
+                           f"{f', with {len(missing) - 1} more' if len(missing) > 1 else ''})")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            check_safetensors(os.path.join(folder, name))
+
+
 def check_model_dir(folder: str, what: str) -> str:
     if not os.path.exists(folder):
         raise RunError(f"{what} {folder} does not exist")
@@ -31,7 +86,20 @@ def check_model_dir(folder: str, what: str) -> str:
         raise RunError(f"{what} {folder} holds no model (no config.json)")
     if not has_weights(folder):
         raise RunError(f"{what} {folder} holds no model weights (no *.safetensors or *.bin files)")
+    check_weights(folder)
     return folder
+
+
+def load_error(exc: BaseException, model_dir: str) -> Optional[RunError]:
+    """The one-line error for a model that fails to load from MODEL_DIR, or None for a failure that is a bug."""
+    if isinstance(exc, ImportError):
+        return RunError(f"cannot load the model from {model_dir}: {exc}")
+    if isinstance(exc, (OSError, ValueError, KeyError)) or type(exc).__name__ == "SafetensorError":
+        return RunError(f"cannot load the model from {model_dir}: {first_line(exc)}")
+    if isinstance(exc, RuntimeError) and ("zip archive" in str(exc) or "PytorchStreamReader" in str(exc)):
+        return RunError(f"cannot load the model from {model_dir}: a weights file is truncated or corrupt "
+                        f"({first_line(exc)})")
+    return None
 
 
 def resolve_model_dir(path: Optional[str], hub_id: Optional[str] = None, what: str = "model path") -> str:
@@ -99,11 +167,11 @@ def load_base_model(plan, model_dir: str, device_map: Optional[dict] = None):
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except ImportError as exc:
-        raise RunError(f"cannot load the model from {model_dir}: {exc}") from None
-    except (OSError, ValueError, KeyError) as exc:
-        first = first_line(exc)
-        raise RunError(f"cannot load the model from {model_dir}: {first}") from None
+    except Exception as exc:
+        error = load_error(exc, model_dir)
+        if error is None:
+            raise
+        raise error from None
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model
 

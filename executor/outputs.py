@@ -8,18 +8,29 @@ Layout under plan.output_dir:
     metrics.jsonl     one JSON object per logged step
     summary.json      the run's outcome: predicted vs observed memory, tokens/s, wall time, paths
     dataset_fingerprint.json  size and sha256 of the dataset (and eval) file the run started with
+    run.log           library messages the user can do nothing about (kept out of the terminal)
+    .loraplan-run.json  the marker: loraplan made (or was allowed to use) this folder
+    .loraplan.lock    exists while a `run` holds the folder (an OS lock; its text names the holder)
+
+Only these names are ever written or removed: the folder may hold the user's own files beside them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
-from typing import Any, Optional
+import socket
+import time
+from typing import Any, Iterator, Optional
 
-from planner.errors import PlanError
+from planner.errors import PlanError, first_line
 from planner.plan import Plan, atomic_write_text
 
 from .errors import RunError
@@ -30,6 +41,12 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
 COMPLETE_MARKER = "COMPLETE"
 FINGERPRINT_FILE = "dataset_fingerprint.json"
+RUN_LOG = "run.log"
+MARKER_FILE = ".loraplan-run.json"
+LOCK_FILE = ".loraplan.lock"
+# What a run writes at the top of its folder, checkpoint-N/ aside (launch.log and .worker-error.json: ddp only).
+RUN_NAMES = (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, ADAPTER_DIR + ".tmp", ADAPTER_DIR + ".old",
+             RUN_LOG, "launch.log", ".worker-error.json", "dataset_fingerprint.json")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Plan fields that do not change what is trained (the estimate, the explanation, bookkeeping, where logs go):
@@ -285,14 +302,14 @@ def prepare_output_dir(plan: Plan, *, resume: bool, overwrite: bool) -> Optional
 
 
 def clear_run(output_dir: str) -> None:
-    """Remove what a run writes (and nothing else the user may keep in the folder)."""
+    """Remove what a run writes (and nothing else the user may keep in the folder: a README.md there is theirs)."""
     for _, path, _ in checkpoints(output_dir):
         shutil.rmtree(path, ignore_errors=True)
-    for name in (ADAPTER_DIR, ADAPTER_DIR + ".tmp", ADAPTER_DIR + ".old"):
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    for name in (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, "README.md", "launch.log", ".worker-error.json"):
+    for name in RUN_NAMES:
         path = os.path.join(output_dir, name)
-        if os.path.exists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
             os.unlink(path)
 
 
@@ -341,3 +358,311 @@ def check_and_record_datasets(plan: Plan, *, resuming: bool) -> None:
         if before == now:
             return
     write_json(record, now)
+# --- the folder itself: created with a one-line error, held by one process, claimed with a marker -------------------
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def make_output_dir(path: str, what: str = "output dir") -> None:
+    """Create PATH (and its parents), or fail with one line naming it and why (a file in the way, a read-only
+    or virtual file system, no permission). Nothing else is touched."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise RunError(f"{what} {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        return
+    except OSError as exc:
+        cause = exc.strerror or first_line(exc)
+        anc = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+        if os.path.lexists(anc) and not os.path.isdir(anc):
+            cause = f"{anc} is a file, not a folder"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            cause = f"{anc} is not writable ({exc.strerror})"
+        else:
+            cause = f"{cause} (creating it under {anc})"
+        raise RunError(f"cannot create {what} {path}: {cause}") from None
+
+
+def _read_holder(lock_path: str) -> str:
+    try:
+        with open(lock_path, encoding="utf-8") as f:
+            h = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        h = {}
+    if not h.get("pid"):
+        return "another loraplan process"
+    return f"`{h.get('command', 'loraplan')}` (pid {h['pid']} on {h.get('host', '?')}, since {h.get('started', '?')})"
+
+
+class _Held:
+    def __init__(self, fd: Optional[int], path: str):
+        self.fd, self.path, self.depth = fd, path, 1
+
+
+_HELD: dict[str, _Held] = {}
+
+
+@contextlib.contextmanager
+def lock_output_dir(path: str, command: str, what: str = "output dir", flag: str = "--output-dir") -> Iterator[None]:
+    """Hold PATH for one process: create the folder, then take an OS lock (flock) on PATH/.loraplan.lock, whose
+    text names the holder. A second process is refused with one line naming the holder; a lock file left by a
+    killed process does not block (the kernel released its lock). Re-entrant within one process (the demo takes
+    it before building its model, `execute` again). The lock's descriptor is not inherited, so ddp workers,
+    which never take it, cannot hold it past the parent."""
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key].depth += 1
+        try:
+            yield
+        finally:
+            _HELD[key].depth -= 1
+        return
+    make_output_dir(path, what)
+    lock_path = os.path.join(path, LOCK_FILE)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunError(f"cannot write to {what} {path}: {exc.strerror or first_line(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"{what} {path} is in use by {_read_holder(lock_path)}; wait for it to finish or "
+                           f"choose another {flag}") from None
+        except OSError:  # a file system without locks (rare): run unguarded rather than not at all
+            os.close(fd)
+            fd = None
+            break
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    if fd is not None:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    _HELD[key] = held = _Held(fd, lock_path)
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        if held.fd is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(held.path).st_ino == os.fstat(held.fd).st_ino:
+                    os.unlink(held.path)  # while still locked: whoever opened it before sees it is gone
+            os.close(held.fd)
+
+
+def _marker_path(path: str) -> str:
+    return os.path.join(path, MARKER_FILE)
+
+
+def is_loraplan_dir(path: str) -> bool:
+    """A folder loraplan made or was allowed to use: it holds the marker, or (a run from before the marker
+    existed) a plan.yaml beside checkpoints or an adapter."""
+    if os.path.exists(_marker_path(path)):
+        return True
+    return os.path.exists(os.path.join(path, PLAN_FILE)) and _holds_run(path)
+
+
+def claim_output_dir(path: str, *, use_existing: bool = False, plan_file: Optional[str] = None,
+                     plan_text: Optional[str] = None, also_writes: tuple[str, ...] = ()) -> None:
+    """Decide whether a run may write into PATH (held with lock_output_dir) and mark it as loraplan's.
+
+    - empty (or holding only the plan file being run, exactly as the run would write it): claimed;
+    - loraplan's (the marker): the run rules of prepare_output_dir apply;
+    - anything else: refused, unless use_existing; even then refused when a name the run writes is already
+      there (the user's plan.yaml, README.md stays as it is since nothing writes it).
+    """
+    entries = check_claim(path, use_existing=use_existing, plan_file=plan_file, plan_text=plan_text,
+                          also_writes=also_writes)
+    if not os.path.exists(_marker_path(path)):
+        write_json(_marker_path(path), {"created_by": "loraplan run", "claimed": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                        "existing_files": entries})
+
+
+def check_claim(path: str, *, use_existing: bool = False, plan_file: Optional[str] = None,
+                plan_text: Optional[str] = None, also_writes: tuple[str, ...] = ()) -> list[str]:
+    """claim_output_dir's decision, without writing anything: raises RunError when refused, else returns the
+    user's entries the run will write beside. Run once before the lock (a refused folder is not touched at all)
+    and again under it."""
+    if not os.path.isdir(path) or is_loraplan_dir(path):
+        return []
+    entries = sorted(e for e in os.listdir(path) if e != LOCK_FILE)
+    own_plan = os.path.join(path, PLAN_FILE)
+    if (PLAN_FILE in entries and plan_file and plan_text is not None and os.path.isfile(plan_file)
+            and os.path.samefile(plan_file, own_plan) and _same_text(own_plan, plan_text)):
+        entries.remove(PLAN_FILE)  # the plan being run, where `loraplan plan` put it: the run leaves it as it is
+    if entries:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        if not use_existing:
+            raise RunError(f"output dir {path} is not empty and was not made by loraplan (it holds {shown}); "
+                           f"choose a new or empty folder, or pass --use-existing-dir to write the run beside "
+                           f"those files")
+        names = set(RUN_NAMES) | set(also_writes)
+        clash = [e for e in entries if e in names or _CHECKPOINT_RE.match(e)]
+        if clash:
+            raise RunError(f"output dir {path} already holds {', '.join(clash)}, which the run would replace "
+                           f"and loraplan did not write; move them or choose another folder")
+    return entries
+
+
+def _same_text(path: str, text: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read() == text.encode("utf-8")
+    except OSError:
+        return False
+
+
+def save_plan(plan: Plan, path: str) -> None:
+    """Write the run's plan.yaml unless it already holds exactly this plan (e.g. `run out/plan.yaml --resume`):
+    the user's file is left byte for byte as it was."""
+    text = plan.to_yaml()
+    if not _same_text(path, text):
+        atomic_write_text(path, text)
+
+
+# --- a full disk -------------------------------------------------------------------------------------------------
+
+_DISK_FULL_TEXT = ("no space left on device", "storagefull", "disk quota exceeded", "iostream error",
+                   "file write failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC as the savers raise it: OSError errno 28 (Python, torch), safetensors' `IoError(... StorageFull)`,
+    torch's C++ writer (`basic_ios::clear: iostream error`, `PytorchStreamWriter failed writing file`)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def disk_full_message(output_dir: str, step: int) -> str:
+    """One line: the disk is full, how much is free, what was being saved, which checkpoint is the last complete one.
+    A half-written adapter.tmp is removed (it frees space and nothing reads it); a half-written checkpoint stays
+    unmarked, so resume skips it."""
+    partial = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, ADAPTER_DIR + ".tmp")
+    if os.path.isdir(partial) and not os.path.exists(os.path.join(partial, COMPLETE_MARKER)):
+        what = f"checkpoint {partial}"
+    elif os.path.isdir(tmp):
+        what = "the adapter"
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        what = "the run's files"
+    try:
+        free = format_bytes(shutil.disk_usage(output_dir).free)
+    except OSError:
+        free = "unknown"
+    latest = latest_complete_checkpoint(output_dir)
+    kept = (f"the last complete checkpoint is {latest[1]}; free some space and continue with "
+            f"`loraplan run {os.path.join(output_dir, PLAN_FILE)} --resume`" if latest
+            else "no checkpoint is complete yet")
+    return f"the disk is full: saving {what} failed ({free} free in {output_dir}); {kept}"
+
+
+# --- library chatter -----------------------------------------------------------------------------------------------
+
+# Loggers whose messages the user can do nothing about, e.g. bitsandbytes' "Failed to load CPU gemm_4bit_forward
+# from kernels-community" (bitsandbytes/backends/cpu/ops.py, logger.warning at import, shown by logging's
+# last-resort handler on stderr). They go to the run's log file instead of the terminal.
+QUIET_LOGGERS = ("bitsandbytes",)
+
+
+class _LibraryLog(logging.Handler):
+    """Holds records until a log file is attached (the messages come at import, before the folder exists)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.pending: list[logging.LogRecord] = []
+        self.file: Optional[logging.Handler] = None
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.emit(record)
+        else:
+            self.pending = (self.pending + [record])[-200:]
+
+
+_LIBRARY_LOG: Optional[_LibraryLog] = None
+
+
+def quiet_library_logs() -> None:
+    """Route QUIET_LOGGERS away from the terminal; call before the libraries are imported. Idempotent."""
+    global _LIBRARY_LOG
+    if _LIBRARY_LOG is None:
+        _LIBRARY_LOG = _LibraryLog()
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LIBRARY_LOG not in logger.handlers:
+            logger.addHandler(_LIBRARY_LOG)
+        logger.propagate = False
+    import warnings
+
+    if not getattr(warnings.showwarning, "_loraplan", False):  # e.g. "Paged optimizers are not supported on CPU"
+        shown = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            package = next((n for n in QUIET_LOGGERS if f"{os.sep}{n}{os.sep}" in str(filename)), None)
+            if package is None:
+                return shown(message, category, filename, lineno, file, line)
+            logging.getLogger(package).warning("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+        showwarning._loraplan = True  # type: ignore[attr-defined]
+        warnings.showwarning = showwarning
+
+
+@contextlib.contextmanager
+def library_log_file(path: str) -> Iterator[None]:
+    """While inside, the routed messages (and those held since start) are appended to PATH. A file that cannot be
+    written only loses these messages."""
+    quiet_library_logs()
+    log = _LIBRARY_LOG
+    if log is None or log.file is not None:
+        yield
+        return
+    handler = None
+    if log.pending:
+        try:
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError:
+            handler = None
+    else:
+        handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # no file unless something is said
+    if handler is not None:
+        handler.setFormatter(log.formatter)
+        for record in log.pending:
+            with contextlib.suppress(Exception):
+                handler.emit(record)
+        log.pending = []
+        log.file = handler
+    try:
+        yield
+    finally:
+        log.file = None
+        if handler is not None:
+            handler.close()

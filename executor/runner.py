@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 from planner.plan import Plan
 
 from . import outputs
-from .errors import require_run_extra
+from .errors import TrainingFailed, require_run_extra
+from .model import stay_offline
 
 
 def check_inputs(plan: Plan) -> None:
@@ -26,15 +28,40 @@ def needs_bitsandbytes(plan: Plan) -> bool:
     return plan.quantization.enabled or plan.training.optimizer != "adamw"
 
 
-def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    """Run a plan end to end; returns the summary. Raises RunError (and subclasses) for one-line failures."""
+def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None,
+            use_existing_dir: bool = False, plan_file: Optional[str] = None, command: str = "loraplan run") -> dict:
+    """Run a plan end to end; returns the summary. Raises RunError (and subclasses) for one-line failures.
+
+    The output folder is held (lock_output_dir) from before anything is written there until the summary is: a
+    second run, --overwrite or --resume into it is refused meanwhile. PLAN_FILE, the file the plan came from, is
+    never rewritten when it is the folder's own plan.yaml and already says what will run."""
     t0 = time.perf_counter()
+    outputs.quiet_library_logs()  # before the training stack is imported: bitsandbytes speaks at import
+    stay_offline()
     require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
     check_inputs(plan)  # first: --overwrite must not delete a run for a plan that cannot start
-    resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
-    os.makedirs(plan.output_dir, exist_ok=True)
-    outputs.check_and_record_datasets(plan, resuming=resume_from is not None)
-    plan.save(os.path.join(plan.output_dir, outputs.PLAN_FILE))
+    out = plan.output_dir
+    claim = dict(use_existing=use_existing_dir, plan_file=plan_file, plan_text=plan.to_yaml())
+    outputs.check_claim(out, **claim)  # a folder that is not loraplan's is refused before the lock file is made
+    with outputs.lock_output_dir(out, command):
+        outputs.claim_output_dir(out, **claim)
+        resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
+        try:
+            outputs.check_and_record_datasets(plan, resuming=resume_from is not None)
+            outputs.save_plan(plan, os.path.join(out, outputs.PLAN_FILE))
+            with outputs.library_log_file(os.path.join(out, outputs.RUN_LOG)):
+                summary = _train(plan, resume_from, console, resume)
+            # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
+            summary["wall_s"] = time.perf_counter() - t0
+            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary)
+        except OSError as exc:  # plan.yaml or summary.json on a full disk (training's own saves say so in train.py)
+            if not outputs.is_disk_full(exc):
+                raise
+            raise TrainingFailed(outputs.disk_full_message(out, step=-1)) from None
+    return summary
+
+
+def _train(plan: Plan, resume_from, console, resume: bool) -> dict:
     if console is not None:
         where = f" from checkpoint {resume_from[1]}" if resume_from else ""
         console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}"
@@ -52,12 +79,7 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     if plan.strategy == "ddp" and plan.hardware.num_gpus > 1:
         from .launch import launch_ddp
 
-        summary = launch_ddp(plan, resume_from[1] if resume_from else None, console)
-    else:
-        from .train import train_plan
+        return launch_ddp(plan, resume_from[1] if resume_from else None, console)
+    from .train import train_plan
 
-        summary = train_plan(plan, resume_from[1] if resume_from else None, console=console, foreground=True)
-    # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
-    summary["wall_s"] = time.perf_counter() - t0
-    outputs.write_json(os.path.join(plan.output_dir, outputs.SUMMARY_FILE), summary)
-    return summary
+    return train_plan(plan, resume_from[1] if resume_from else None, console=console, foreground=True)

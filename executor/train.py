@@ -307,6 +307,10 @@ def _trainer_class():
             self.keep_checkpoints = keep_checkpoints
             super().__init__(*args, **kwargs)
 
+        def create_model_card(self, *args, **kwargs):
+            """trl writes a README.md model card into output_dir before every checkpoint: the run's folder may
+            hold the user's own README.md, and a run writes only its own files (peft's adapter/README.md stays)."""
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.plan_loss == "full":
                 inputs = {**inputs, "use_cache": False}
@@ -512,6 +516,10 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
                                metrics_path=metrics_path, t0=t0, finished=finished, cadence=cadence)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped by a second signal; the last complete checkpoint in {out} is intact") from None
+    except Exception as exc:  # a checkpoint or the adapter on a full disk: one line, the last good checkpoint kept
+        if isinstance(exc, RunError) or not outputs.is_disk_full(exc):
+            raise
+        raise TrainingFailed(outputs.disk_full_message(out, trainer.state.global_step)) from None
     finally:
         flag.restore()
         if progress is not None:
