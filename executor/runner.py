@@ -6,6 +6,7 @@ import os
 import time
 from typing import Optional
 
+from planner.options import OPTIMIZERS
 from planner.plan import Plan
 
 from . import outputs
@@ -25,7 +26,7 @@ def check_inputs(plan: Plan) -> None:
 
 
 def needs_bitsandbytes(plan: Plan) -> bool:
-    return plan.quantization.enabled or plan.training.optimizer != "adamw"
+    return plan.quantization.enabled or OPTIMIZERS[plan.training.optimizer].needs_bitsandbytes
 
 
 def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None,

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from planner.options import OPTIMIZERS
 from planner.plan import Plan
 
 from . import outputs
@@ -22,7 +23,6 @@ from .errors import Interrupted, RunError, TrainingFailed
 GIB = 2**30
 
 # plan.training.optimizer -> transformers' `optim` name
-OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit"}
 
 
 @dataclass
@@ -352,7 +352,7 @@ def sft_config(plan: Plan, place: Placement, has_eval: bool):
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=OPTIMIZERS[t.optimizer],
+        optim=OPTIMIZERS[t.optimizer].hf_name,  # transformers' name for it (planner.options)
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.dtype == "bfloat16",
