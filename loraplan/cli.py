@@ -14,6 +14,20 @@ from planner import options as O
 EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class SeqLen(click.ParamType):
+    """A number of tokens, or `max`: the longest the card fits."""
+
+    name = "TOKENS|max"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "max":
+            return value if isinstance(value, int) else "max"
+        try:
+            return int(str(value).replace(",", "").replace("_", ""))
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of tokens nor max", param, ctx)
+
+
 class LazyGroup(click.Group):
     """Sub-commands that live in the executor are imported only when invoked, so `loraplan plan` never
     imports torch (or anything else the executor needs)."""
@@ -76,7 +90,9 @@ def main() -> None:
 @click.option("--targets", default=None, metavar="LIST",
               help="Comma list of q,k,v,o,gate,up,down (or module names), or all-linear. "
                    "Default: q,k,v,o,gate,up,down or the architecture's equivalents (fused qkv_proj, experts).")
-@click.option("--seq-len", type=int, default=O.default("seq_len"), show_default=True, help="Tokens per sequence.")
+@click.option("--seq-len", type=SeqLen(), default=O.default("seq_len"), show_default=True,
+              help=f"Tokens per sequence, or max: the longest multiple of {O.SEQ_LEN_STEP} that fits (with the "
+                   "savers --savers allows; by default the offloads and MLP tiling), shown for every card.")
 @click.option("--batch-size", type=int, default=None, help="Fixed micro-batch per GPU (default: the largest that fits).")
 @click.option("--global-batch-size", type=int, default=None,
               help=f"Sequences per optimizer step over all GPUs (default {O.default('global_batch_size')}); "
@@ -85,6 +101,16 @@ def main() -> None:
               default=O.default("gradient_checkpointing"), show_default=True, help="auto: only when needed to fit.")
 @click.option("--optimizer", type=click.Choice(tuple(O.OPTIMIZERS)), default=O.default("optimizer"),
               show_default=True)
+@click.option("--savers", default=None, metavar="LIST",
+              help="Memory savers the plan may use, a comma list applied left to right: NAME (on), NAME=auto|on|off, "
+                   "no-NAME (off), or auto (all auto) / none. Names: "
+                   + ", ".join(n.replace("_", "-") for n in O.SAVERS)
+                   + ". Default: none for a fixed --seq-len; for --seq-len max "
+                   + ", ".join(n.replace("_", "-") for n, m in O.saver_defaults(True).items() if m == "auto")
+                   + " (docs/memory-model.md, Savers).")
+@click.option("--host-memory", default=None, metavar="SIZE",
+              help="RAM of the machine that will run the plan (e.g. 64GiB), for the savers' pinned host memory "
+                   "(default: this machine's RAM).")
 @click.option("--loss", type=click.Choice(O.LOSSES), default=O.default("loss"), show_default=True,
               help="fused: LM head + cross-entropy in chunks, as trl's SFTTrainer (what `run` does); "
                    "full: the model's own loss over materialized fp32 logits, as a plain training loop.")
@@ -102,8 +128,8 @@ def main() -> None:
 @click.option("--no-fit-table", is_flag=True, help="Skip the table across catalog cards.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every fact (docs/plan-json.md).")
 def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dropout, targets, seq_len, batch_size,
-                 global_batch_size, grad_checkpointing, optimizer, loss, dataset, output, output_dir, learning_rate,
-                 epochs, max_steps, train_tokens, trust_remote_code, no_fit_table, as_json) -> None:
+                 global_batch_size, grad_checkpointing, optimizer, savers, host_memory, loss, dataset, output, output_dir,
+                 learning_rate, epochs, max_steps, train_tokens, trust_remote_code, no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
     in the local Hugging Face cache.
 
@@ -117,7 +143,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, method, rank, alpha, dro
         dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
         grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, output_dir=output_dir,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
-        trust_remote_code=trust_remote_code, fit_table=not no_fit_table,
+        trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers, host_memory=host_memory,
     )
     try:
         res = make_plan(req)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .catalog import gpus, hardware_from_entry
-from .decide import choose
+from .decide import choose, longest_seq_len
 from .estimate import estimate
 from .request import Resolved
 from .strategies import strategy_for
@@ -26,9 +26,17 @@ class FitRow:
     per_gpu_gib: float  # the choice's peak, or the smallest configuration's when nothing fits
     headroom_gib: float  # memory_gib - per_gpu_gib (negative: over the card; fitting also keeps the safety margin)
     tokens_per_s: Optional[float]
+    # only when the request involves savers / asks --seq-len max (left out of to_dict otherwise)
+    savers: Optional[list[str]] = None  # the savers the choice uses
+    host_gib: Optional[float] = None  # their pinned host memory
+    longest_seq_len: Optional[int] = None  # --seq-len max: the longest context on this card (0: none fits)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("savers", "host_gib", "longest_seq_len"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def fit_table(r: Resolved) -> list[FitRow]:
@@ -38,6 +46,10 @@ def fit_table(r: Resolved) -> list[FitRow]:
         hw = hardware_from_entry(key, entry, r.hardware.num_gpus)
         on_card = dataclasses.replace(r, hardware=hw, strategy=strategy_for(hw), per_gpu_batch=per_gpu,
                                       dtype="bfloat16" if hw.bf16 else "float16")
+        longest = None
+        if r.seq_len_max:  # each card's own longest context
+            longest = longest_seq_len(on_card) or 0
+            on_card = dataclasses.replace(on_card, seq_len=longest or r.seq_len)
         choice, smallest = choose(on_card)
         c = choice or smallest
         rows.append(FitRow(
@@ -46,5 +58,7 @@ def fit_table(r: Resolved) -> list[FitRow]:
             grad_checkpointing=c.grad_checkpointing if choice else None, per_gpu_gib=c.peak_gib,
             headroom_gib=hw.memory_gib - c.peak_gib,
             tokens_per_s=estimate(on_card, c).tokens_per_s if choice else None,
+            savers=list(c.savers.names) if r.uses_savers and choice else None,
+            host_gib=c.host_gib if r.uses_savers and choice else None, longest_seq_len=longest,
         ))
     return rows

@@ -62,6 +62,39 @@ def _hours(h: float) -> str:
     return f"{h / 24:.1f} days"
 
 
+# short names for the fit table's savers column
+SAVER_SHORT = {"layer_checkpointing": "every-n", "offload_checkpoints": "offload", "offload_activations": "offload-trl",
+               "mlp_tiling": "tiled-mlp", "padding_free": "packed"}
+
+
+def _savers_tables(res: PlanResult, console: Console) -> None:
+    """Pinned host memory, and what each saver of the plan buys (GPU GiB saved, host GiB, slowdown)."""
+    effects = res.saver_effects()
+    if res.host_terms:
+        r = res.resolved
+        host = new_table(f"Host memory: {r.host_note}, {r.usable_host_gib:.1f} GiB usable for pinned memory")
+        key_column(host, "term")
+        key_column(host, "GiB", justify="right")
+        text_column(host, "formula", style="dim")
+        for term in res.host_terms:
+            host.add_row(term.name, f"{term.gib:.2f}", term.formula)
+        host.caption = "pinned (page-locked) host memory the offload holds for the step; the process itself needs more"
+        host.caption_justify = "left"
+        print_table(console, host)
+    if not effects:
+        return
+    buys = new_table("What each saver buys on this plan")
+    key_column(buys, "saver")
+    for col in ("GPU GiB\nsaved", "host\nGiB", "slowdown"):
+        key_column(buys, col, justify="right")
+    text_column(buys, "how `run` applies it, and where the speed figure comes from")
+    for e in effects:
+        slow = f"{e.slowdown - 1:+.1%}"
+        buys.add_row(e.name, f"{e.gib_saved:+.2f}".replace("+", "") if e.gib_saved >= 0 else f"{e.gib_saved:.2f}",
+                     f"{e.host_gib:.2f}", slow, f"{e.applied_by}. Speed: {e.speed_source}")
+    print_table(console, buys)
+
+
 def render(res: PlanResult, console: Console) -> None:
     plan, a = res.plan, res.arch
     t = plan.training
@@ -109,6 +142,7 @@ def render(res: PlanResult, console: Console) -> None:
                     f"over the usable {res.usable_gib:.1f} GiB ({plan.hardware.memory_gib:.1f} GiB less a "
                     f"{plan.prediction.margin:.0%} margin)")
     print_table(console, mem)
+    _savers_tables(res, console)
 
     dec = new_table("Decision" if res.feasible else "Closest configuration tried (does not fit)")
     key_column(dec, "setting", style="bold")
@@ -123,7 +157,12 @@ def render(res: PlanResult, console: Console) -> None:
     dec.add_row("learning rate", f"{t.learning_rate:g}", r.get("learning_rate", ""))
     dec.add_row("epochs", f"{t.num_epochs:g}" if t.max_steps < 0 else f"max_steps {t.max_steps}", r.get("num_epochs", ""))
     dec.add_row("warmup", f"{t.warmup_ratio:.0%}, {t.lr_scheduler}", r.get("warmup_ratio", ""))
-    dec.add_row("sequence length", str(t.seq_len), "")
+    dec.add_row("sequence length", str(t.seq_len), r.get("seq_len", ""))
+    if "savers" in r:
+        names = plan.savers.names
+        value = ", ".join(f"every {plan.savers.every_n_layers} layers" if n == "layer_checkpointing" else n
+                          for n in names) or "none"
+        dec.add_row("memory savers", value, r["savers"])
     dec.add_row("loss / optimizer", f"{t.loss} / {t.optimizer}", plan.assumptions.get("loss", ""))
     if "targets" in r:
         dec.add_row("targets", ", ".join(plan.lora.target_modules + plan.lora.target_parameters), r["targets"])
@@ -144,10 +183,14 @@ def render(res: PlanResult, console: Console) -> None:
         if est.tokens_per_s or res.dataset is not None:
             console.print()
         margin = plan.prediction.margin
-        ft = new_table("Across the catalog's cards (same request)")
-        for col in ("card", "memory\nGiB", "fits", "method", "micro-\nbatch", "grad\nckpt", "peak\nGiB", "headroom\nGiB",
-                    "tokens/s"):
-            key_column(ft, col, justify="left" if col in ("card", "fits", "method") else "right")
+        longest = any(row.longest_seq_len is not None for row in res.fit_table)
+        with_savers = any(row.savers is not None for row in res.fit_table)
+        ft = new_table("Across the catalog's cards (same request" + (", each at its longest context)" if longest else ")"))
+        cols = ["card", "memory\nGiB", "fits"] + (["longest\ncontext"] if longest else []) + [
+            "method", "micro-\nbatch", "grad\nckpt"] + (["savers", "host\nGiB"] if with_savers else []) + [
+            "peak\nGiB", "headroom\nGiB", "tokens/s"]
+        for col in cols:
+            key_column(ft, col, justify="left" if col in ("card", "fits", "method", "savers") else "right")
         short = False
         for row in res.fit_table:
             ok = row.fits
@@ -156,13 +199,16 @@ def render(res: PlanResult, console: Console) -> None:
             else:  # what it lacks against the usable memory, the bound fitting is judged by
                 room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
                 short = True
-            ft.add_row(
-                row.gpu, f"{row.memory_gib:.1f}", "[green]yes" if ok else "[red]no",
-                (row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
-                ("on" if row.grad_checkpointing else "off") if ok else "-",
-                f"{row.per_gpu_gib:.1f}", room,
-                f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
-            )
+            cells = [row.gpu, f"{row.memory_gib:.1f}", "[green]yes" if ok else "[red]no"]
+            if longest:
+                cells.append(f"{row.longest_seq_len:,}" if row.longest_seq_len else "-")
+            cells += [(row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
+                      ("on" if row.grad_checkpointing else "off") if ok else "-"]
+            if with_savers:
+                cells += ["+".join(SAVER_SHORT[n] for n in row.savers or []) or "-" if ok else "-",
+                          f"{row.host_gib:.1f}" if ok and row.host_gib else "-"]
+            cells += [f"{row.per_gpu_gib:.1f}", room, f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-"]
+            ft.add_row(*cells)
         if short:
             ft.caption = (f"peak: the smallest configuration tried where it does not fit; short: GiB over the usable "
                           f"memory (the card's less a {margin:.0%} safety margin)")
@@ -174,8 +220,12 @@ def render(res: PlanResult, console: Console) -> None:
     for warning in res.warnings:
         console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
     if res.feasible:
-        console.print(f"[bold green]FITS[/bold green] on {plan.hardware.num_gpus} x {plan.hardware.gpu_name}: "
-                      f"{total:.1f} of {plan.hardware.memory_gib:.1f} GiB per GPU, {head:.1f} GiB headroom")
+        longest = f"the longest context, {t.seq_len:,} tokens, " if res.resolved is not None and res.resolved.seq_len_max else ""
+        savers = (f", with {', '.join(plan.savers.names)}" if plan.savers.names else "")
+        host = f" and {res.host_gib:.1f} GiB of pinned host memory" if res.host_terms else ""
+        console.print(f"[bold green]FITS[/bold green]{': ' + longest.rstrip(', ') if longest else ''} on "
+                      f"{plan.hardware.num_gpus} x {plan.hardware.gpu_name}{savers}: {total:.1f} of "
+                      f"{plan.hardware.memory_gib:.1f} GiB per GPU{host}, {head:.1f} GiB headroom")
     else:
         console.print(f"[bold red]DOES NOT FIT[/bold red] on {plan.hardware.gpu_name}. What would:")
         for s in res.suggestions:
