@@ -87,11 +87,15 @@ def _savers_tables(res: PlanResult, console: Console) -> None:
     key_column(buys, "saver")
     for col in ("GPU GiB\nsaved", "host\nGiB", "slowdown"):
         key_column(buys, col, justify="right")
-    text_column(buys, "how `run` applies it, and where the speed figure comes from")
+    text_column(buys, "how `run` applies it (speed figure)")
     for e in effects:
-        slow = f"{e.slowdown - 1:+.1%}"
-        buys.add_row(e.name, f"{e.gib_saved:+.2f}".replace("+", "") if e.gib_saved >= 0 else f"{e.gib_saved:.2f}",
-                     f"{e.host_gib:.2f}", slow, f"{e.applied_by}. Speed: {e.speed_source}")
+        from .savers import SAVERS
+
+        how = e.speed_source.split(":", 1)[0]  # derived | cited: the sources are in --json and tables/savers.yaml
+        buys.add_row(e.name, f"{e.gib_saved:.2f}", f"{e.host_gib:.2f}", f"{e.slowdown - 1:+.1%}",
+                     f"{SAVERS[e.name].applied_short} ({how})")
+    buys.caption = "slowdown: time per token against the same plan without that saver; sources: --json, tables/savers.yaml"
+    buys.caption_justify = "left"
     print_table(console, buys)
 
 
@@ -185,34 +189,50 @@ def render(res: PlanResult, console: Console) -> None:
         margin = plan.prediction.margin
         longest = any(row.longest_seq_len is not None for row in res.fit_table)
         with_savers = any(row.savers is not None for row in res.fit_table)
-        ft = new_table("Across the catalog's cards (same request" + (", each at its longest context)" if longest else ")"))
-        cols = ["card", "memory\nGiB", "fits"] + (["longest\ncontext"] if longest else []) + [
-            "method", "micro-\nbatch", "grad\nckpt"] + (["savers", "host\nGiB"] if with_savers else []) + [
-            "peak\nGiB", "headroom\nGiB", "tokens/s"]
-        for col in cols:
-            key_column(ft, col, justify="left" if col in ("card", "fits", "method", "savers") else "right")
-        short = False
-        for row in res.fit_table:
-            ok = row.fits
-            if ok:
-                room = f"{row.headroom_gib:.1f}"
-            else:  # what it lacks against the usable memory, the bound fitting is judged by
-                room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
-                short = True
-            cells = [row.gpu, f"{row.memory_gib:.1f}", "[green]yes" if ok else "[red]no"]
-            if longest:
-                cells.append(f"{row.longest_seq_len:,}" if row.longest_seq_len else "-")
-            cells += [(row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
-                      ("on" if row.grad_checkpointing else "off") if ok else "-"]
-            if with_savers:
-                cells += ["+".join(SAVER_SHORT[n] for n in row.savers or []) or "-" if ok else "-",
-                          f"{row.host_gib:.1f}" if ok and row.host_gib else "-"]
-            cells += [f"{row.per_gpu_gib:.1f}", room, f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-"]
-            ft.add_row(*cells)
-        if short:
-            ft.caption = (f"peak: the smallest configuration tried where it does not fit; short: GiB over the usable "
-                          f"memory (the card's less a {margin:.0%} safety margin)")
-            ft.caption_justify = "left"
+
+        def fit_table(narrow: bool):
+            """The fit table; `narrow` leaves out the columns a savers/longest-context table can spare."""
+            spare = {"micro-\nbatch", "grad\nckpt", "host\nGiB", "headroom\nGiB"} if narrow else set()
+            ft = new_table("Across the catalog's cards (same request" + (", each at its longest context)" if longest else ")"))
+            cols = ["card", "memory\nGiB", "fits"] + (["longest\ncontext"] if longest else []) + [
+                "method", "micro-\nbatch", "grad\nckpt"] + (["savers", "host\nGiB"] if with_savers else []) + [
+                "peak\nGiB", "headroom\nGiB", "tokens/s"]
+            cols = [c for c in cols if c not in spare]
+            for col in cols:
+                key_column(ft, col, justify="left" if col in ("card", "fits", "method", "savers") else "right")
+            short = False
+            for row in res.fit_table:
+                ok = row.fits
+                if ok:
+                    room = f"{row.headroom_gib:.1f}"
+                else:  # what it lacks against the usable memory, the bound fitting is judged by
+                    room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
+                    short = True
+                cell = {
+                    "card": row.gpu, "memory\nGiB": f"{row.memory_gib:.1f}", "fits": "[green]yes" if ok else "[red]no",
+                    "longest\ncontext": f"{row.longest_seq_len:,}" if row.longest_seq_len else "-",
+                    "method": (row.method or "").upper() if ok else "-",
+                    "micro-\nbatch": str(row.micro_batch_size) if ok else "-",
+                    "grad\nckpt": ("on" if row.grad_checkpointing else "off") if ok else "-",
+                    "savers": ("+".join(SAVER_SHORT[n] for n in row.savers or []) or "-") if ok else "-",
+                    "host\nGiB": f"{row.host_gib:.1f}" if ok and row.host_gib else "-",
+                    "peak\nGiB": f"{row.per_gpu_gib:.1f}", "headroom\nGiB": room,
+                    "tokens/s": f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
+                }
+                ft.add_row(*[cell[c] for c in cols])
+            captions = []
+            if short:
+                captions.append(f"peak: the smallest configuration tried where it does not fit; short: GiB over the "
+                                f"usable memory (the card's less a {margin:.0%} safety margin)")
+            if narrow:
+                captions.append("micro-batch, checkpointing, host GiB and headroom: --json, or a wider terminal")
+            if captions:
+                ft.caption, ft.caption_justify = "\n".join(captions), "left"
+            return ft
+
+        ft = fit_table(narrow=False)
+        if (longest or with_savers) and min_width(console, ft) > console.width:
+            ft = fit_table(narrow=True)
         print_table(console, ft)
 
     if res.hardware_note:

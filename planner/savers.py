@@ -178,6 +178,10 @@ class Saver:
     def applied_by(self) -> str:
         return " ".join(self.coefficients["applied_by"].split())
 
+    @property
+    def applied_short(self) -> str:
+        return self.coefficients["applied_short"]
+
 
 SAVERS: dict[str, Saver] = {s.name: s for s in (
     Saver("layer_checkpointing", "checkpoint every n-th decoder layer only; the others keep their activations",

@@ -97,6 +97,16 @@ def test_the_table_shows_the_longest_context_the_savers_and_the_host_memory():
         assert words in text, words
 
 
+@pytest.mark.parametrize("columns", [80, 120])
+def test_the_longest_context_tables_fit_the_terminal(columns):
+    out = CliRunner(env={"COLUMNS": str(columns)}).invoke(
+        main, ["plan", MODEL, "--gpu", "rtx-4090", "--method", "qlora", "--seq-len", "max", "--host-memory", "64GiB"])
+    assert out.exit_code == 0
+    assert "…" not in out.output
+    assert not [line for line in out.output.splitlines() if len(line.rstrip()) > columns]
+    assert "61,696" in out.output and "rtx-4090" in out.output
+
+
 @pytest.mark.parametrize("bad, message", [("maxx", "neither a number of tokens nor max"),
                                           ("0", "--seq-len must be a positive integer")])
 def test_bad_seq_len_is_one_line_exit_2(bad, message):
