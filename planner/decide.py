@@ -21,6 +21,7 @@ Rules, in the order they apply:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -277,6 +278,8 @@ def _micro_batch_reason(r: Resolved, c: Choice, feasible: bool) -> str:
     hw = r.hardware
     usable = (f"{r.usable_gib:.1f} GiB ({hw.memory_gib:.1f} GiB less a "
               f"{M.coefficients().decision.safety_margin:.0%} safety margin for the model's error)")
+    if not feasible and _host_bound(r, c):
+        return f"{c.micro_batch_size}: the smallest tried; {c.peak_gib:.1f} GiB fits the card, its pinned host memory does not"
     if not feasible:
         return f"{c.micro_batch_size}: the smallest tried; it needs {c.peak_gib:.1f} GiB, over the {usable}"
     if r.batch_size:
@@ -339,6 +342,9 @@ def _slowdown(r: Resolved, c: Choice, without: S.SaverSet) -> float:
 def _savers_reason(r: Resolved, c: Choice, feasible: bool) -> str:
     modes = S.allowed(r.savers, r.arch, r.hardware)
     forced = [n for n, m in modes.items() if m == "on"]
+    if not feasible and _host_bound(r, c):
+        return (f"{c.savers.describe()} would pin {c.host_gib:.1f} GiB of host memory, over the "
+                f"{r.usable_host_gib:.1f} GiB usable ({r.host_note}, {S.host_pinned_share():.0%} of it)")
     if not feasible:
         return f"none of the allowed sets fits (allowed: {', '.join(n for n, m in modes.items() if m != 'off')})"
     if c.savers == S.NONE:
@@ -416,9 +422,29 @@ def _longest_halved_seq(r: Resolved) -> Optional[tuple[int, float]]:
     return None
 
 
+def _host_bound(r: Resolved, c: Choice) -> bool:
+    """The configuration fits the card; only its pinned host memory is over the host's usable share."""
+    return c.peak_gib <= r.usable_gib and bool(c.host_terms) and c.host_gib > r.usable_host_gib
+
+
+def _host_suggestions(r: Resolved, c: Choice) -> list[str]:
+    share = S.host_pinned_share()
+    return [
+        f"the smallest configuration ({c.method}, micro-batch {c.micro_batch_size}, {c.savers.describe()}) fits the "
+        f"card ({c.peak_gib:.1f} of {r.usable_gib:.1f} GiB) but pins {c.host_gib:.1f} GiB of host memory; "
+        f"{r.host_note} allows {r.usable_host_gib:.1f} GiB ({share:.0%} of it): "
+        f"{c.host_gib - r.usable_host_gib:.1f} GiB short",
+        f"a host with at least {math.ceil(c.host_gib / share)} GiB of RAM: --host-memory names the machine that runs it",
+        "a shorter sequence: the pinned blocks halve at each power of two below "
+        f"{r.seq_len:,} tokens (--seq-len max finds the longest that fits)",
+    ]
+
+
 def suggestions(r: Resolved, smallest: Choice) -> list[str]:
     """What would make an infeasible request fit, each line with what it saves; only relaxations that help:
     alone, or together with the other relaxations listed."""
+    if _host_bound(r, smallest):
+        return _host_suggestions(r, smallest)
     usable = r.usable_gib
     need = smallest.peak_gib
     out = [f"the smallest configuration ({smallest.method}, micro-batch {smallest.micro_batch_size}, checkpointing "

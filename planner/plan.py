@@ -263,8 +263,13 @@ class Plan:
                 raise PlanError(f"{name} must be {allowed}, got {value:g}")
 
     def fits(self) -> bool:
-        """The prediction fits the planned card with the plan's safety margin (what `plan` called feasible)."""
-        return self.prediction.per_gpu_gib <= self.hardware.memory_gib * (1 - self.prediction.margin) + 1e-9
+        """The prediction fits the planned card with the plan's safety margin, and the savers' pinned host memory
+        the host's usable share (what `plan` called feasible)."""
+        from .savers import host_pinned_share  # lazy: savers -> memory -> ... -> plan
+
+        sv = self.savers
+        host_ok = not sv.host_memory_gib or sv.pinned_host_gib <= sv.host_memory_gib * host_pinned_share() + 1e-6
+        return host_ok and self.prediction.per_gpu_gib <= self.hardware.memory_gib * (1 - self.prediction.margin) + 1e-9
 
     # ---- files -----------------------------------------------------------------------------------
     def to_yaml(self) -> str:

@@ -78,7 +78,9 @@ def _savers_tables(res: PlanResult, console: Console) -> None:
         text_column(host, "formula", style="dim")
         for term in res.host_terms:
             host.add_row(term.name, f"{term.gib:.2f}", term.formula)
-        host.caption = "pinned (page-locked) host memory the offload holds for the step; the process itself needs more"
+        over = res.host_gib - r.usable_host_gib
+        host.caption = ("pinned (page-locked) host memory the offload holds for the step; the process itself needs more"
+                        + (f"; {over:.1f} GiB over the usable share" if over > 0 else ""))
         host.caption_justify = "left"
         print_table(console, host)
     if not effects:
@@ -141,6 +143,9 @@ def render(res: PlanResult, console: Console) -> None:
     head = plan.hardware.memory_gib - total
     if res.feasible:
         mem.add_row("[green]headroom", f"[green]{head:.2f}", f"usable {res.usable_gib:.1f} GiB after a {plan.prediction.margin:.0%} margin")
+    elif total <= res.usable_gib and res.host_terms:  # the card holds it; the host's pinned memory does not
+        mem.add_row("[yellow]headroom", f"[yellow]{head:.2f}", "the card holds it; the pinned host memory is short "
+                    "(Host memory, below)")
     else:  # fitting needs peak <= usable: a positive "headroom" against the whole card would read as room to spare
         mem.add_row("[red]short", f"[red]{total - res.usable_gib:.2f}",
                     f"over the usable {res.usable_gib:.1f} GiB ({plan.hardware.memory_gib:.1f} GiB less a "

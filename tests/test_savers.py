@@ -116,11 +116,15 @@ def test_the_host_limits_the_offload_and_the_plan_refuses_what_it_cannot_pin():
     # offload forced on, 32k tokens pin 8 GiB: a 12 GiB host (7.2 GiB usable) cannot
     res = make_plan(PlanRequest(model="llama-3.1-8b", gpu="rtx-4090", method="qlora", seq_len=32768, batch_size=1,
                                 savers="offload-checkpoints", host_memory="12GiB", fit_table=False))
-    assert not res.feasible
+    assert not res.feasible and not res.plan.fits()  # `run` refuses it unless --force
     assert res.plan.savers.pinned_host_gib == pytest.approx(8.0)
+    assert res.per_gpu_gib <= res.usable_gib  # the card holds it: the host is what is short, and it says so
+    assert "pins 8.0 GiB of host memory" in res.suggestions[0] and "0.8 GiB short" in res.suggestions[0]
+    assert any("--host-memory" in s for s in res.suggestions)
+    assert "over the 7.2 GiB usable" in res.plan.reasons["savers"]
     ok = make_plan(PlanRequest(model="llama-3.1-8b", gpu="rtx-4090", method="qlora", seq_len=32768, batch_size=1,
                                savers="offload-checkpoints", host_memory="16GiB", fit_table=False))
-    assert ok.feasible and ok.plan.savers.offload_checkpoints and ok.plan.savers.host_memory_gib == 16.0
+    assert ok.feasible and ok.plan.fits() and ok.plan.savers.offload_checkpoints and ok.plan.savers.host_memory_gib == 16.0
 
 
 def test_layer_checkpointing_gives_room_back_for_speed():
