@@ -25,6 +25,11 @@ def print_report(summary: dict, console) -> None:
         predicted = summary["predicted_peak_gib"]
         table.add_row("peak memory (per GPU)", _gib(predicted) if predicted else "-", "- (no GPU)")
         table.add_row("peak process memory (CPU RSS)", "", _gib(summary.get("cpu_rss_peak_gib")))
+    if summary.get("host_peak_gib") is not None:
+        table.add_row("host memory (processes' RSS peak)", "", _gib(summary["host_peak_gib"]))
+    if summary.get("predicted_host_pinned_gib") or summary.get("observed_host_pinned_gib"):
+        table.add_row("pinned host memory (savers)", _gib(summary.get("predicted_host_pinned_gib")),
+                      _gib(summary.get("observed_host_pinned_gib")))
     pred_tps = summary.get("predicted_tokens_per_s")
     tps = summary.get("tokens_per_s")
     table.add_row("tokens/s", "-" if pred_tps is None else f"{pred_tps:,.0f}", "-" if tps is None else f"{tps:,.0f}")

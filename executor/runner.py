@@ -10,7 +10,7 @@ from planner.options import OPTIMIZERS
 from planner.plan import Plan
 
 from . import outputs
-from .errors import TrainingFailed, require_run_extra
+from .errors import RunError, TrainingFailed, require_run_extra
 from .model import stay_offline
 
 
@@ -20,9 +20,27 @@ def check_inputs(plan: Plan) -> None:
     from .model import plan_model_dir
 
     plan_model_dir(plan)
+    check_savers(plan)
     load_rows(plan.dataset.path, plan.dataset.format)
     if plan.dataset.eval_path:
         load_rows(plan.dataset.eval_path, plan.dataset.format, what="eval dataset")
+
+
+def check_savers(plan: Plan) -> None:
+    """Refuse, in one line, a plan whose memory savers this machine cannot apply (planner.savers)."""
+    import importlib.util
+
+    from planner.savers import unmet_requirements
+
+    names = plan.savers.names
+    if not names:
+        return
+    import torch
+
+    cuda = plan.strategy != "cpu" and torch.cuda.is_available()
+    why = unmet_requirements(names, cuda, lambda module: importlib.util.find_spec(module) is not None)
+    if why:
+        raise RunError(why)
 
 
 def needs_bitsandbytes(plan: Plan) -> bool:

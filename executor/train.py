@@ -94,6 +94,17 @@ class MemoryMeter:
         free, total = torch.cuda.mem_get_info()
         return (total - free) / GIB
 
+    def pinned_peak_gib(self) -> Optional[float]:
+        """Peak pinned host memory held by torch's caching host allocator (what the offload savers pin, rounded to
+        the blocks torch asked CUDA for); None without CUDA."""
+        import torch
+
+        if not self.use_cuda:
+            return None
+        stats = torch.cuda.host_memory_stats()
+        peak = stats.get("allocated_bytes.peak", stats.get("allocated_bytes.all.peak"))
+        return None if peak is None else peak / GIB
+
     @staticmethod
     def rss_peak_gib() -> float:
         import resource
@@ -335,6 +346,39 @@ def _trainer_class():
     return PlanTrainer
 
 
+def checkpointing_kwargs(plan: Plan) -> Optional[dict]:
+    """What transformers' activation_checkpointing_enable gets (through TrainingArguments): non-reentrant, and the
+    plan's savers: every_n_layers (layer_checkpointing), offload (offload_checkpoints: save_on_cpu, pinned)."""
+    if not plan.training.grad_checkpointing:
+        return None
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if plan.savers.every_n_layers > 1:
+        kwargs["every_n_layers"] = plan.savers.every_n_layers
+    if plan.savers.offload_checkpoints:
+        kwargs["offload"] = True
+    return kwargs
+
+
+def apply_mlp_tiling(model) -> int:
+    """The plan's mlp_tiling saver: Liger-Kernel's tiled gated MLP, bound onto each decoder layer's MLP as Liger
+    documents for an already-built MLP (LigerTiledGLUMLP), so the peft-wrapped gate/up/down projections stay;
+    shards = ceil(seq_len / hidden_size), Liger's default. Returns how many MLPs it tiled."""
+    import types
+
+    from liger_kernel.transformers.tiled_mlp import LigerTiledGLUMLP
+
+    tiled = 0
+    for module in model.modules():
+        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module.num_shards = None
+            module._mlp_forward = types.MethodType(LigerTiledGLUMLP._mlp_forward, module)
+            module.forward = types.MethodType(LigerTiledGLUMLP.forward, module)
+            tiled += 1
+    if not tiled:
+        raise RunError("the plan's saver mlp_tiling found no gated MLP (gate_proj, up_proj, down_proj) to tile")
+    return tiled
+
+
 def sft_config(plan: Plan, place: Placement, has_eval: bool):
     """SFTConfig from the plan: every training setting comes from here."""
     from trl import SFTConfig
@@ -358,9 +402,11 @@ def sft_config(plan: Plan, place: Placement, has_eval: bool):
         bf16=t.dtype == "bfloat16",
         fp16=t.dtype == "float16",
         gradient_checkpointing=t.grad_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.grad_checkpointing else None,
+        gradient_checkpointing_kwargs=checkpointing_kwargs(plan),
+        activation_offloading=plan.savers.offload_activations,  # trl: saved-tensor hooks, pinned memory, streams
         max_length=t.seq_len,
         packing=t.packing,
+        padding_free=plan.savers.padding_free,  # with packing: flash-attention's variable-length path
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -456,6 +502,8 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     transformers.set_seed(t.seed)  # before wrapping: the adapter's initial weights are random
     model = load_base_model(plan, model_dir, place.device_map)
     model = wrap_lora(plan, model)
+    if plan.savers.mlp_tiling:
+        apply_mlp_tiling(model)
     # Record where the base came from so `merge` finds it: the hub id when it came from the cache.
     base_ref = os.path.abspath(model_dir) if plan.model.path else plan.model.hub_id
     for cfg in model.peft_config.values():
@@ -593,6 +641,7 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
 
     peaks = _gather(meter.peak_gib(), place)
     rss = _gather(meter.rss_peak_gib(), place)
+    pinned = _gather(meter.pinned_peak_gib(), place)
     used_end = _gather(meter.device_used_gib(), place)
     train_rows = [h for h in state.log_history if "loss" in h]
     # The whole run's tokens (trainer_state.json carries the count across a resume); speed from this session's.
@@ -617,6 +666,11 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         "margin_gib": margin_gib,
         "over_prediction": exceeds_prediction(plan, observed),
         "cpu_rss_peak_gib": max(rss),
+        # the host's side: every process's RSS peak added up (pinned memory included), and the pinned peak
+        "host_peak_gib": sum(rss),
+        "predicted_host_pinned_gib": plan.savers.pinned_host_gib,
+        "observed_host_pinned_gib": sum(pinned) if place.use_cuda and None not in pinned else None,
+        "savers": plan.savers.names,
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "resumed_from_step": resumed_from_step,

@@ -15,6 +15,20 @@ from planner.strategies import STRATEGY_CHOICES
 EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class SeqLen(click.ParamType):
+    """A number of tokens, or `max`: the longest the card fits."""
+
+    name = "TOKENS|max"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "max":
+            return value if isinstance(value, int) else "max"
+        try:
+            return int(str(value).replace(",", "").replace("_", ""))
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of tokens nor max", param, ctx)
+
+
 class LazyGroup(click.Group):
     """Sub-commands that live in the executor are imported only when invoked, so `loraplan plan` never
     imports torch (or anything else the executor needs)."""
@@ -74,8 +88,8 @@ def main() -> None:
               help="The network between nodes: a name from tables/networks.yaml (ib-ndr-8x, ib-hdr-8x, efa-3200, "
                    "eth-400, eth-100, eth-25) or Gbit/s per node. Default eth-100 when --num-nodes > 1.")
 @click.option("--host-memory", default=None, metavar="SIZE",
-              help="RAM per node (e.g. 512GiB): what loading and CPU offload may use. Default: this machine's with "
-                   "--gpu auto, else 2 x the node's GPU memory.")
+              help="RAM per node (e.g. 512GiB): what loading, CPU offload and the savers' pinned memory may use. "
+                   "Default: this machine's with --gpu auto or cpu, else 2 x the node's GPU memory.")
 @click.option("--strategy", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
               help="auto: DDP when a replica fits, else FSDP, else FSDP with CPU offload, the fastest that fits.")
 @click.option("--method", type=click.Choice(O.METHOD_CHOICES), default=O.default("method"), show_default=True,
@@ -87,7 +101,9 @@ def main() -> None:
 @click.option("--targets", default=None, metavar="LIST",
               help="Comma list of q,k,v,o,gate,up,down (or module names), or all-linear. "
                    "Default: q,k,v,o,gate,up,down or the architecture's equivalents (fused qkv_proj, experts).")
-@click.option("--seq-len", type=int, default=O.default("seq_len"), show_default=True, help="Tokens per sequence.")
+@click.option("--seq-len", type=SeqLen(), default=O.default("seq_len"), show_default=True,
+              help=f"Tokens per sequence, or max: the longest multiple of {O.SEQ_LEN_STEP} that fits (with the "
+                   "savers --savers allows; by default the offloads and MLP tiling), shown for every card.")
 @click.option("--batch-size", type=int, default=None, help="Fixed micro-batch per GPU (default: the largest that fits).")
 @click.option("--global-batch-size", type=int, default=None,
               help=f"Sequences per optimizer step over all GPUs (default {O.default('global_batch_size')}); "
@@ -96,6 +112,13 @@ def main() -> None:
               default=O.default("gradient_checkpointing"), show_default=True, help="auto: only when needed to fit.")
 @click.option("--optimizer", type=click.Choice(tuple(O.OPTIMIZERS)), default=O.default("optimizer"),
               show_default=True)
+@click.option("--savers", default=None, metavar="LIST",
+              help="Memory savers the plan may use, a comma list applied left to right: NAME (on), NAME=auto|on|off, "
+                   "no-NAME (off), or auto (all auto) / none. Names: "
+                   + ", ".join(n.replace("_", "-") for n in O.SAVERS)
+                   + ". Default: none for a fixed --seq-len; for --seq-len max "
+                   + ", ".join(n.replace("_", "-") for n, m in O.saver_defaults(True).items() if m == "auto")
+                   + " (docs/memory-model.md, Savers).")
 @click.option("--loss", type=click.Choice(O.LOSSES), default=O.default("loss"), show_default=True,
               help="fused: LM head + cross-entropy in chunks, as trl's SFTTrainer (what `run` does); "
                    "full: the model's own loss over materialized fp32 logits, as a plain training loop.")
@@ -112,9 +135,10 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Let `run` execute the model repository's own code.")
 @click.option("--no-fit-table", is_flag=True, help="Skip the table across catalog cards.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every fact (docs/plan-json.md).")
-def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank, alpha, dropout, targets, seq_len, batch_size,
-                 global_batch_size, grad_checkpointing, optimizer, loss, dataset, output, output_dir, learning_rate,
-                 epochs, max_steps, train_tokens, trust_remote_code, no_fit_table, as_json) -> None:
+def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank,
+                 alpha, dropout, targets, seq_len, batch_size, global_batch_size, grad_checkpointing, optimizer, savers,
+                 loss, dataset, output, output_dir, learning_rate, epochs, max_steps, train_tokens, trust_remote_code,
+                 no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
     in the local Hugging Face cache.
 
@@ -129,7 +153,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
         grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, output_dir=output_dir,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
-        trust_remote_code=trust_remote_code, fit_table=not no_fit_table,
+        trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers,
     )
     try:
         res = make_plan(req)

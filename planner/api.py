@@ -16,13 +16,13 @@ from typing import Optional
 
 from . import memory as M
 from . import options as O
-from .decide import Choice, Decision
+from .decide import Choice, Decision, longest_seq_len
 from .errors import InputError
 from .estimate import estimate
 from .fit_table import fit_table
 from .placement import place
-from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Training
-from .request import PlanRequest, Resolved, resolve
+from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Savers, Training
+from .request import PlanRequest, Resolved, resolve, with_seq_len
 from .strategies import STRATEGIES
 from .result import PlanResult
 from .targets import trainable_params
@@ -71,8 +71,18 @@ def _assumptions(r: Resolved, c: Choice) -> dict[str, str]:
     }
 
 
+def _savers(r: Resolved, c: Choice) -> Savers:
+    sv = c.savers
+    return Savers(every_n_layers=sv.every_n_layers, offload_checkpoints=sv.offload == "offload_checkpoints",
+                  offload_activations=sv.offload == "offload_activations", mlp_tiling=sv.mlp_tiling,
+                  padding_free=sv.padding_free, pinned_host_gib=round(c.host_gib, 4),
+                  host_memory_gib=round(r.host_memory_gib, 2) if r.uses_savers else None)
+
+
 def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[float], warnings: list[str]) -> Plan:
     c, ds = d.choice, r.dataset
+    # padding-free packing: trl packs rows without padding and flash-attention's varlen kernel keeps them apart
+    attn = "flash_attention_2" if c.savers.padding_free else r.arch.attn_implementation
     return Plan(
         model=r.model.ref,
         hardware=r.hardware,
@@ -84,7 +94,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
             seq_len=r.seq_len, micro_batch_size=c.micro_batch_size, grad_accum_steps=r.per_gpu_batch // c.micro_batch_size,
             global_batch_size=r.global_batch_size, grad_checkpointing=c.grad_checkpointing, optimizer=r.optimizer,
             loss=r.loss, learning_rate=r.learning_rate, num_epochs=r.epochs, max_steps=r.max_steps or -1,
-            logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=r.arch.attn_implementation,
+            logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing=c.savers.padding_free,
         ),
         prediction=Prediction(per_gpu_gib=round(M.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
                               margin=M.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),
@@ -92,6 +102,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
         distributed=_distributed(r, d),
         dataset=Dataset(path=ds.path if ds else None, format=ds.format if ds else "auto", rows=ds.rows if ds else None,
                         tokens_total=ds.tokens_total if ds else None, mean_tokens_per_row=ds.mean_tokens if ds else None),
+        savers=_savers(r, c),
         output_dir=req.output_dir or "out",
         assumptions=_assumptions(r, c),
         reasons=d.reasons,
@@ -109,6 +120,8 @@ def _distributed(r: Resolved, d: Decision) -> Distributed:
 
 def make_plan(req: PlanRequest) -> PlanResult:
     r = resolve(req)
+    if r.seq_len_max:  # the longest that fits, or the shortest tried when nothing does
+        r = with_seq_len(r, longest_seq_len(r) or O.SEQ_LEN_STEP)
     d = place(r)
     r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
@@ -119,7 +132,8 @@ def make_plan(req: PlanRequest) -> PlanResult:
         plan=plan, model=r.model, selection=r.selection, trainable_params=trainable_params(r.selection, r.rank),
         terms=list(d.choice.terms), feasible=d.feasible, usable_gib=r.usable_gib, hardware_note=r.hardware_note,
         suggestions=d.suggestions, fit_table=fit_table(r) if req.fit_table else [], dataset=r.dataset, estimate=est,
-        warnings=warnings, strategies=d.options, load=d.load,
+        warnings=warnings, strategies=d.options, load=d.load, host_terms=list(d.choice.host_terms), resolved=r,
+        choice=d.choice,
     )
 
 

@@ -6,18 +6,28 @@ Rules, in the order they apply:
 2. Gradient checkpointing only when needed: it costs about a third more compute.
 3. The largest micro-batch (a power of two dividing the per-GPU batch) whose predicted peak stays under the card's
    memory less the safety margin; memory grows with the micro-batch, so the search stops at the first that fails.
-4. Nothing fits: the smallest configuration tried is reported, with the relaxations that would make it fit, each
+4. Memory savers (planner/savers.py), a separate step, only where the request allows them (`--savers`, or
+   `--seq-len max`): when nothing fits by rules 1-3, the fastest configuration that fits with savers, the
+   candidates ordered by their expected time per token (checkpointing's recompute, the offloads' copies over the
+   host link, the tiled MLP's extra forward), its pinned host memory within the host's share; when full
+   checkpointing fits and layer_checkpointing is allowed, the fewest checkpointed layers that still fit.
+   Savers forced on (`--savers NAME=on`) are part of every configuration of rules 1-3.
+5. Nothing fits: the smallest configuration tried is reported, with the relaxations that would make it fit, each
    with the memory it saves, listed only when it helps (alone, or together with the others listed).
+
+`longest_seq_len` answers `--seq-len max`: the longest multiple of 256 at which some configuration fits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from . import memory as M
 from . import options as O
+from . import savers as S
 from .catalog import gpus
 from .request import Resolved
 from .targets import trainable_params
@@ -35,10 +45,16 @@ class Choice:
     grad_checkpointing: bool
     micro_batch_size: int
     terms: tuple[M.Term, ...]
+    savers: S.SaverSet = S.NONE
+    host_terms: tuple[M.Term, ...] = ()  # pinned host memory the savers take (all processes on the host)
 
     @property
     def peak_gib(self) -> float:
         return M.Term.sum_gib(self.terms)
+
+    @property
+    def host_gib(self) -> float:
+        return sum(t.bytes for t in self.host_terms) / GIB
 
 
 @dataclass
@@ -53,27 +69,42 @@ class Decision:
 
 
 def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, seq_len: Optional[int] = None,
-          optimizer: Optional[str] = None) -> M.Shape:
+          optimizer: Optional[str] = None, savers: S.SaverSet = S.NONE) -> M.Shape:
     hw = r.hardware
-    return M.Shape(method=method, r=r.rank, micro_batch_size=micro_batch, seq_len=seq_len or r.seq_len,
+    base = M.Shape(method=method, r=r.rank, micro_batch_size=micro_batch, seq_len=seq_len or r.seq_len,
                    grad_checkpointing=grad_checkpointing, loss=r.loss, optimizer=optimizer or r.optimizer,
                    dtype=r.dtype, double_quant=bool(O.default("double_quantization")),
                    blocksize=int(O.default("quant_blocksize")), num_gpus=hw.num_gpus,
                    device="cpu" if hw.gpu == "cpu" else "cuda")
+    return S.apply(base, r.arch, savers)
 
 
-def budget(r: Resolved, s: M.Shape) -> list[M.Term]:
-    """The per-GPU terms of shape `s` under the plan's strategy."""
+def budget(r: Resolved, s: M.Shape, savers: S.SaverSet = S.NONE) -> list[M.Term]:
+    """The per-GPU terms of shape `s` under the plan's strategy (and the savers whose effects `s` carries)."""
     p = trainable_params(r.selection, r.rank)
-    return r.strategy.budget(M.budget(r.arch, r.selection, s), r.arch, p, s, r.hardware)
+    return r.strategy.budget(M.budget(r.arch, r.selection, s, saver_terms=S.gpu_terms(r.arch, s, savers)),
+                             r.arch, p, s, r.hardware)
 
+
+def candidate(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool,
+              savers: S.SaverSet = S.NONE) -> Choice:
+    """One configuration with its GPU terms and the pinned host memory its savers take."""
+    s = shape(r, method, micro_batch, grad_checkpointing, savers=savers)
+    return Choice(method, grad_checkpointing, micro_batch, tuple(budget(r, s, savers)), savers,
+                  tuple(S.host_terms(r.arch, s, savers, r.host_processes)))
+
+
+def fits(r: Resolved, c: Choice) -> bool:
+    """Under the card's usable memory, and its pinned host memory under the host's usable share."""
+    return c.peak_gib <= r.usable_gib and (not c.host_terms or c.host_gib <= r.usable_host_gib)
 
 def _methods(r: Resolved) -> list[str]:
     return list(O.METHODS) if r.method == "auto" else [r.method]
 
 
-def _checkpointing(r: Resolved) -> list[bool]:
-    return {"auto": [False, True], "on": [True], "off": [False]}[r.grad_checkpointing]
+def _checkpointing(r: Resolved, savers: S.SaverSet = S.NONE) -> list[bool]:
+    allowed = {"auto": [False, True], "on": [True], "off": [False]}[r.grad_checkpointing]
+    return [gc for gc in allowed if gc or not S.needs_checkpointing(savers)]
 
 
 def _micro_batches(r: Resolved) -> list[int]:
@@ -82,30 +113,140 @@ def _micro_batches(r: Resolved) -> list[int]:
     return [b for b in MICRO_BATCHES if b <= r.per_gpu_batch and r.per_gpu_batch % b == 0]
 
 
-def choose(r: Resolved) -> tuple[Optional[Choice], Choice]:
-    """(the first configuration that fits by rules 1-3, or None; the smallest configuration tried)."""
+def _largest_micro_batch(r: Resolved, method: str, gc: bool, savers: S.SaverSet,
+                         smallest: Optional[Choice]) -> tuple[Optional[Choice], Optional[Choice]]:
+    """(the largest micro-batch that fits at this method, checkpointing and savers, or None; the smallest tried)."""
+    best: Optional[Choice] = None
+    for mb in _micro_batches(r):
+        c = candidate(r, method, mb, gc, savers)
+        if smallest is None or c.peak_gib < smallest.peak_gib:
+            smallest = c
+        if not fits(r, c):
+            break  # memory grows with the micro-batch
+        best = c
+    return best, smallest
+
+
+def _choose_by_rules(r: Resolved, savers: S.SaverSet) -> tuple[Optional[Choice], Choice]:
+    """Rules 1-3 with a fixed saver set (none, or those forced on)."""
     smallest: Optional[Choice] = None
     for method in _methods(r):
-        for gc in _checkpointing(r):
-            best: Optional[Choice] = None
-            for mb in _micro_batches(r):
-                c = Choice(method, gc, mb, tuple(budget(r, shape(r, method, mb, gc))))
-                if smallest is None or c.peak_gib < smallest.peak_gib:
-                    smallest = c
-                if c.peak_gib > r.usable_gib:
-                    break  # memory grows with the micro-batch
-                best = c
+        for gc in _checkpointing(r, savers):
+            best, smallest = _largest_micro_batch(r, method, gc, savers, smallest)
             if best is not None:
                 return best, smallest
-    assert smallest is not None
+    assert smallest is not None, "no configuration: --grad-checkpointing off with savers that need it"
     return None, smallest
+
+
+def _saver_candidates(r: Resolved, first: S.SaverSet) -> list[tuple[str, bool, S.SaverSet]]:
+    """(method, checkpointing, savers) the request allows beyond `first`, fastest first: ordered by the expected
+    time per token at micro-batch 1 (planner.savers.seconds_per_token), ties in the order of rules 1-2."""
+    out = []
+    peak = r.hardware.peak_bf16_tflops
+    for sset in S.candidate_sets(r.savers, r.arch, r.hardware):
+        for i, method in enumerate(_methods(r)):
+            for gc in _checkpointing(r, sset):
+                if sset == first or (sset.every_n_layers > 1 and not gc):
+                    continue
+                cost = S.seconds_per_token(r.arch, shape(r, method, 1, gc, savers=sset), sset, peak)
+                out.append((cost, i, gc, method, sset))
+    out.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [(method, gc, sset) for _, _, gc, method, sset in out]
+
+
+def _choose_with_savers(r: Resolved, first: S.SaverSet,
+                        smallest: Choice) -> tuple[Optional[Choice], Choice]:
+    """Rule 4 when nothing fits by rules 1-3: the fastest candidate with savers that fits."""
+    for method, gc, sset in _saver_candidates(r, first):
+        best, smallest = _largest_micro_batch(r, method, gc, sset, smallest)
+        if best is not None:
+            return best, smallest
+    return None, smallest
+
+
+def _fewer_checkpoints(r: Resolved, c: Choice) -> Choice:
+    """Rule 4 when full checkpointing fits and layer_checkpointing is allowed: the largest every_n_layers (the
+    fewest layers recomputed, the fastest) that still fits at the same method, micro-batch and other savers."""
+    if r.savers.get("layer_checkpointing") not in ("auto", "on") or not c.grad_checkpointing:
+        return c
+    for n in sorted((int(x) for x in S.table()["savers"]["layer_checkpointing"]["every_n_layers"]), reverse=True):
+        if n <= c.savers.every_n_layers or n >= r.arch.num_layers:
+            continue
+        trial = candidate(r, c.method, c.micro_batch_size, True, dataclasses.replace(c.savers, every_n_layers=n))
+        if fits(r, trial):
+            return trial
+    return c
+
+
+def choose(r: Resolved) -> tuple[Optional[Choice], Choice]:
+    """(the configuration that fits by rules 1-4, or None; the smallest configuration tried)."""
+    first = S.forced(S.allowed(r.savers, r.arch, r.hardware))
+    choice, smallest = _choose_by_rules(r, first)
+    if not r.uses_savers:
+        return choice, smallest
+    if choice is None:
+        choice, smallest = _choose_with_savers(r, first, smallest)
+    if choice is not None:
+        choice = _fewer_checkpoints(r, choice)
+    return choice, smallest
 
 
 def smallest_peak_gib(r: Resolved) -> float:
     """The least memory any configuration the request allows needs (QLoRA if allowed, checkpointing if allowed,
-    the smallest micro-batch)."""
+    the savers if allowed, the smallest micro-batch)."""
     mb = _micro_batches(r)[0]
-    return min(M.Term.sum_gib(budget(r, shape(r, m, mb, gc))) for m in _methods(r) for gc in _checkpointing(r))
+    sets = S.candidate_sets(r.savers, r.arch, r.hardware) if r.uses_savers else [S.NONE]
+    return min(candidate(r, m, mb, gc, sset).peak_gib for sset in sets for m in _methods(r)
+               for gc in _checkpointing(r, sset))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --seq-len max
+
+
+def _fits_at(r: Resolved, seq_len: int) -> bool:
+    """Some configuration the request allows fits at this length (the smallest micro-batch: memory grows with it)."""
+    at = dataclasses.replace(r, seq_len=seq_len)
+    mb = _micro_batches(at)[0]
+    first = S.forced(S.allowed(at.savers, at.arch, at.hardware))
+    sets = S.candidate_sets(at.savers, at.arch, at.hardware) if at.uses_savers else [first]
+    return any(fits(at, candidate(at, m, mb, gc, sset)) for sset in sets for m in _methods(at)
+               for gc in _checkpointing(at, sset) if not (sset.every_n_layers > 1 and not gc))
+
+
+def longest_seq_len(r: Resolved) -> Optional[int]:
+    """`--seq-len max`: the longest multiple of SEQ_LEN_STEP (256) up to r.seq_len_limit (the model's context) at
+    which some configuration fits, or None when not even one step does. A binary search: the peak and the pinned
+    host memory grow with the length, so fitting is monotone in it."""
+    step = O.SEQ_LEN_STEP
+    lo, hi = 1, r.seq_len_limit // step  # in steps
+    if not _fits_at(r, lo * step):
+        return None
+    if _fits_at(r, hi * step):
+        return hi * step
+    while hi - lo > 1:  # lo fits, hi does not
+        mid = (lo + hi) // 2
+        if _fits_at(r, mid * step):
+            lo = mid
+        else:
+            hi = mid
+    return lo * step
+
+
+def _seq_len_reason(r: Resolved) -> str:
+    """Why --seq-len max stopped where it did: the model's context, the card, or the host's pinned memory."""
+    allowed = [n for n, m in S.allowed(r.savers, r.arch, r.hardware).items() if m != "off"]
+    savers = f"with {', '.join(allowed)} allowed" if allowed else "with no savers allowed (--savers)"
+    head = f"{r.seq_len:,}: the longest multiple of {O.SEQ_LEN_STEP} that fits, {savers}"
+    if r.seq_len >= r.seq_len_limit:
+        return f"{head}; capped at the model's context (max_position_embeddings {r.seq_len_limit:,})"
+    nxt = dataclasses.replace(r, seq_len=r.seq_len + O.SEQ_LEN_STEP)
+    gpu_only = dataclasses.replace(nxt, host_memory_gib=float("inf"))
+    if _fits_at(gpu_only, nxt.seq_len):
+        return (f"{head}; {nxt.seq_len:,} would fit the card but not the host: its pinned memory would pass the "
+                f"{r.usable_host_gib:.1f} GiB usable ({r.host_note}, {S.host_pinned_share():.0%} of it; --host-memory)")
+    return f"{head}; {nxt.seq_len:,} would not fit the {r.usable_gib:.1f} GiB usable on the card"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,6 +281,8 @@ def _micro_batch_reason(r: Resolved, c: Choice, feasible: bool) -> str:
     hw = r.hardware
     usable = (f"{r.usable_gib:.1f} GiB ({hw.memory_gib:.1f} GiB less a "
               f"{M.coefficients().decision.safety_margin:.0%} safety margin for the model's error)")
+    if not feasible and _host_bound(r, c):
+        return f"{c.micro_batch_size}: the smallest tried; {c.peak_gib:.1f} GiB fits the card, its pinned host memory does not"
     if not feasible:
         return f"{c.micro_batch_size}: the smallest tried; it needs {c.peak_gib:.1f} GiB, over the {usable}"
     if r.batch_size:
@@ -181,7 +324,45 @@ def reasons(r: Resolved, c: Choice, feasible: bool) -> dict[str, str]:
     expert = _expert_reason(r, c)
     if expert:
         out["quantization"] = expert
+    if r.uses_savers:
+        out["savers"] = _savers_reason(r, c, feasible)
+    if r.seq_len_max:
+        out["seq_len"] = _seq_len_reason(r) if feasible else (
+            f"not even {O.SEQ_LEN_STEP} tokens fit: the smallest configuration at {r.seq_len} is shown")
     return out
+
+
+def _slowdown(r: Resolved, c: Choice, without: S.SaverSet) -> float:
+    """Time per token of the choice over the same configuration with `without`'s savers instead."""
+    peak = r.hardware.peak_bf16_tflops
+    mine = S.seconds_per_token(r.arch, shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers),
+                               c.savers, peak)
+    base = S.seconds_per_token(r.arch, shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=without),
+                               without, peak)
+    return mine / base
+
+
+def _savers_reason(r: Resolved, c: Choice, feasible: bool) -> str:
+    modes = S.allowed(r.savers, r.arch, r.hardware)
+    forced = [n for n, m in modes.items() if m == "on"]
+    if not feasible and _host_bound(r, c):
+        return (f"{c.savers.describe()} would pin {c.host_gib:.1f} GiB of host memory, over the "
+                f"{r.usable_host_gib:.1f} GiB usable ({r.host_note}, {S.host_pinned_share():.0%} of it)")
+    if not feasible:
+        return f"none of the allowed sets fits (allowed: {', '.join(n for n, m in modes.items() if m != 'off')})"
+    if c.savers == S.NONE:
+        return "none needed: the plan fits without them"
+    host = (f"; {c.host_gib:.1f} GiB of pinned host memory of the {r.usable_host_gib:.1f} GiB usable ({r.host_note}, "
+            f"{S.host_pinned_share():.0%} of it)" if c.host_terms else "")
+    slower = _slowdown(r, c, S.NONE) - 1
+    speed = f"about {slower:.1%} slower than without them" if slower >= 0 else f"about {-slower:.1%} faster"
+    if forced and set(c.savers.names) <= set(forced):
+        return f"{c.savers.describe()} as asked (--savers); {speed}{host}"
+    if c.savers.names == ("layer_checkpointing",):
+        return (f"{c.savers.describe()}: full checkpointing leaves room, and recomputing fewer layers is faster: "
+                f"{speed} than checkpointing every layer")
+    return (f"{c.savers.describe()}: nothing fits without savers; the fastest allowed set that fits, ordered by "
+            f"expected time per token ({speed}){host}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,10 +380,15 @@ def _relaxations(r: Resolved) -> list[tuple[str, Resolved]]:
         out.append(("a smaller micro-batch: drop --batch-size", dataclasses.replace(r, batch_size=None)))
     if r.optimizer == "adamw":
         out.append(("an 8-bit optimizer: --optimizer adamw-8bit", dataclasses.replace(r, optimizer="adamw-8bit")))
+    auto = {n: ("auto" if m == "off" and not S.SAVERS[n].applies(r.arch, r.hardware) else m)
+            for n, m in r.savers.items()}
+    if auto != r.savers and len(S.candidate_sets(auto, r.arch, r.hardware)) > 1:
+        names = ", ".join(S.cli_name(n) for n in auto if auto[n] != r.savers[n] and S.SAVERS[n].chosen_automatically)
+        out.append((f"memory savers ({names}): --savers auto", dataclasses.replace(r, savers=auto)))
     return out
 
 
-RELAXABLE = ("method", "grad_checkpointing", "batch_size", "optimizer")
+RELAXABLE = ("method", "grad_checkpointing", "batch_size", "optimizer", "savers")
 
 
 def _relaxed_by(r: Resolved, advices) -> Resolved:
@@ -239,9 +425,29 @@ def _longest_halved_seq(r: Resolved) -> Optional[tuple[int, float]]:
     return None
 
 
+def _host_bound(r: Resolved, c: Choice) -> bool:
+    """The configuration fits the card; only its pinned host memory is over the host's usable share."""
+    return c.peak_gib <= r.usable_gib and bool(c.host_terms) and c.host_gib > r.usable_host_gib
+
+
+def _host_suggestions(r: Resolved, c: Choice) -> list[str]:
+    share = S.host_pinned_share()
+    return [
+        f"the smallest configuration ({c.method}, micro-batch {c.micro_batch_size}, {c.savers.describe()}) fits the "
+        f"card ({c.peak_gib:.1f} of {r.usable_gib:.1f} GiB) but pins {c.host_gib:.1f} GiB of host memory; "
+        f"{r.host_note} allows {r.usable_host_gib:.1f} GiB ({share:.0%} of it): "
+        f"{c.host_gib - r.usable_host_gib:.1f} GiB short",
+        f"a host with at least {math.ceil(c.host_gib / share)} GiB of RAM: --host-memory names the machine that runs it",
+        "a shorter sequence: the pinned blocks halve at each power of two below "
+        f"{r.seq_len:,} tokens (--seq-len max finds the longest that fits)",
+    ]
+
+
 def suggestions(r: Resolved, smallest: Choice) -> list[str]:
     """What would make an infeasible request fit, each line with what it saves; only relaxations that help:
     alone, or together with the other relaxations listed."""
+    if _host_bound(r, smallest):
+        return _host_suggestions(r, smallest)
     usable = r.usable_gib
     need = smallest.peak_gib
     out = [f"the smallest configuration ({smallest.method}, micro-batch {smallest.micro_batch_size}, checkpointing "
@@ -293,3 +499,33 @@ def decide(r: Resolved) -> Decision:
     feasible = choice is not None
     return Decision(c, feasible, reasons(r, c, feasible), [] if feasible else suggestions(r, smallest),
                     strategy=r.strategy.name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what each saver buys
+
+
+@dataclass(frozen=True)
+class SaverEffect:
+    """One saver of the plan against the same plan without it (report: "what each saver buys")."""
+
+    name: str
+    gib_saved: float  # GPU memory this plan saves with it (negative: it spends memory, as layer_checkpointing)
+    host_gib: float  # pinned host memory it takes
+    slowdown: float  # time per token with it / without it (below 1: faster)
+    speed_source: str
+    applied_by: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def saver_effects(r: Resolved, c: Choice) -> list[SaverEffect]:
+    out = []
+    for name in c.savers.names:
+        without = c.savers.without(name)
+        other = candidate(r, c.method, c.micro_batch_size, c.grad_checkpointing, without)
+        saver = S.SAVERS[name]
+        out.append(SaverEffect(name, other.peak_gib - c.peak_gib, c.host_gib - other.host_gib,
+                               _slowdown(r, c, without), saver.speed_source, saver.applied_by))
+    return out

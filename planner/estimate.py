@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import memory as M
+from . import savers as S
 from .communication import step_time
-from .decide import Choice
+from .decide import Choice, shape
 from .request import Resolved
 from .targets import trainable_params
 
@@ -37,18 +38,18 @@ class Estimate:
 
 def estimate(r: Resolved, c: Choice, tokens_per_epoch: Optional[int] = None) -> Estimate:
     hw = r.hardware
-    shape = M.Shape(c.method, r.rank, c.micro_batch_size, r.seq_len, c.grad_checkpointing, r.loss, dtype=r.dtype)
-    compute_tps = M.tokens_per_second(r.arch, shape, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
+    s = shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers)  # the savers' FLOPs and copies
+    compute_tps = S.tokens_per_second(r.arch, s, c.savers, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
     tps = st = None
     if compute_tps:
         accum = max(r.per_gpu_batch // c.micro_batch_size, 1)
-        st = step_time(r.arch, trainable_params(r.selection, r.rank), shape, hw, r.strategy.name, accum, compute_tps)
+        st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name, accum, compute_tps)
         tps = compute_tps * st.compute_s / st.step_s
     total_tps = tps * hw.world_size if tps else None
     tokens = r.train_tokens if r.train_tokens else (int(tokens_per_epoch * r.epochs) if tokens_per_epoch else None)
     have = bool(tokens and total_tps)
     return Estimate(
-        tokens_per_s_per_gpu=tps, tokens_per_s=total_tps, flops_per_token=M.flops_per_token(r.arch, shape),
+        tokens_per_s_per_gpu=tps, tokens_per_s=total_tps, flops_per_token=M.flops_per_token(r.arch, s),
         mfu=M.coefficients().throughput.mfu(c.method), train_tokens=tokens if have else None,
         hours=tokens / total_tps / 3600 if have else None,
         compute_s_per_step=st.compute_s if st else None, collective_s_per_step=st.collective_s if st else None,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .catalog import gpus, hardware_from_entry, host_memory_rule
+from .decide import longest_seq_len
 from .estimate import estimate
 from .placement import best_option
 from .request import Resolved
@@ -28,9 +29,17 @@ class FitRow:
     tokens_per_s: Optional[float]
     strategy: Optional[str] = None  # the strategy that fits there (None when nothing does)
     binds: Optional[str] = None  # when nothing fits: "training", "loading" or "host memory" (of the closest)
+    # only when the request involves savers / asks --seq-len max (left out of to_dict otherwise)
+    savers: Optional[list[str]] = None  # the savers the choice uses
+    host_gib: Optional[float] = None  # their pinned host memory
+    longest_seq_len: Optional[int] = None  # --seq-len max: the longest context on this card (0: none fits)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("savers", "host_gib", "longest_seq_len"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def fit_table(r: Resolved) -> list[FitRow]:
@@ -42,6 +51,10 @@ def fit_table(r: Resolved) -> list[FitRow]:
         hw.host_memory_gib = (host_memory_rule(hw) if r.host_memory_assumed else r.hardware.host_memory_gib)
         on_card = dataclasses.replace(r, hardware=hw, strategy=strategy_for(hw), per_gpu_batch=per_gpu,
                                       dtype="bfloat16" if hw.bf16 else "float16")
+        longest = None
+        if r.seq_len_max:  # each card's own longest context
+            longest = longest_seq_len(on_card) or 0
+            on_card = dataclasses.replace(on_card, seq_len=longest or r.seq_len)
         best, options = best_option(on_card)
         ok = best.fits
         closest = best if ok else min(options, key=lambda o: o.choice.peak_gib)
@@ -54,6 +67,8 @@ def fit_table(r: Resolved) -> list[FitRow]:
             headroom_gib=hw.memory_gib - c.peak_gib,
             tokens_per_s=estimate(on_card, c).tokens_per_s if ok else None, strategy=best.strategy if ok else None,
             binds=None if ok else _binds(closest.why_not),
+            savers=list(c.savers.names) if r.uses_savers and ok else None,
+            host_gib=c.host_gib if r.uses_savers and ok else None, longest_seq_len=longest,
         ))
     return rows
 

@@ -14,6 +14,7 @@ keep, the fused loss's buffers, the caching allocator's fragmentation) are fitte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -41,6 +42,11 @@ class Shape:
     blocksize: int = 64  # NF4 block size (Quantization.blocksize)
     num_gpus: int = 1
     device: str = "cuda"  # cuda | cpu: the CPU has no CUDA context and no caching allocator
+    # What the memory savers (planner/savers.py) change; the defaults are the plan without savers.
+    every_n_layers: int = 1  # layer_checkpointing: checkpoint every n-th decoder layer (1: all of them)
+    checkpoints_offloaded: bool = False  # offload_*: the checkpointed layer inputs live in pinned host memory
+    offload_resident_inputs: int = 0  # offload_*: layer inputs on the GPU meanwhile (brought back / in flight)
+    mlp_tile_tokens: int = 0  # mlp_tiling: tokens per MLP tile (0: the MLP is not tiled)
 
     @property
     def tokens(self) -> int:
@@ -173,21 +179,71 @@ def layer_activation_bytes_per_token(arch: Architecture, seq_len: int) -> float:
     )
 
 
+def checkpointed_layers(arch: Architecture, shape: Shape) -> int:
+    """Decoder layers that are checkpointed: all L, or with layer_checkpointing every n-th, ceil(L / n)
+    (transformers checkpoints the layers whose index % n == 0); 0 without checkpointing."""
+    if not shape.grad_checkpointing:
+        return 0
+    return math.ceil(arch.num_layers / max(shape.every_n_layers, 1))
+
+
 def checkpointed_inputs_bytes(arch: Architecture, shape: Shape) -> float:
-    """With gradient checkpointing each layer keeps its input hidden states, bf16: 2 x L x h x T, plus what
-    is kept beside each checkpoint (c_ckpt x L x h x T, fitted)."""
+    """With gradient checkpointing each checkpointed layer keeps its input hidden states, bf16: 2 x Lc x h x T,
+    plus what is kept beside each checkpoint (c_ckpt x Lc x h x T, fitted); Lc = checkpointed_layers (L unless
+    layer_checkpointing). With an offload saver the 2 B x Lc x h x T inputs live in pinned host memory
+    (planner.savers); c_ckpt stays on the GPU: it is fitted, not derived, so nothing says it moves (the tensors
+    torch's checkpoint saves outside its region are exactly one dtype x h per token and layer, counted on the
+    CPU with saved-tensor hooks; docs/memory-model.md)."""
     if not shape.grad_checkpointing:
         return 0.0
-    per = DTYPE_BYTES[shape.dtype] + coefficients().fitted.checkpoint_extra_bytes
-    return per * arch.num_layers * arch.hidden_size * shape.tokens
+    per = (0 if shape.checkpoints_offloaded else DTYPE_BYTES[shape.dtype]) + coefficients().fitted.checkpoint_extra_bytes
+    return per * checkpointed_layers(arch, shape) * arch.hidden_size * shape.tokens
+
+
+def offload_resident_bytes(arch: Architecture, shape: Shape) -> float:
+    """Offloaded checkpointed inputs that are on the GPU at the backward's peak: the input brought back for the
+    layer being recomputed (and, with trl's second stream, the next one prefetched): k x dtype x h x T,
+    k = resident_inputs in tables/savers.yaml (1 for transformers' blocking copies, 2 for trl's streams)."""
+    if not shape.checkpoints_offloaded:
+        return 0.0
+    return shape.offload_resident_inputs * DTYPE_BYTES[shape.dtype] * arch.hidden_size * shape.tokens
+
+
+def mlp_untiled_bytes_per_token(arch: Architecture) -> float:
+    """What one layer's MLP saves for backward per token, which MLP tiling no longer keeps for the whole
+    sequence: the LoRA dropout masks and bf16 copies of gate's and up's input (2 x 3 h) and the 11 i of the MLP
+    itself (tables/memory.yaml derived: gate, up, act(gate), act(gate) x up, down's LoRA mask and copy)."""
+    c = coefficients().derived
+    return 6 * arch.hidden_size + c.act_bytes_per_intermediate * arch.intermediate_size
+
+
+def mlp_tiled_bytes_per_token(arch: Architecture) -> float:
+    """What a tiled MLP keeps per token instead: its input x, saved by the tiling function (2 h), and in the
+    backward the full-length input gradient it accumulates the tiles into (2 h): 4 h
+    (Liger-Kernel liger_kernel/ops/tiled_mlp.py: ctx.save_for_backward(x); x_grad = torch.zeros_like(x))."""
+    return 4 * arch.hidden_size
+
+
+def mlp_tile_bytes(arch: Architecture, shape: Shape) -> float:
+    """MLP tiling's working set: one tile's untiled MLP activations, recomputed in the backward:
+    (s + s_rc) x (6 h + 11 i) x tile_tokens, tile_tokens = micro-batch x ceil(seq / shards) with Liger's default
+    shards = ceil(seq / h), so about micro-batch x h tokens (derived, not measured)."""
+    if not shape.mlp_tile_tokens:
+        return 0.0
+    f = coefficients().fitted
+    s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
+    return (s + f.recompute_scale) * mlp_untiled_bytes_per_token(arch) * shape.mlp_tile_tokens
 
 
 def _activations_device_bytes(arch: Architecture, shape: Shape) -> float:
     f = coefficients().fitted
     x = layer_activation_bytes_per_token(arch, shape.seq_len)
+    if shape.mlp_tile_tokens:
+        x += mlp_tiled_bytes_per_token(arch) - mlp_untiled_bytes_per_token(arch)
     s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
     if shape.grad_checkpointing:
-        return (s + f.recompute_scale) * x * shape.tokens
+        kept = arch.num_layers - checkpointed_layers(arch, shape)  # layers that are not checkpointed keep theirs
+        return (s + f.recompute_scale) * x * shape.tokens + s * x * kept * shape.tokens
     return s * x * arch.num_layers * shape.tokens
 
 
@@ -210,9 +266,11 @@ def activations_bytes(arch: Architecture, shape: Shape) -> float:
         (1 - rho_act) x s x X x L x T.
     With checkpointing one layer is recomputed at a time in the backward:
         (1 - rho_act) x (s + s_rc) x X x T,
+    plus, with layer_checkpointing, s x X x (L - Lc) x T for the layers that are not checkpointed.
     X = layer_activation_bytes_per_token; s = activation_scale, fitted (the fused recipe through trl has its
     own, fused_activation_scale: trl's collator and forward differ from a plain call); s_rc the backward's
-    extra working set while a layer is recomputed, fitted."""
+    extra working set while a layer is recomputed, fitted. MLP tiling replaces the MLP's share of X,
+    6 h + 11 i, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
     rho = coefficients().fitted.reserve_share_of_activations
     return (1 - rho) * _activations_device_bytes(arch, shape)
 
@@ -257,9 +315,10 @@ def cuda_context_bytes() -> float:
 
 
 def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
-           strategy_terms: Sequence[Term] = ()) -> list[Term]:
+           strategy_terms: Sequence[Term] = (), saver_terms: Sequence[Term] = ()) -> list[Term]:
     """All terms for one GPU, in report order. Their sum is the predicted peak (what nvidia-smi shows).
-    `strategy_terms` are what the distributed strategy adds (planner.strategies), placed after the adapter's."""
+    `strategy_terms` are what the distributed strategy adds (planner.strategies), placed after the adapter's;
+    `saver_terms` what the memory savers add (planner.savers), placed after the activations."""
     p = trainable_params(selection, shape.r)
     dt = DTYPE_BYTES[shape.dtype]
     terms = []
@@ -278,14 +337,17 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
     ]
     terms += list(strategy_terms)
     if shape.grad_checkpointing:
-        terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), f"({dt} + c_ckpt) B x L x h x T", "activations"))
+        layers = "L" if checkpointed_layers(arch, shape) == arch.num_layers else "ceil(L/n)"
+        per = "c_ckpt B" if shape.checkpoints_offloaded else f"({dt} + c_ckpt) B"
+        terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), f"{per} x {layers} x h x T", "activations"))
+    act_formula = "(1-rho) (s + s_rc) x X x T" if shape.grad_checkpointing else "(1-rho) s x X x L x T"
+    if shape.grad_checkpointing and checkpointed_layers(arch, shape) < arch.num_layers:
+        act_formula += " + (1-rho) s x X x (L - ceil(L/n)) x T"
+    if shape.mlp_tile_tokens:
+        act_formula += "; X less the MLP's 6h + 11i, plus 4h"
+    terms += [Term("activations", activations_bytes(arch, shape), act_formula, "activations")]
+    terms += list(saver_terms)
     terms += [
-        Term(
-            "activations",
-            activations_bytes(arch, shape),
-            "(1-rho) (s + s_rc) x X x T" if shape.grad_checkpointing else "(1-rho) s x X x L x T",
-            "activations",
-        ),
         Term(
             "logits" if shape.loss == "full" else "fused_loss",
             logits_bytes(arch, shape),
@@ -332,9 +394,24 @@ def flops_per_token(arch: Architecture, shape: Shape) -> float:
         mult = arch.experts_per_token if p.experts > 1 else 1
         active += per * mult
     head = arch.vocab_size * arch.hidden_size
-    passes = 3 if shape.grad_checkpointing else 2
-    attn = 4 * arch.num_layers * shape.seq_len * arch.q_dim * (1 + 2 + (1 if shape.grad_checkpointing else 0))
-    return 2 * active * passes + 2 * head * 2 + attn / 2  # causal: half the score matrix
+    # the recompute runs the checkpointed layers' forward again: all of them, or ceil(L/n) of L
+    recompute = checkpointed_layers(arch, shape) / arch.num_layers if shape.grad_checkpointing else 0
+    passes = 2 + recompute
+    attn = 4 * arch.num_layers * shape.seq_len * arch.q_dim * (1 + 2 + recompute)
+    # MLP tiling recomputes the MLP's forward once more in the backward (Liger-Kernel tiled_mlp.py)
+    mlp = 2 * mlp_params_per_token(arch) if shape.mlp_tile_tokens else 0
+    return 2 * active * passes + 2 * head * 2 + attn / 2 + mlp  # causal: half the score matrix
+
+
+def mlp_params_per_token(arch: Architecture) -> int:
+    """The MLP weights a token runs through (gate, up, down; top-k experts for MoE)."""
+    total = 0
+    for p in arch.projections:
+        if not set(p.kinds) & {"gate", "up", "down"}:
+            continue
+        per = p.weight_params // max(p.experts, 1) if p.experts > 1 else p.weight_params
+        total += per * (arch.experts_per_token if p.experts > 1 else 1)
+    return total
 
 
 def tokens_per_second(arch: Architecture, shape: Shape, peak_tflops: Optional[float]) -> Optional[float]:

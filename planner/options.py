@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Optional, get_args
 
 Method = Literal["lora", "qlora"]
 MethodChoice = Literal["auto", "lora", "qlora"]
@@ -17,6 +17,7 @@ Checkpointing = Literal["auto", "on", "off"]
 Loss = Literal["fused", "full"]
 Dtype = Literal["bfloat16", "float16", "float32"]
 DatasetFormat = Literal["auto", "instruction", "chat", "text"]
+SaverMode = Literal["auto", "on", "off"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 METHOD_CHOICES: tuple[str, ...] = get_args(MethodChoice)
@@ -24,6 +25,12 @@ CHECKPOINTING_CHOICES: tuple[str, ...] = get_args(Checkpointing)
 LOSSES: tuple[str, ...] = get_args(Loss)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 DATASET_FORMATS: tuple[str, ...] = get_args(DatasetFormat)
+SAVER_MODES: tuple[str, ...] = get_args(SaverMode)
+# The memory savers, in the order the report lists them; planner/savers.py holds one table entry for each.
+SAVERS: tuple[str, ...] = ("layer_checkpointing", "offload_checkpoints", "offload_activations", "mlp_tiling",
+                           "padding_free")
+# `--seq-len max`: the planner's answer is a multiple of this many tokens.
+SEQ_LEN_STEP = 256
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -82,3 +89,36 @@ def check_choice(what: str, value: Any, allowed, error: type[Exception] = ValueE
     """Raise `error` with a one-line message when `value` is not one of `allowed`."""
     if value not in allowed:
         raise error(f"{what} must be {choices_text(allowed)}, not {value!r}")
+
+
+def saver_defaults(seq_len_max: bool = False) -> dict[str, str]:
+    """Each saver's default mode (tables/hyperparameters.yaml `savers`): `value` for a fixed --seq-len,
+    `seq_len_max` for --seq-len max."""
+    table = _table()["savers"]
+    return dict(table["seq_len_max" if seq_len_max else "value"])
+
+
+def parse_savers(text: Optional[str], seq_len_max: bool = False, error: type[Exception] = ValueError) -> dict[str, str]:
+    """`--savers` -> {saver: auto|on|off}, over the defaults. A comma list, applied left to right, of
+    `NAME` (on), `NAME=auto|on|off`, `no-NAME` (off), or the words `auto` (every saver auto), `none` (every
+    saver off). Names take dashes or underscores: offload-checkpoints = offload_checkpoints."""
+    modes = saver_defaults(seq_len_max)
+    if text is None:
+        return modes
+    for raw in str(text).split(","):
+        item = raw.strip().lower().replace("-", "_")
+        if not item:
+            continue
+        if item in ("auto", "none"):
+            modes = {k: ("auto" if item == "auto" else "off") for k in SAVERS}
+            continue
+        name, _, mode = item.partition("=")
+        if not mode:
+            name, mode = (name[3:], "off") if name.startswith("no_") else (name, "on")
+        if name not in SAVERS:
+            names = [n.replace("_", "-") for n in SAVERS]
+            raise error(f"--savers: unknown saver {raw.strip()!r}; known: {', '.join(names)} (or auto, none)")
+        if mode not in SAVER_MODES:
+            raise error(f"--savers {raw.strip()}: the mode must be {choices_text(SAVER_MODES)}, not {mode!r}")
+        modes[name] = mode
+    return modes

@@ -4,7 +4,7 @@ Everything `run` does is decided here; `run` does not re-decide. A plan round-tr
 YAML and JSON (`Plan.from_dict(plan.to_dict()) == plan`).
 
 Version history:
-- 1: first schema.
+- 1: first schema (the `savers` section came later, with defaults: files without it load unchanged).
 """
 
 from __future__ import annotations
@@ -126,6 +126,27 @@ class Distributed:
 
 
 @dataclass
+class Savers:
+    """The memory savers `run` applies (planner/savers.py; docs/plan-json.md). All off by default, so a plan
+    written before savers existed loads unchanged and trains as it did."""
+
+    every_n_layers: int = 1  # layer_checkpointing: checkpoint every n-th decoder layer (1: every layer)
+    offload_checkpoints: bool = False  # transformers: activation_checkpointing_kwargs offload=True
+    offload_activations: bool = False  # trl: SFTConfig(activation_offloading=True)
+    mlp_tiling: bool = False  # Liger-Kernel's tiled MLP on every decoder layer
+    padding_free: bool = False  # trl: SFTConfig(packing=True, padding_free=True), flash-attention varlen
+    pinned_host_gib: float = 0.0  # predicted pinned host memory on the machine (all its processes)
+    host_memory_gib: Optional[float] = None  # the host RAM the plan was checked against
+
+    @property
+    def names(self) -> list[str]:
+        on = {"layer_checkpointing": self.every_n_layers > 1, "offload_checkpoints": self.offload_checkpoints,
+              "offload_activations": self.offload_activations, "mlp_tiling": self.mlp_tiling,
+              "padding_free": self.padding_free}
+        return [n for n in O.SAVERS if on[n]]
+
+
+@dataclass
 class Dataset:
     path: Optional[str] = None
     format: str = "auto"  # options.DATASET_FORMATS
@@ -156,6 +177,7 @@ class Plan:
     strategy: str = "single"  # a key of planner.strategies.STRATEGIES
     dataset: Dataset = field(default_factory=Dataset)
     distributed: Distributed = field(default_factory=Distributed)
+    savers: Savers = field(default_factory=Savers)
     output_dir: str = "out"
     assumptions: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
@@ -221,7 +243,26 @@ class Plan:
             raise PlanError(
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"
             )
+        self._check_savers()
         self._check_numbers()
+
+    def _check_savers(self) -> None:
+        sv, t = self.savers, self.training
+        if isinstance(sv.every_n_layers, int) and sv.every_n_layers < 1:
+            raise PlanError(f"savers.every_n_layers must be at least 1, got {sv.every_n_layers}")
+        if sv.offload_checkpoints and sv.offload_activations:
+            raise PlanError("savers.offload_checkpoints and savers.offload_activations offload the same tensors: "
+                            "set one of them")
+        needs = [n for n, on in (("every_n_layers > 1", sv.every_n_layers > 1),
+                                 ("offload_checkpoints", sv.offload_checkpoints),
+                                 ("offload_activations", sv.offload_activations)) if on]
+        if needs and not t.grad_checkpointing:
+            raise PlanError(f"savers.{needs[0]} needs training.grad_checkpointing: true")
+        if sv.padding_free and not (t.packing and t.attn_implementation.startswith("flash_attention")):
+            raise PlanError("savers.padding_free needs training.packing: true and a flash_attention "
+                            f"attn_implementation, got packing {t.packing}, {t.attn_implementation}")
+        if sv.pinned_host_gib < 0:
+            raise PlanError(f"savers.pinned_host_gib must be >= 0, got {sv.pinned_host_gib:g}")
 
     def _check_numbers(self) -> None:
         """Refuse numbers that cannot run (a hand edit, or YAML's .nan/.inf), naming the field and its range:
@@ -252,8 +293,13 @@ class Plan:
                 raise PlanError(f"{name} must be {allowed}, got {value:g}")
 
     def fits(self) -> bool:
-        """The prediction fits the planned card with the plan's safety margin (what `plan` called feasible)."""
-        return self.prediction.per_gpu_gib <= self.hardware.memory_gib * (1 - self.prediction.margin) + 1e-9
+        """The prediction fits the planned card with the plan's safety margin, and the savers' pinned host memory
+        the host's usable share (what `plan` called feasible)."""
+        from .savers import host_pinned_share  # lazy: savers -> memory -> ... -> plan
+
+        sv = self.savers
+        host_ok = not sv.host_memory_gib or sv.pinned_host_gib <= sv.host_memory_gib * host_pinned_share() + 1e-6
+        return host_ok and self.prediction.per_gpu_gib <= self.hardware.memory_gib * (1 - self.prediction.margin) + 1e-9
 
     # ---- files -----------------------------------------------------------------------------------
     def to_yaml(self) -> str:

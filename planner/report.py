@@ -86,6 +86,44 @@ def _host_and_strategies(res: PlanResult, console: Console) -> None:
                        f"{o.host_gib:.0f}", f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else "-", o.why_not or "")
         print_table(console, st)
 
+# short names for the fit table's savers column
+SAVER_SHORT = {"layer_checkpointing": "every-n", "offload_checkpoints": "offload", "offload_activations": "offload-trl",
+               "mlp_tiling": "tiled-mlp", "padding_free": "packed"}
+
+
+def _savers_tables(res: PlanResult, console: Console) -> None:
+    """Pinned host memory, and what each saver of the plan buys (GPU GiB saved, host GiB, slowdown)."""
+    effects = res.saver_effects()
+    if res.host_terms:
+        r = res.resolved
+        host = new_table(f"Host memory: {r.host_note}, {r.usable_host_gib:.1f} GiB usable for pinned memory")
+        key_column(host, "term")
+        key_column(host, "GiB", justify="right")
+        text_column(host, "formula", style="dim")
+        for term in res.host_terms:
+            host.add_row(term.name, f"{term.gib:.2f}", term.formula)
+        over = res.host_gib - r.usable_host_gib
+        host.caption = ("pinned (page-locked) host memory the offload holds for the step; the process itself needs more"
+                        + (f"; {over:.1f} GiB over the usable share" if over > 0 else ""))
+        host.caption_justify = "left"
+        print_table(console, host)
+    if not effects:
+        return
+    buys = new_table("What each saver buys on this plan")
+    key_column(buys, "saver")
+    for col in ("GPU GiB\nsaved", "host\nGiB", "slowdown"):
+        key_column(buys, col, justify="right")
+    text_column(buys, "how `run` applies it (speed figure)")
+    for e in effects:
+        from .savers import SAVERS
+
+        how = e.speed_source.split(":", 1)[0]  # derived | cited: the sources are in --json and tables/savers.yaml
+        buys.add_row(e.name, f"{e.gib_saved:.2f}", f"{e.host_gib:.2f}", f"{e.slowdown - 1:+.1%}",
+                     f"{SAVERS[e.name].applied_short} ({how})")
+    buys.caption = "slowdown: time per token against the same plan without that saver; sources: --json, tables/savers.yaml"
+    buys.caption_justify = "left"
+    print_table(console, buys)
+
 
 def render(res: PlanResult, console: Console) -> None:
     plan, a = res.plan, res.arch
@@ -130,11 +168,15 @@ def render(res: PlanResult, console: Console) -> None:
     head = plan.hardware.memory_gib - total
     if res.feasible:
         mem.add_row("[green]headroom", f"[green]{head:.2f}", f"usable {res.usable_gib:.1f} GiB after a {plan.prediction.margin:.0%} margin")
+    elif total <= res.usable_gib and res.host_terms:  # the card holds it; the host's pinned memory does not
+        mem.add_row("[yellow]headroom", f"[yellow]{head:.2f}", "the card holds it; the pinned host memory is short "
+                    "(Host memory, below)")
     else:  # fitting needs peak <= usable: a positive "headroom" against the whole card would read as room to spare
         mem.add_row("[red]short", f"[red]{total - res.usable_gib:.2f}",
                     f"over the usable {res.usable_gib:.1f} GiB ({plan.hardware.memory_gib:.1f} GiB less a "
                     f"{plan.prediction.margin:.0%} margin)")
     print_table(console, mem)
+    _savers_tables(res, console)
 
     dec = new_table("Decision" if res.feasible else "Closest configuration tried (does not fit)")
     key_column(dec, "setting", style="bold")
@@ -149,7 +191,12 @@ def render(res: PlanResult, console: Console) -> None:
     dec.add_row("learning rate", f"{t.learning_rate:g}", r.get("learning_rate", ""))
     dec.add_row("epochs", f"{t.num_epochs:g}" if t.max_steps < 0 else f"max_steps {t.max_steps}", r.get("num_epochs", ""))
     dec.add_row("warmup", f"{t.warmup_ratio:.0%}, {t.lr_scheduler}", r.get("warmup_ratio", ""))
-    dec.add_row("sequence length", str(t.seq_len), "")
+    dec.add_row("sequence length", str(t.seq_len), r.get("seq_len", ""))
+    if "savers" in r:
+        names = plan.savers.names
+        value = ", ".join(f"every {plan.savers.every_n_layers} layers" if n == "layer_checkpointing" else n
+                          for n in names) or "none"
+        dec.add_row("memory savers", value, r["savers"])
     dec.add_row("loss / optimizer", f"{t.loss} / {t.optimizer}", plan.assumptions.get("loss", ""))
     if "targets" in r:
         dec.add_row("targets", ", ".join(plan.lora.target_modules + plan.lora.target_parameters), r["targets"])
@@ -174,32 +221,55 @@ def render(res: PlanResult, console: Console) -> None:
         if est.tokens_per_s or res.dataset is not None:
             console.print()
         margin = plan.prediction.margin
+        longest = any(row.longest_seq_len is not None for row in res.fit_table)
+        with_savers = any(row.savers is not None for row in res.fit_table)
         many = plan.hardware.world_size > 1  # the strategy can differ from card to card
-        ft = new_table("Across the catalog's cards (same request)")
-        for col in ("card", "memory\nGiB", "fits", *(("strategy",) if many else ()), "method", "micro-\nbatch",
-                    "grad\nckpt", "peak\nGiB", "headroom\nGiB", "tokens/s"):
-            key_column(ft, col, justify="left" if col in ("card", "fits", "method", "strategy") else "right")
-        short = False
-        for row in res.fit_table:
-            ok = row.fits
-            if ok:
-                room = f"{row.headroom_gib:.1f}"
-            elif row.binds in ("loading", "host memory"):  # training fits there; loading or the host does not
-                room = f"{row.binds} binds"
-            else:  # what it lacks against the usable memory, the bound fitting is judged by
-                room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
-                short = True
-            ft.add_row(
-                row.gpu, f"{row.memory_gib:.1f}", "[green]yes" if ok else "[red]no",
-                *(((row.strategy or "-"),) if many else ()), (row.method or "").upper() if ok else "-", str(row.micro_batch_size) if ok else "-",
-                ("on" if row.grad_checkpointing else "off") if ok else "-",
-                f"{row.per_gpu_gib:.1f}", room,
-                f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
-            )
-        if short:
-            ft.caption = (f"peak: the smallest configuration tried where it does not fit; short: GiB over the usable "
-                          f"memory (the card's less a {margin:.0%} safety margin)")
-            ft.caption_justify = "left"
+
+        def fit_table(narrow: bool):
+            """The fit table; `narrow` leaves out the columns a savers/longest-context table can spare."""
+            spare = {"micro-\nbatch", "grad\nckpt", "host\nGiB", "headroom\nGiB"} if narrow else set()
+            ft = new_table("Across the catalog's cards (same request" + (", each at its longest context)" if longest else ")"))
+            cols = ["card", "memory\nGiB", "fits"] + (["longest\ncontext"] if longest else []) + (
+                ["strategy"] if many else []) + ["method", "micro-\nbatch", "grad\nckpt"] + (["savers", "host\nGiB"] if with_savers else []) + [
+                "peak\nGiB", "headroom\nGiB", "tokens/s"]
+            cols = [c for c in cols if c not in spare]
+            for col in cols:
+                key_column(ft, col, justify="left" if col in ("card", "fits", "method", "savers", "strategy") else "right")
+            short = False
+            for row in res.fit_table:
+                ok = row.fits
+                if ok:
+                    room = f"{row.headroom_gib:.1f}"
+                elif row.binds in ("loading", "host memory"):  # training fits there; loading or the host does not
+                    room = f"{row.binds} binds"
+                else:  # what it lacks against the usable memory, the bound fitting is judged by
+                    room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
+                    short = True
+                cell = {
+                    "card": row.gpu, "memory\nGiB": f"{row.memory_gib:.1f}", "fits": "[green]yes" if ok else "[red]no",
+                    "longest\ncontext": f"{row.longest_seq_len:,}" if row.longest_seq_len else "-",
+                    "strategy": row.strategy or "-", "method": (row.method or "").upper() if ok else "-",
+                    "micro-\nbatch": str(row.micro_batch_size) if ok else "-",
+                    "grad\nckpt": ("on" if row.grad_checkpointing else "off") if ok else "-",
+                    "savers": ("+".join(SAVER_SHORT[n] for n in row.savers or []) or "-") if ok else "-",
+                    "host\nGiB": f"{row.host_gib:.1f}" if ok and row.host_gib else "-",
+                    "peak\nGiB": f"{row.per_gpu_gib:.1f}", "headroom\nGiB": room,
+                    "tokens/s": f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
+                }
+                ft.add_row(*[cell[c] for c in cols])
+            captions = []
+            if short:
+                captions.append(f"peak: the smallest configuration tried where it does not fit; short: GiB over the "
+                                f"usable memory (the card's less a {margin:.0%} safety margin)")
+            if narrow:
+                captions.append("micro-batch, checkpointing, host GiB and headroom: --json, or a wider terminal")
+            if captions:
+                ft.caption, ft.caption_justify = "\n".join(captions), "left"
+            return ft
+
+        ft = fit_table(narrow=False)
+        if (longest or with_savers) and min_width(console, ft) > console.width:
+            ft = fit_table(narrow=True)
         print_table(console, ft)
 
     if res.hardware_note:
@@ -207,8 +277,12 @@ def render(res: PlanResult, console: Console) -> None:
     for warning in res.warnings:
         console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
     if res.feasible:
-        console.print(f"[bold green]FITS[/bold green] on {plan.hardware.num_gpus} x {plan.hardware.gpu_name}: "
-                      f"{total:.1f} of {plan.hardware.memory_gib:.1f} GiB per GPU, {head:.1f} GiB headroom")
+        longest = f"the longest context, {t.seq_len:,} tokens, " if res.resolved is not None and res.resolved.seq_len_max else ""
+        savers = (f", with {', '.join(plan.savers.names)}" if plan.savers.names else "")
+        host = f" and {res.host_gib:.1f} GiB of pinned host memory" if res.host_terms else ""
+        console.print(f"[bold green]FITS[/bold green]{': ' + longest.rstrip(', ') if longest else ''} on "
+                      f"{plan.hardware.num_gpus} x {plan.hardware.gpu_name}{savers}: {total:.1f} of "
+                      f"{plan.hardware.memory_gib:.1f} GiB per GPU{host}, {head:.1f} GiB headroom")
     else:
         console.print(f"[bold red]DOES NOT FIT[/bold red] on {plan.hardware.gpu_name}. What would:")
         for s in res.suggestions:

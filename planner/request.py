@@ -7,12 +7,14 @@ compute dtype from the card, the strategy from the topology. `planner.decide` th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from . import options as O
+from . import savers as S
 from .architecture import Architecture
 from .catalog import ResolvedModel, resolve_hardware, resolve_model, resolve_topology
 from .datasets import DatasetStats, dataset_stats
@@ -36,14 +38,14 @@ class PlanRequest:
     num_gpus: Optional[int] = None  # per node
     num_nodes: Optional[int] = None
     network: Optional[str] = None  # between nodes: a tables/networks.yaml name or Gbit/s per node
-    host_memory: Optional[str] = None  # RAM per node (default: this machine's)
+    host_memory: Optional[str] = None  # RAM per node (default: this machine's with --gpu auto, else 2 x GPU memory)
     strategy: str = "auto"  # auto, or a key of planner.strategies.STRATEGIES
     method: str = field(default_factory=lambda: O.default("method"))  # options.METHOD_CHOICES
     rank: Optional[int] = None
     alpha: Optional[int] = None
     dropout: Optional[float] = None
     targets: Optional[str] = None
-    seq_len: int = field(default_factory=lambda: O.default("seq_len"))
+    seq_len: Union[int, str] = field(default_factory=lambda: O.default("seq_len"))  # or "max": the longest that fits
     batch_size: Optional[int] = None  # fixed micro-batch; None: choose
     global_batch_size: Optional[int] = None
     grad_checkpointing: str = field(default_factory=lambda: O.default("gradient_checkpointing"))  # CHECKPOINTING_CHOICES
@@ -57,6 +59,10 @@ class PlanRequest:
     train_tokens: Optional[int] = None  # for the time estimate when no dataset is given
     trust_remote_code: bool = False
     fit_table: bool = True
+    savers: Optional[str] = None  # --savers: options.parse_savers; None: the defaults
+
+
+SEQ_LEN_MAX = "max"
 
 
 @dataclass
@@ -88,6 +94,12 @@ class Resolved:
     max_steps: Optional[int]
     train_tokens: Optional[int]
     dataset: Optional[DatasetStats]
+    # memory savers (planner/savers.py): each saver's mode (auto | on | off), and the host they may pin memory on
+    savers: dict[str, str] = field(default_factory=lambda: O.saver_defaults())
+    host_memory_gib: float = 0.0
+    host_note: str = ""
+    seq_len_max: bool = False  # --seq-len max: seq_len is the longest that fits (planner.decide.longest_seq_len)
+    seq_len_limit: int = MAX_SEQ_LEN  # the longest --seq-len max considers: the model's context when known
 
     @property
     def arch(self) -> Architecture:
@@ -99,6 +111,20 @@ class Resolved:
         from .memory import coefficients
 
         return self.hardware.memory_gib * (1 - coefficients().decision.safety_margin)
+
+    @property
+    def usable_host_gib(self) -> float:
+        """Pinned host memory a plan may take: the host's RAM times the share in tables/savers.yaml."""
+        return self.host_memory_gib * S.host_pinned_share()
+
+    @property
+    def host_processes(self) -> int:
+        """Training processes that share the host's RAM (one per GPU under data parallelism)."""
+        return self.hardware.num_gpus if self.strategy.data_parallel else 1
+
+    @property
+    def uses_savers(self) -> bool:
+        return any(m != "off" for m in self.savers.values())
 
 
 def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
@@ -116,9 +142,13 @@ def validate(req: PlanRequest) -> None:
     """One-line InputErrors for options that no plan can be built from."""
     if req.seq_len is None:
         raise InputError("--seq-len must be a positive number of tokens, got None")
-    _positive("--seq-len", req.seq_len, integer=True)
-    if req.seq_len > MAX_SEQ_LEN:
-        raise InputError(f"--seq-len {req.seq_len} is beyond any model's context; at most {MAX_SEQ_LEN:,} tokens")
+    if isinstance(req.seq_len, str):
+        if req.seq_len.strip().lower() != SEQ_LEN_MAX:
+            raise InputError(f"--seq-len must be a positive number of tokens or max, got {req.seq_len!r}")
+    else:
+        _positive("--seq-len", req.seq_len, integer=True)
+        if req.seq_len > MAX_SEQ_LEN:
+            raise InputError(f"--seq-len {req.seq_len} is beyond any model's context; at most {MAX_SEQ_LEN:,} tokens")
     for name, value in (("--rank", req.rank), ("--batch-size", req.batch_size),
                         ("--global-batch-size", req.global_batch_size), ("--num-gpus", req.num_gpus),
                         ("--max-steps", req.max_steps), ("--train-tokens", req.train_tokens)):
@@ -132,6 +162,43 @@ def validate(req: PlanRequest) -> None:
     O.check_choice("--optimizer", req.optimizer, tuple(O.OPTIMIZERS), InputError)
     O.check_choice("--loss", req.loss, O.LOSSES, InputError)
     O.check_choice("--strategy", req.strategy, STRATEGY_CHOICES, InputError)
+    O.parse_savers(req.savers, error=InputError)
+
+
+def _savers(req: PlanRequest, arch: Architecture, hw: Hardware, seq_len_max: bool) -> dict[str, str]:
+    """Each saver's mode, checked against the model, the card and the other options (one-line InputErrors)."""
+    modes = O.parse_savers(req.savers, seq_len_max, error=InputError)
+    on = [n for n, m in modes.items() if m == "on"]
+    for name in on:
+        why = S.SAVERS[name].applies(arch, hw)
+        if why:
+            raise InputError(f"--savers {S.cli_name(name)}=on: {why}")
+    if all(n in on for n in S.OFFLOADS):
+        raise InputError("--savers: offload-checkpoints and offload-activations offload the same tensors; turn one on")
+    ckpt = [n for n in on if S.SAVERS[n].needs_checkpointing]
+    if ckpt and req.grad_checkpointing == "off":
+        raise InputError(f"--savers {S.cli_name(ckpt[0])}=on needs gradient checkpointing, which "
+                         "--grad-checkpointing off forbids")
+    return modes
+
+
+def _host(req: PlanRequest, hw: Hardware, detected: bool) -> tuple[float, str]:
+    """The host RAM per node the savers and offload may use (planner.catalog.resolve_topology set it), and how it
+    was found."""
+    gib = hw.host_memory_gib or 0.0
+    if req.host_memory is not None:
+        return gib, f"--host-memory {gib:.1f} GiB"
+    if detected or hw.gpu == "cpu":
+        return gib, f"detected {gib:.1f} GiB of RAM"
+    return gib, f"assumed {gib:.0f} GiB ({O.default('host_memory_per_gpu_memory'):g} x the node's GPU memory; pass --host-memory)"
+
+
+def with_seq_len(r: Resolved, seq_len: int) -> Resolved:
+    """The resolved request at another sequence length (the dataset's statistics recounted at that cap)."""
+    ds = r.dataset
+    if ds is not None:
+        ds = dataset_stats(ds.path, seq_len, tokenizer_dir=r.model.ref.path)
+    return dataclasses.replace(r, seq_len=seq_len, dataset=ds)
 
 
 def compute_dtype(hw: Hardware) -> str:
@@ -210,18 +277,26 @@ def resolve(req: PlanRequest) -> Resolved:
     if req.batch_size and per_gpu_batch % req.batch_size:
         raise InputError(f"--batch-size {req.batch_size} does not divide the per-GPU batch {per_gpu_batch} "
                          f"(global batch {gbs} over {hw.num_gpus} GPU(s))")
+    seq_len_max = isinstance(req.seq_len, str)
+    context = model.arch.config.get("max_position_embeddings")
+    limit = min(MAX_SEQ_LEN, context) if isinstance(context, int) and context >= O.SEQ_LEN_STEP else MAX_SEQ_LEN
+    limit -= limit % O.SEQ_LEN_STEP
+    seq_len = limit if seq_len_max else req.seq_len  # --seq-len max: planner.api searches below the limit
+    savers = _savers(req, model.arch, hw, seq_len_max)
+    host_gib, host_note = _host(req, hw, detected)
     dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
     # the model's own tokenizer.json counts the tokens when the model is a local folder (else 4 chars per token)
-    ds = dataset_stats(dataset, req.seq_len, tokenizer_dir=model.ref.path) if dataset else None
+    ds = dataset_stats(dataset, seq_len, tokenizer_dir=model.ref.path) if dataset else None
     epochs, epochs_reason = _epochs(req, ds)
     return Resolved(
         model=model, selection=sel, hardware=hw, hardware_note="; ".join(notes), strategy=strategy,
         strategy_choice=req.strategy, host_memory_assumed=not (req.host_memory or detected or hw.gpu == "cpu"),
         rank=r, alpha=alpha,
-        dropout=dropout, dtype=compute_dtype(hw), seq_len=req.seq_len, global_batch_size=gbs,
+        dropout=dropout, dtype=compute_dtype(hw), seq_len=seq_len, global_batch_size=gbs,
         per_gpu_batch=per_gpu_batch, method=req.method, grad_checkpointing=req.grad_checkpointing,
         batch_size=req.batch_size, optimizer=req.optimizer, loss=req.loss,
         learning_rate=req.learning_rate if req.learning_rate is not None else float(O.default("learning_rate")),
         epochs=epochs, epochs_reason=epochs_reason, max_steps=req.max_steps, train_tokens=req.train_tokens,
-        dataset=ds,
+        dataset=ds, savers=savers, host_memory_gib=host_gib, host_note=host_note, seq_len_max=seq_len_max,
+        seq_len_limit=limit,
     )

@@ -35,6 +35,40 @@ class PlanResult:
     warnings: list[str] = field(default_factory=list)
     strategies: list = field(default_factory=list)  # planner.placement.StrategyOption per strategy tried
     load: Optional[object] = None  # planner.loading.LoadPeak of the plan
+    host_terms: list[M.Term] = field(default_factory=list)  # pinned host memory the savers take
+    resolved: Optional[Any] = None  # planner.request.Resolved, for the savers' effects
+    choice: Optional[Any] = None  # planner.decide.Choice
+
+    @property
+    def host_gib(self) -> float:
+        return M.Term.sum_gib(self.host_terms)
+
+    def saver_effects(self) -> list:
+        """What each saver of the plan buys (planner.decide.saver_effects)."""
+        if self.resolved is None or self.choice is None:
+            return []
+        from .decide import saver_effects
+
+        return saver_effects(self.resolved, self.choice)
+
+    def _savers_json(self) -> dict[str, Any]:
+        r, sv = self.resolved, self.plan.savers
+        return {
+            "modes": dict(r.savers) if r is not None else {},
+            "chosen": sv.names,
+            "every_n_layers": sv.every_n_layers,
+            "effects": [e.to_dict() for e in self.saver_effects()],
+            "host": {
+                "memory_gib": r.host_memory_gib if r is not None else None,
+                "note": r.host_note if r is not None else "",
+                "usable_gib": r.usable_host_gib if r is not None else None,
+                "pinned_gib": self.host_gib,
+                "terms": {t.name: t.gib for t in self.host_terms},
+                "formulas": {t.name: t.formula for t in self.host_terms},
+            },
+            "seq_len_max": bool(r is not None and r.seq_len_max),
+            "seq_len_limit": r.seq_len_limit if r is not None else None,
+        }
 
     @property
     def arch(self) -> Architecture:
@@ -113,5 +147,6 @@ class PlanResult:
             "dataset": None if self.dataset is None else self.dataset.to_dict(),
             "fit_table": [row.to_dict() for row in self.fit_table],
             "suggestions": self.suggestions,
+            "savers": self._savers_json(),
             "plan": plan.to_dict(),
         }
