@@ -195,31 +195,49 @@ def print_text(rows: list[Compared]) -> None:
           "published figure's terms.")
 
 
+def _card(plan: dict) -> str:
+    if plan.get("gpu"):
+        return plan["gpu"]
+    return f"{plan['gpu_memory']} card"
+
+
 def print_markdown(rows: list[Compared]) -> None:
-    print("| row | setup | published | its measure | planned, same measure | error | tolerance | host: published / planned | the plan says |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---|")
+    print("| row | model, cards | strategy, method, r | batch x seq | published | its measure | planned, same measure "
+          "| error | tolerance | host GiB: published / planned | the plan says |")
+    print("|---|---|---|---|---:|---|---:|---:|---:|---:|---|")
     for c in rows:
-        r, pub, s = c.row, c.row["published"], c.row["setup"]
-        shape = (f"{s['model']}; {s['cards']}; {r['plan']['strategy']} {r['plan']['method']}; r={r['plan']['rank']}; "
-                 f"{r['plan']['batch_size']} x {r['plan']['seq_len']}; ckpt {r['plan']['grad_checkpointing']}")
-        figure = f"{pub['per_gpu']:g} {pub['unit']}" + (
-            f" ({pub['range'][0]:g}-{pub['range'][1]:g})" if pub.get("range") else "")
-        meas = pub["measures"] + (f" (as {c.measure})" if pub["measures"] == "unstated" else "")
-        host = "" if c.published_host_gib is None else f"{c.published_host_gib:.0f} / {c.planned_host_gib:.0f} GiB"
+        r, pub, plan = c.row, c.row["published"], c.row["plan"]
+        model = r["setup"]["model"].split("/")[-1].split(" ")[0]
+        figure = f"{pub['per_gpu']:g} {pub['unit']}"
+        if pub.get("range"):
+            figure += f" ({pub['range'][0]:g}-{pub['range'][1]:g})"
+        if pub["unit"] != "GiB":
+            figure += f" = {c.published_gib:.2f} GiB"
+        meas = pub["measures"] + (f", compared as {c.measure}" if pub["measures"] == "unstated" else "")
+        host = "" if c.published_host_gib is None else f"{c.published_host_gib:.0f} / {c.planned_host_gib:.0f}"
         tol = "-" if c.tolerance is None else f"{c.tolerance:.0%}"
-        print(f"| [{r['id']}]({r['url']}) | {shape} | {figure} = {c.published_gib:.2f} GiB | {meas} | "
+        print(f"| [{r['id']}]({r['url']}) | {model}, {plan['num_gpus']} x {_card(plan)} | {plan['strategy']}, "
+              f"{plan['method']}, r={plan['rank']} | {plan['batch_size']} x {plan['seq_len']} | {figure} | {meas} | "
               f"{c.planned_gib:.2f} GiB | {c.error:+.0%} | {tol} | {host} | {verdict_text(c)} |")
+    held = [c for c in rows if c.tolerance is not None]
     print()
-    print("```")
-    print_text(rows)
-    print("```")
+    print(f"{len(rows)} rows; {len(held)} held to a tolerance (tests/test_published.py), "
+          f"{sum(bool(c.within) for c in held)} within it.")
     print()
-    print("Each row as `loraplan plan` arguments (`NAME/config.json`: the fields under `models:` in the table):")
+    print("Each row as `loraplan plan` arguments (`NAME/config.json`: the fields under `models:` in the table; "
+          "`python benchmarks/published.py --plan ROW` prints the whole report):")
     print()
     print("```")
     for c in rows:
         print(f"{c.row['id']}: {cli_args(c.row)}")
     print("```")
+    print()
+    print("What differs between each source's run and the plan, largest first:")
+    print()
+    for c in rows:
+        print(f"- **{c.row['id']}** ({c.row['source']}; {c.error:+.0%}):")
+        for d in c.row["differences"]:
+            print(f"  - {d}")
 
 
 def print_plan(row_id: str) -> int:
