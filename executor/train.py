@@ -302,10 +302,20 @@ def _trainer_class():
         which materializes the logits (and the model's loss upcasts them to fp32), as the plan budgeted.
         """
 
-        def __init__(self, *args, plan_loss: str, keep_checkpoints: int, **kwargs):
+        def __init__(self, *args, plan_loss: str, keep_checkpoints: int, sharded: bool = False, **kwargs):
             self.plan_loss = plan_loss
             self.keep_checkpoints = keep_checkpoints
+            self.sharded = sharded
             super().__init__(*args, **kwargs)
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            # Sharded plans on a machine without a GPU: accelerate would fall back to multi-CPU DDP (executor/fsdp.py)
+            if self.sharded:
+                from .fsdp import enable_fsdp_on_cpu
+
+                if enable_fsdp_on_cpu(self.accelerator):
+                    self.is_fsdp_enabled = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.plan_loss == "full":
@@ -436,6 +446,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     from transformers import PrinterCallback
 
     from .data import prepare_datasets
+    from .fsdp import is_sharded
     from .model import load_base_model, load_tokenizer, plan_model_dir, wrap_lora
 
     t0 = time.perf_counter()
@@ -450,7 +461,10 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     train_ds, eval_ds, train_report, eval_report = prepare_datasets(plan, tokenizer)
 
     transformers.set_seed(t.seed)  # before wrapping: the adapter's initial weights are random
-    model = load_base_model(plan, model_dir, place.device_map)
+    device_map = place.device_map
+    if is_sharded(plan) and not plan.quantization.enabled:
+        device_map = None  # loaded on the host; fully_shard moves each rank's shards to its GPU, never the whole model
+    model = load_base_model(plan, model_dir, device_map)
     model = wrap_lora(plan, model)
     # Record where the base came from so `merge` finds it: the hub id when it came from the cache.
     base_ref = os.path.abspath(model_dir) if plan.model.path else plan.model.hub_id
@@ -493,6 +507,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         callbacks=callbacks,
         plan_loss=t.loss,
         keep_checkpoints=t.save_total_limit,
+        sharded=is_sharded(plan),
     )
     trainer.remove_callback(PrinterCallback)
     if plan.quantization.enabled and t.dtype != "bfloat16":
@@ -523,10 +538,29 @@ def _restore_finished_checkpoint(trainer, checkpoint: str, cadence) -> None:
     from transformers import TrainerState
 
     model = trainer.model
-    model.load_adapter(checkpoint, model.active_adapter, is_trainable=True)
+    if getattr(trainer, "sharded", False):  # FSDP checkpoint: the adapter is in torch.distributed.checkpoint shards
+        from .fsdp import load_sharded_adapter
+
+        load_sharded_adapter(model, checkpoint)
+    else:
+        model.load_adapter(checkpoint, model.active_adapter, is_trainable=True)
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
     if cadence is not None:
         cadence.interval = effective_logging_steps(cadence.plan_steps, trainer.state.max_steps)
+
+
+def _save_sharded_adapter(trainer, folder: str, place: Placement) -> None:
+    """The FSDP run's adapter as an ordinary PEFT adapter: gathered whole on rank 0 (every rank takes part), then
+    written with peft's save_pretrained, with the tokenizer, as Trainer.save_model writes it for other strategies
+    (which under FSDP with sharded state dicts writes nothing)."""
+    from .fsdp import full_adapter_state_dict
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state = full_adapter_state_dict(model)  # None when not sharded (resumed at the last step): the model's own
+    if place.is_main:
+        model.save_pretrained(folder, state_dict=state)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(folder)
 
 
 def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, stopper, flag: StopFlag, train_report,
@@ -574,7 +608,10 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
             import shutil
 
             shutil.rmtree(tmp)
-        trainer.save_model(tmp)
+        if getattr(trainer, "sharded", False):
+            _save_sharded_adapter(trainer, tmp, place)
+        else:
+            trainer.save_model(tmp)
         trainer.accelerator.wait_for_everyone()
         if place.is_main:
             outputs.replace_dir(tmp, adapter_dir)
@@ -609,6 +646,8 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         "margin_gib": margin_gib,
         "over_prediction": exceeds_prediction(plan, observed),
         "cpu_rss_peak_gib": max(rss),
+        "cpu_rss_peak_gib_per_process": rss,
+        "num_nodes": plan.hardware.num_nodes,
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "resumed_from_step": resumed_from_step,
