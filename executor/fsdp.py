@@ -33,9 +33,12 @@ SHARDED_STRATEGIES = ("fsdp", "fsdp-offload")
 STATE_DICT_TYPE = "SHARDED_STATE_DICT"
 MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
-# Optimizers whose state torch.distributed.checkpoint cannot save when the parameters are FSDP2 DTensors.
-# peft docs (accelerate/fsdp.md, Caveats 4): "When using FSDP+QLoRA, paged_adamw_8bit currently results in an error
-# when saving a checkpoint"; bitsandbytes #1732: an assertion saving 8-bit AdamW state under FSDP2 (bf16 model).
+# bitsandbytes' optimizers under FSDP2. Measured here (bitsandbytes 0.50.2, torch 2.13, CPU, LoRA and QLoRA alike):
+# the first optimizer step fails with "NotImplementedError: Operator bitsandbytes.optimizer_update_32bit.default
+# does not have a sharding strategy registered" (bitsandbytes' kernels take plain tensors, FSDP2's parameters are
+# DTensors; bitsandbytes/optim has no DTensor handling). Beyond that, peft's FSDP docs (Caveats 4): "When using
+# FSDP+QLoRA, paged_adamw_8bit currently results in an error when saving a checkpoint", and bitsandbytes #1732 (an
+# assertion saving 8-bit AdamW state under FSDP2).
 BROKEN_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
 
 
@@ -61,10 +64,10 @@ def refusal(plan: Plan) -> Optional[str]:
     if plan.strategy == "fsdp" and d.offload_params:
         return "strategy fsdp contradicts distributed.offload_params: true; the offloading strategy is fsdp-offload"
     if t.optimizer in BROKEN_OPTIMIZERS:
-        what = "FSDP + QLoRA + " if plan.quantization.enabled else "FSDP2 + "
-        return (f"{what}{t.optimizer} fails when a checkpoint is saved (torch.distributed.checkpoint cannot save "
-                f"bitsandbytes' 8-bit optimizer state of sharded parameters: peft's FSDP docs, bitsandbytes #1732); "
-                f"plan again with training.optimizer adamw")
+        what = "FSDP + QLoRA + " if plan.quantization.enabled else "FSDP + "
+        return (f"{what}{t.optimizer} does not run: bitsandbytes' optimizers cannot update FSDP2's sharded "
+                f"(DTensor) parameters, and peft's FSDP docs report paged_adamw_8bit failing to save a checkpoint; "
+                f"plan again with training.optimizer adamw (FSDP already shards its states over the ranks)")
     if plan.quantization.enabled:
         from planner.options import DTYPES
 
@@ -196,6 +199,7 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     What stays as the CPU path made it: the gloo process group (PartialState's MULTI_CPU branch), `cpu=True` (the
     Trainer's use_cpu), and no FSDP MixedPrecisionPolicy (the GPU branch's `set_mixed_precision` is skipped, so
     parameters are gathered and gradients reduced in their stored dtype: "mixed precision no").
+    One setting differs: fsdp-offload's CPUOffloadPolicy without pinned memory (pinning needs an accelerator).
 
     Only when no GPU is visible: on a GPU accelerate chooses FSDP itself and this function does nothing. For tests,
     the demo and laptops; a CPU cannot hold what FSDP is for."""
@@ -215,7 +219,14 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         raise RunError("a sharded plan's workers need accelerate's FSDP environment (ACCELERATE_USE_FSDP); "
                        "start them through `loraplan run`")
-    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from FSDP_* as the launcher set them
+    plugin = FullyShardedDataParallelPlugin()  # from FSDP_* as the launcher set them
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory:
+        # Pinned host memory needs an accelerator ("Cannot access accelerator device when none is available");
+        # on a CPU the offloaded shards are ordinary host memory, as every tensor is.
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return True
@@ -250,3 +261,38 @@ def load_sharded_adapter(model, checkpoint: str) -> None:
     state = {"model": get_peft_model_state_dict(model, adapter_name=model.active_adapter)}
     dist_cp.load(state_dict=state, storage_reader=dist_cp.FileSystemReader(folder))
     set_peft_model_state_dict(model, state["model"], adapter_name=model.active_adapter)
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameters this rank holds at rest: its local shard of each FSDP-sharded parameter (DTensor), all
+    of an unsharded one. Under FSDP with N ranks about 1/N of the model's (what shows that the 4-bit weights of a
+    QLoRA plan were sharded: with uint8 storage they stay whole on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def plugin_summary(accelerator) -> Optional[dict[str, Any]]:
+    """The FSDP settings the run's Accelerator actually trained with (its FullyShardedDataParallelPlugin), in the
+    accelerate config's terms: what summary.json records, so a reader can check them against accelerate_config.yaml."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        return None
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    mp = plugin.mixed_precision_policy
+    return {
+        "distributed_type": accelerator.state.distributed_type.value,
+        "fsdp_version": plugin.fsdp_version,
+        "fsdp_transformer_layer_cls_to_wrap": ",".join(plugin.transformer_cls_names_to_wrap or []) or None,
+        "fsdp_offload_params": isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+        "fsdp_cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
+        "fsdp_reshard_after_forward": plugin.reshard_after_forward,
+        "fsdp_state_dict_type": plugin.state_dict_type.name,
+        "fsdp_activation_checkpointing": bool(plugin.activation_checkpointing),
+        "param_dtype": str(mp.param_dtype).replace("torch.", "") if mp is not None and mp.param_dtype else None,
+    }

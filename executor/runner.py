@@ -41,6 +41,10 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     if fsdp.is_sharded(plan):
         fsdp.check_runnable(plan)
     check_inputs(plan)  # first: --overwrite must not delete a run for a plan that cannot start
+    if fsdp.is_sharded(plan):
+        from .model import plan_model_dir
+
+        fsdp.wrap_class(plan, plan_model_dir(plan))  # a layer class the model lacks is refused before anything is written
     if not rdzv.is_main_machine:
         if console is not None:
             console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}, "

@@ -549,6 +549,14 @@ def _restore_finished_checkpoint(trainer, checkpoint: str, cadence) -> None:
         cadence.interval = effective_logging_steps(cadence.plan_steps, trainer.state.max_steps)
 
 
+def _fsdp_settings(trainer) -> Optional[dict]:
+    if not getattr(trainer, "sharded", False):
+        return None
+    from .fsdp import plugin_summary
+
+    return plugin_summary(trainer.accelerator)
+
+
 def _save_sharded_adapter(trainer, folder: str, place: Placement) -> None:
     """The FSDP run's adapter as an ordinary PEFT adapter: gathered whole on rank 0 (every rank takes part), then
     written with peft's save_pretrained, with the tokenizer, as Trainer.save_model writes it for other strategies
@@ -620,6 +628,10 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
     if has_eval and not interrupted:
         eval_loss = trainer.evaluate().get("eval_loss")
 
+    if getattr(trainer, "sharded", False):
+        from .fsdp import local_parameter_bytes
+
+        local_weights = _gather(local_parameter_bytes(trainer.model) / GIB, place)
     peaks = _gather(meter.peak_gib(), place)
     rss = _gather(meter.rss_peak_gib(), place)
     used_end = _gather(meter.device_used_gib(), place)
@@ -648,6 +660,8 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         "cpu_rss_peak_gib": max(rss),
         "cpu_rss_peak_gib_per_process": rss,
         "num_nodes": plan.hardware.num_nodes,
+        "local_parameters_gib_per_process": local_weights if getattr(trainer, "sharded", False) else None,
+        "fsdp": _fsdp_settings(trainer),
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "resumed_from_step": resumed_from_step,
