@@ -28,7 +28,6 @@ from planner.plan import Plan
 from .errors import RunError
 
 CONFIG_FILE = "accelerate_config.yaml"
-SHARDED_STRATEGIES = ("fsdp", "fsdp-offload")
 # FSDP2 keeps checkpoints sharded: every rank writes its part through torch.distributed.checkpoint.
 STATE_DICT_TYPE = "SHARDED_STATE_DICT"
 MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
@@ -43,7 +42,10 @@ BROKEN_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
 
 
 def is_sharded(plan: Plan) -> bool:
-    return plan.strategy in SHARDED_STRATEGIES
+    """The strategy table says the weights are sharded over the ranks (fsdp, fsdp-offload)."""
+    from planner.strategies import STRATEGIES
+
+    return STRATEGIES[plan.strategy].sharded
 
 
 def quant_storage(plan: Plan) -> str:
@@ -244,7 +246,10 @@ def full_adapter_state_dict(model) -> Optional[dict]:
 
     if not any(isinstance(m, FSDPModule) for m in model.modules()):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(model, options=options)

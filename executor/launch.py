@@ -89,8 +89,8 @@ def resolve_rendezvous(plan: Plan, machine_rank: Optional[int] = None, main_proc
     nodes = plan.hardware.num_nodes
     if nodes == 1:
         if (machine_rank or 0) != 0 or main_process_ip:
-            raise RunError(f"--machine-rank and --main-process-ip are for multi-node plans; this plan has "
-                           f"hardware.num_nodes 1")
+            raise RunError("--machine-rank and --main-process-ip are for multi-node plans; this plan has "
+                           "hardware.num_nodes 1")
         return Rendezvous(0, None, main_process_port, "flags")
     source = "flags"
     if machine_rank is None and _int_env(env, "NODE_RANK") is not None:

@@ -81,8 +81,10 @@ def _agree_across_machines(plan, resume_from):
     dist.broadcast_object_list(box, src=0)
     token, resume_from, main_plan = box
     diffs = training_differences(Plan.from_dict(main_plan), plan)
-    problems = [] if not diffs else [f"machine {machine} runs another plan than machine 0 ({'; '.join(diffs[:3])}); "
-                                     f"start the same plan file on every machine"]
+    problems = []
+    if diffs:
+        problems.append(f"machine {machine} runs another plan than machine 0 ({'; '.join(diffs[:3])}); start the "
+                        f"same plan file on every machine")
     out = plan.output_dir
     marker = os.path.join(out, f".machine-{machine}.{token}")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

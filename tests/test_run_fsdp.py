@@ -119,7 +119,10 @@ def test_two_process_fsdp_trains_the_single_process_adapter(fsdp_run, tiny_model
 
 
 def test_the_accelerate_config_is_valid_and_is_what_the_run_used(fsdp_run):
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     out, plan_path = fsdp_run
@@ -205,7 +208,7 @@ def test_two_machines_over_loopback_finish_the_same_run(fsdp_run, tiny_model_dir
     procs = [_cli_process(path, "--machine-rank", k, "--main-process-ip", "127.0.0.1", "--main-process-port", port)
              for k in (0, 1)]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0, (stdout, stderr, _log(out))
     assert "machine 1 of 2" in results[1][0]
     summary = json.loads((out / "summary.json").read_text())
@@ -285,19 +288,19 @@ def test_demo_trains_sharded_over_two_processes(tmp_path):
 
 @pytest.mark.parametrize("edit, line", [
     (dict(optimizer="adamw-8bit"),
-     "FSDP + adamw-8bit does not run: bitsandbytes' optimizers cannot update FSDP2's sharded (DTensor) parameters, "
-     "and peft's FSDP docs report paged_adamw_8bit failing to save a checkpoint; plan again with training.optimizer "
-     "adamw (FSDP already shards its states over the ranks)"),
+     ("FSDP + adamw-8bit does not run: bitsandbytes' optimizers cannot update FSDP2's sharded (DTensor) parameters, "
+      "and peft's FSDP docs report paged_adamw_8bit failing to save a checkpoint; plan again with training.optimizer "
+      "adamw (FSDP already shards its states over the ranks)")),
     (dict(distributed={"fsdp_version": 1}),
-     "distributed.fsdp_version 1 is not run: loraplan runs FSDP2 (torch's fully_shard; accelerate deprecates FSDP1); "
-     "set distributed.fsdp_version: 2"),
+     ("distributed.fsdp_version 1 is not run: loraplan runs FSDP2 (torch's fully_shard; accelerate deprecates "
+      "FSDP1); set distributed.fsdp_version: 2")),
     (dict(strategy="fsdp-offload", distributed={"offload_params": False}),
      "strategy fsdp-offload needs distributed.offload_params: true (or strategy fsdp without offload)"),
     (dict(distributed={"offload_params": True}),
      "strategy fsdp contradicts distributed.offload_params: true; the offloading strategy is fsdp-offload"),
     (dict(distributed={"wrap_class": "LlamaBlock"}),
-     "distributed.wrap_class LlamaBlock is not a module class of LlamaForCausalLM (its decoder layer: "
-     "LlamaDecoderLayer)"),
+     ("distributed.wrap_class LlamaBlock is not a module class of LlamaForCausalLM (its decoder layer: "
+      "LlamaDecoderLayer)")),
 ])
 def test_plans_the_stack_cannot_run_are_refused_in_one_line(edit, line, tiny_model_dir, tmp_path, cli_run):
     kwargs = {"strategy": "fsdp", "num_gpus": 2, **COMMON, **edit}
