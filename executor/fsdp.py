@@ -180,8 +180,9 @@ def write_accelerate_config(config: dict[str, Any], path: str, plan_path: str) -
 
     from planner.plan import atomic_write_text
 
-    header = (f"# The accelerate config `loraplan run` generated from {plan_path} and launched this run with.\n"
-              f"# Reuse it: accelerate launch --config_file {path} -m executor.worker {plan_path}\n")
+    header = (f"# The accelerate config `loraplan run` generated from {plan_path} and launched this run with\n"
+              f"# (accelerate launch --config_file {path} -m executor.worker {plan_path}).\n"
+              f"# The same settings for another script: accelerate launch --config_file {path} your_script.py\n")
     atomic_write_text(path, header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
 
 
