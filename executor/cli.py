@@ -40,16 +40,35 @@ def _console():
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (recorded in the run's plan.yaml).")
 @click.option("--force", is_flag=True, help="Run a plan even though its prediction does not fit its card.")
+@click.option("--machine-rank", type=click.IntRange(min=0), default=None,
+              help="Multi-node plans: this machine's rank, 0 to hardware.num_nodes - 1 (default: NODE_RANK or "
+              "SLURM_NODEID from the environment).")
+@click.option("--main-process-ip", default=None, metavar="HOST",
+              help="Multi-node plans: machine 0's address, the same on every machine (default: MASTER_ADDR, or the "
+              "first host of SLURM_JOB_NODELIST).")
+@click.option("--main-process-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="The rendezvous port on machine 0 (default: MASTER_PORT, else 29500 on several nodes and a free "
+              "port on one).")
+@click.option("--strategy", "demo_strategy", type=click.Choice(["cpu", "ddp", "fsdp", "fsdp-offload"]), default=None,
+              help="--demo only: how the demo spreads over --num-processes CPU processes (default: cpu for one, ddp "
+              "for more).")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None,
+              help="--demo only: train the demo over this many CPU processes (default 1).")
 def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_existing_dir: bool, demo: bool,
-                output_dir: Optional[str], max_steps: Optional[int], force: bool) -> None:
+                output_dir: Optional[str], max_steps: Optional[int], force: bool, machine_rank: Optional[int],
+                main_process_ip: Optional[str], main_process_port: Optional[int], demo_strategy: Optional[str],
+                num_processes: Optional[int]) -> None:
     """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
 
     Loads the model (4-bit for QLoRA), wraps it with the plan's LoRA adapter, trains with trl's SFTTrainer on the
     plan's dataset and writes, under the plan's output_dir: adapter/, checkpoint-N/, plan.yaml, metrics.jsonl and
-    summary.json. A ddp plan starts one process per GPU through accelerate's launcher. SIGINT/SIGTERM save a
-    checkpoint and stop; `--resume` continues it. One run at a time holds an output dir; a non-empty folder
-    loraplan did not make is refused unless --use-existing-dir. Exit status: 0 done, 1 failed (e.g. out of memory,
-    disk full), 2 bad input, 130 interrupted.
+    summary.json. A ddp plan starts one process per GPU through accelerate's launcher; an fsdp or fsdp-offload plan
+    too, with the FSDP2 config it writes to accelerate_config.yaml. A plan over several nodes runs the same
+    command on every node with --machine-rank and --main-process-ip (or SLURM's / torchrun's environment); only
+    machine 0 writes the plan copy, summary and adapter. SIGINT/SIGTERM save a checkpoint and stop; `--resume`
+    continues it. One run at a time holds an output dir; a non-empty folder loraplan did not make is refused
+    unless --use-existing-dir. Exit status: 0 done, 1 failed (e.g. out of memory, disk full), 2 bad input,
+    130 interrupted.
     """
     from . import outputs
 
@@ -59,6 +78,9 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
     try:
         if resume and overwrite:
             raise RunError("give --resume or --overwrite, not both")
+        if (demo_strategy or num_processes) and not demo:
+            raise RunError("--strategy and --num-processes are for --demo; a plan file's strategy and processes come "
+                           "from `loraplan plan`")
         if demo:
             if plan_file:
                 raise RunError("give either PLAN or --demo, not both")
@@ -71,9 +93,10 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
             outputs.check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
             with outputs.lock_output_dir(out, command):  # held from before the demo builds its model
                 outputs.claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
-                plan = prepare_demo(out, max_steps=max_steps or 60)
+                plan = prepare_demo(out, max_steps=max_steps or 60, strategy=demo_strategy,
+                                    num_processes=num_processes or 1)
                 # The demo replaces its own earlier run unless asked to resume it.
-                summary = _execute(plan, resume, overwrite or not resume, use_existing_dir, None, command)
+                summary = _execute(plan, resume, overwrite or not resume, use_existing_dir, None, command, None)
         else:
             if not plan_file:
                 raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
@@ -89,7 +112,14 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
                     f"{plan.hardware.gpu_name} allows {plan.hardware.memory_gib * (1 - plan.prediction.margin):.1f} GiB; "
                     "plan again (`loraplan plan` says what would fit) or pass --force"
                 )
-            summary = _execute(plan, resume, overwrite, use_existing_dir, plan_file, command)
+            from .launch import resolve_rendezvous
+
+            rendezvous = resolve_rendezvous(plan, machine_rank, main_process_ip, main_process_port)
+            summary = _execute(plan, resume, overwrite, use_existing_dir, plan_file, command, rendezvous)
+            if not rendezvous.is_main_machine and "steps" not in summary:
+                _console().print(f"machine {rendezvous.machine_rank}: its processes finished; machine 0 holds the "
+                                 "report and the adapter", soft_wrap=True)
+                return
         from .report import print_report
 
         print_report(summary, _console())
@@ -102,11 +132,11 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
 
 
 def _execute(plan: Plan, resume: bool, overwrite: bool, use_existing_dir: bool, plan_file: Optional[str],
-             command: str) -> dict:
+             command: str, rendezvous) -> dict:
     from .runner import execute
 
     return execute(plan, resume=resume, overwrite=overwrite, console=_console(), use_existing_dir=use_existing_dir,
-                   plan_file=plan_file, command=command)
+                   plan_file=plan_file, command=command, rendezvous=rendezvous)
 
 
 @click.command("merge")

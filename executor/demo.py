@@ -3,9 +3,9 @@ CPU, with the same report as a real run. Needs no download or GPU."""
 
 from __future__ import annotations
 
-import os
-
 import dataclasses
+import os
+from typing import Optional
 
 from planner.plan import Plan
 
@@ -14,21 +14,43 @@ from .errors import RunError
 DEMO_NAME = "loraplan-demo"
 
 
-def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 60) -> Plan:
+DEMO_BATCH = 6  # sequences per step, over all processes
+
+
+def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 60, strategy: Optional[str] = None,
+              num_processes: int = 1) -> Plan:
     """The demo's plan, made by the planner like any other (LoRA r=8 on every linear layer, on the CPU in fp32,
-    a memorizable dataset), with a high learning rate and frequent logging so a minute shows the loss fall."""
+    a memorizable dataset), with a high learning rate and frequent logging so a minute shows the loss fall.
+
+    num_processes > 1 plans the demo over that many CPU processes (the planner picks ddp); strategy fsdp or
+    fsdp-offload then shards it instead. The planner does not choose FSDP for a model this small (a replica fits
+    anywhere), so the demo sets the strategy on the planned plan: the batch split is the planner's, the memory
+    prediction stays the data-parallel one (which a CPU run does not check)."""
     from planner.api import PlanRequest, make_plan
     from planner.errors import InputError
 
+    strategy = strategy or ("cpu" if num_processes == 1 else "ddp")
+    if strategy == "cpu" and num_processes > 1:
+        raise RunError(f"--strategy cpu trains in one process; for --num-processes {num_processes} choose ddp, fsdp "
+                       f"or fsdp-offload")
+    if strategy == "ddp" and num_processes == 1:
+        raise RunError("--strategy ddp needs --num-processes 2 or more")
+    per_process = max(1, round(DEMO_BATCH / num_processes))
     try:
         result = make_plan(PlanRequest(
-            model=model_dir, gpu="cpu", method="lora", rank=8, alpha=16, dropout=0.0, seq_len=128, batch_size=6,
-            global_batch_size=6, learning_rate=3e-3, max_steps=max_steps, dataset=data_path, output_dir=output_dir,
-            fit_table=False,
+            model=model_dir, gpu="cpu", num_gpus=num_processes, method="lora", rank=8, alpha=16, dropout=0.0,
+            seq_len=128, batch_size=per_process, global_batch_size=per_process * num_processes, learning_rate=3e-3,
+            max_steps=max_steps, dataset=data_path, output_dir=output_dir, fit_table=False,
         ))
     except InputError as exc:
         raise RunError(str(exc)) from None
     plan = result.plan
+    if strategy != plan.strategy:
+        from planner.strategies import STRATEGIES
+
+        plan.strategy = strategy
+        plan.distributed = dataclasses.replace(plan.distributed, offload_params=strategy == "fsdp-offload")
+        plan.reasons["strategy"] = STRATEGIES[strategy].describe(plan.hardware) + " (set by --demo --strategy)"
     plan.model.name = DEMO_NAME
     plan.training = dataclasses.replace(plan.training, warmup_ratio=0.05, logging_steps=5, save_steps=max_steps,
                                         save_total_limit=1)
@@ -37,7 +59,7 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     return plan
 
 
-def prepare_demo(output_dir: str, max_steps: int = 60) -> Plan:
+def prepare_demo(output_dir: str, max_steps: int = 60, strategy: Optional[str] = None, num_processes: int = 1) -> Plan:
     """Build the demo model under OUTPUT_DIR/model (once) and return the demo plan."""
     from .outputs import PLAN_FILE
     from .tiny import build_tiny_model, demo_data_path
@@ -50,4 +72,5 @@ def prepare_demo(output_dir: str, max_steps: int = 60) -> Plan:
     model_dir = os.path.join(output_dir, "model")
     if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         build_tiny_model(model_dir, arch="llama", hidden_size=64, num_layers=2, seed=0)
-    return demo_plan(os.path.abspath(model_dir), demo_data_path(), output_dir, max_steps=max_steps)
+    return demo_plan(os.path.abspath(model_dir), demo_data_path(), output_dir, max_steps=max_steps,
+                     strategy=strategy, num_processes=num_processes)

@@ -15,6 +15,7 @@ from planner.catalog import find_in_hf_cache, has_weights
 from planner.errors import first_line
 
 from .errors import RunError
+from .fsdp import is_sharded, quant_storage
 
 
 def torch_dtype(name: str):
@@ -142,12 +143,25 @@ def quantization_config(plan):
     if q.blocksize != 64:  # transformers' bitsandbytes integration has no blocksize setting: it is always 64
         raise RunError(f"quantization.blocksize {q.blocksize} cannot be run: bitsandbytes through transformers "
                        f"quantizes in blocks of 64")
+    extra = {}
+    if is_sharded(plan):  # packed in a floating dtype so that FSDP shards the 4-bit weights (executor/fsdp.py)
+        extra["bnb_4bit_quant_storage"] = torch_dtype(quant_storage(plan))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        **extra,
     )
+
+
+def load_dtype(plan) -> str:
+    """The dtype the weights load in: training.dtype; for QLoRA under FSDP the 4-bit storage dtype, so that every
+    parameter of an FSDP unit (packed 4-bit weights, norms, embeddings) has one dtype (peft's FSDP + QLoRA recipe:
+    `dtype` = `bnb_4bit_quant_storage`)."""
+    if plan.quantization.enabled and is_sharded(plan):
+        return quant_storage(plan)
+    return plan.training.dtype
 
 
 def load_base_model(plan, model_dir: str, device_map: Optional[dict] = None):
@@ -155,7 +169,7 @@ def load_base_model(plan, model_dir: str, device_map: Optional[dict] = None):
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(
-        dtype=torch_dtype(plan.training.dtype),
+        dtype=torch_dtype(load_dtype(plan)),
         trust_remote_code=plan.model.trust_remote_code,
         local_files_only=True,
         attn_implementation=plan.training.attn_implementation,

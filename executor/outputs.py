@@ -46,7 +46,10 @@ MARKER_FILE = ".loraplan-run.json"
 LOCK_FILE = ".loraplan.lock"
 # What a run writes at the top of its folder, checkpoint-N/ aside (launch.log and .worker-error.json: ddp only).
 RUN_NAMES = (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, ADAPTER_DIR + ".tmp", ADAPTER_DIR + ".old",
-             RUN_LOG, "launch.log", ".worker-error.json", "dataset_fingerprint.json")
+             RUN_LOG, "launch.log", ".worker-error.json", "dataset_fingerprint.json", "accelerate_config.yaml")
+# ... and, on a multi-node run, per machine K: its launcher's log and the transient marker that proves the folder
+# is shared (executor/launch.py, executor/worker.py)
+RUN_NAME_PATTERNS = (re.compile(r"^launch-machine-\d+\.log$"), re.compile(r"^\.machine-\d+\."))
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Plan fields that do not change what is trained (the estimate, the explanation, bookkeeping, where logs go):
@@ -305,7 +308,9 @@ def clear_run(output_dir: str) -> None:
     """Remove what a run writes (and nothing else the user may keep in the folder: a README.md there is theirs)."""
     for _, path, _ in checkpoints(output_dir):
         shutil.rmtree(path, ignore_errors=True)
-    for name in RUN_NAMES:
+    extra = [e for e in os.listdir(output_dir) if any(p.match(e) for p in RUN_NAME_PATTERNS)] \
+        if os.path.isdir(output_dir) else []
+    for name in (*RUN_NAMES, *extra):
         path = os.path.join(output_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -510,7 +515,8 @@ def check_claim(path: str, *, use_existing: bool = False, plan_file: Optional[st
                            f"choose a new or empty folder, or pass --use-existing-dir to write the run beside "
                            f"those files")
         names = set(RUN_NAMES) | set(also_writes)
-        clash = [e for e in entries if e in names or _CHECKPOINT_RE.match(e)]
+        clash = [e for e in entries if e in names or _CHECKPOINT_RE.match(e)
+                 or any(p.match(e) for p in RUN_NAME_PATTERNS)]
         if clash:
             raise RunError(f"output dir {path} already holds {', '.join(clash)}, which the run would replace "
                            f"and loraplan did not write; move them or choose another folder")

@@ -48,17 +48,38 @@ def needs_bitsandbytes(plan: Plan) -> bool:
 
 
 def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None,
-            use_existing_dir: bool = False, plan_file: Optional[str] = None, command: str = "loraplan run") -> dict:
+            use_existing_dir: bool = False, plan_file: Optional[str] = None, command: str = "loraplan run",
+            rendezvous=None) -> dict:
     """Run a plan end to end; returns the summary. Raises RunError (and subclasses) for one-line failures.
 
     The output folder is held (lock_output_dir) from before anything is written there until the summary is: a
     second run, --overwrite or --resume into it is refused meanwhile. PLAN_FILE, the file the plan came from, is
-    never rewritten when it is the folder's own plan.yaml and already says what will run."""
+    never rewritten when it is the folder's own plan.yaml and already says what will run.
+
+    rendezvous: this machine's place in a multi-node plan (launch.Rendezvous; machine 0 when None). Only machine 0
+    checks, locks and writes the output folder (plan copy, fingerprints, summary); another machine checks its
+    inputs, launches its processes, and takes the checkpoint to resume from from machine 0 (executor/worker.py)."""
+    from . import fsdp
+    from .launch import Rendezvous
+
     t0 = time.perf_counter()
+    rdzv = rendezvous or Rendezvous()
     outputs.quiet_library_logs()  # before the training stack is imported: bitsandbytes speaks at import
     stay_offline()
     require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
+    if fsdp.is_sharded(plan):
+        fsdp.check_runnable(plan)
     check_inputs(plan)  # first: --overwrite must not delete a run for a plan that cannot start
+    if fsdp.is_sharded(plan):
+        from .model import plan_model_dir
+
+        fsdp.wrap_class(plan, plan_model_dir(plan))  # a layer class the model lacks is refused before anything is written
+    if not rdzv.is_main_machine:
+        if console is not None:
+            console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}, "
+                          f"machine {rdzv.machine_rank} of {plan.hardware.num_nodes}; machine 0 writes the outputs "
+                          f"({plan.output_dir})", soft_wrap=True)
+        return _launch(plan, None, console, rdzv)
     out = plan.output_dir
     claim = dict(use_existing=use_existing_dir, plan_file=plan_file, plan_text=plan.to_yaml())
     outputs.check_claim(out, **claim)  # a folder that is not loraplan's is refused before the lock file is made
@@ -69,7 +90,8 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
             outputs.check_and_record_datasets(plan, resuming=resume_from is not None)
             outputs.save_plan(plan, os.path.join(out, outputs.PLAN_FILE))
             with outputs.library_log_file(os.path.join(out, outputs.RUN_LOG)):
-                summary = _train(plan, resume_from, console, resume)
+                _announce(plan, resume_from, console, resume)
+                summary = _launch(plan, resume_from[1] if resume_from else None, console, rdzv)
             # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
             summary["wall_s"] = time.perf_counter() - t0
             outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary)
@@ -80,25 +102,38 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     return summary
 
 
-def _train(plan: Plan, resume_from, console, resume: bool) -> dict:
-    if console is not None:
-        where = f" from checkpoint {resume_from[1]}" if resume_from else ""
-        console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}"
-                      f", output {plan.output_dir}{where}")
-        if resume:  # say which newer checkpoints were damaged (already verified, so this hashes nothing again)
-            instead = f"resuming from {resume_from[1]} instead" if resume_from else "starting from step 0"
-            for _, path, why in outputs.resumable_checkpoint(plan.output_dir)[1]:
-                console.print(f"[yellow]skipping checkpoint {path}: {why}; {instead}[/yellow]", soft_wrap=True)
-    if plan.strategy != "cpu" and console is not None:
+def _announce(plan: Plan, resume_from, console, resume: bool) -> None:
+    if console is None:
+        return
+    where = f" from checkpoint {resume_from[1]}" if resume_from else ""
+    console.print(f"[bold]loraplan run[/bold]: {plan.method} on {plan.model.name}, strategy {plan.strategy}"
+                  f", output {plan.output_dir}{where}")
+    if resume:  # say which newer checkpoints were damaged (already verified, so this hashes nothing again)
+        instead = f"resuming from {resume_from[1]} instead" if resume_from else "starting from step 0"
+        for _, path, why in outputs.resumable_checkpoint(plan.output_dir)[1]:
+            console.print(f"[yellow]skipping checkpoint {path}: {why}; {instead}[/yellow]", soft_wrap=True)
+    if plan.hardware.gpu != "cpu":
         import torch
 
         if not torch.cuda.is_available():
             console.print(f"[yellow]no GPU visible: training this {plan.hardware.gpu_name} plan on the CPU "
                           f"(slowly; its memory prediction does not apply)[/yellow]")
-    if plan.strategy == "ddp" and plan.hardware.num_gpus > 1:
-        from .launch import launch_ddp
 
-        return launch_ddp(plan, resume_from[1] if resume_from else None, console)
+
+def launches_workers(plan: Plan) -> bool:
+    """The strategy table's `launcher`: "accelerate" starts worker processes (a sharded plan always, so its FSDP
+    config is accelerate's; ddp when there is more than one process), "in-process" trains here."""
+    from planner.strategies import STRATEGIES
+
+    s = STRATEGIES[plan.strategy]
+    return s.launcher == "accelerate" and (s.sharded or plan.hardware.world_size > 1)
+
+
+def _launch(plan: Plan, resume_from: Optional[str], console, rdzv) -> dict:
+    if launches_workers(plan):
+        from .launch import launch_workers
+
+        return launch_workers(plan, resume_from, console, rdzv)
     from .train import train_plan
 
-    return train_plan(plan, resume_from[1] if resume_from else None, console=console, foreground=True)
+    return train_plan(plan, resume_from, console=console, foreground=True)

@@ -313,14 +313,24 @@ def _trainer_class():
         which materializes the logits (and the model's loss upcasts them to fp32), as the plan budgeted.
         """
 
-        def __init__(self, *args, plan_loss: str, keep_checkpoints: int, **kwargs):
+        def __init__(self, *args, plan_loss: str, keep_checkpoints: int, sharded: bool = False, **kwargs):
             self.plan_loss = plan_loss
             self.keep_checkpoints = keep_checkpoints
+            self.sharded = sharded
             super().__init__(*args, **kwargs)
 
         def create_model_card(self, *args, **kwargs):
             """trl writes a README.md model card into output_dir before every checkpoint: the run's folder may
             hold the user's own README.md, and a run writes only its own files (peft's adapter/README.md stays)."""
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            # Sharded plans on a machine without a GPU: accelerate would fall back to multi-CPU DDP (executor/fsdp.py)
+            if self.sharded:
+                from .fsdp import enable_fsdp_on_cpu
+
+                if enable_fsdp_on_cpu(self.accelerator):
+                    self.is_fsdp_enabled = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.plan_loss == "full":
@@ -486,6 +496,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     from transformers import PrinterCallback
 
     from .data import prepare_datasets
+    from .fsdp import is_sharded
     from .model import load_base_model, load_tokenizer, plan_model_dir, wrap_lora
 
     t0 = time.perf_counter()
@@ -500,7 +511,10 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     train_ds, eval_ds, train_report, eval_report = prepare_datasets(plan, tokenizer)
 
     transformers.set_seed(t.seed)  # before wrapping: the adapter's initial weights are random
-    model = load_base_model(plan, model_dir, place.device_map)
+    device_map = place.device_map
+    if is_sharded(plan) and not plan.quantization.enabled:
+        device_map = None  # loaded on the host; fully_shard moves each rank's shards to its GPU, never the whole model
+    model = load_base_model(plan, model_dir, device_map)
     model = wrap_lora(plan, model)
     if plan.savers.mlp_tiling:
         apply_mlp_tiling(model)
@@ -545,6 +559,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         callbacks=callbacks,
         plan_loss=t.loss,
         keep_checkpoints=t.save_total_limit,
+        sharded=is_sharded(plan),
     )
     trainer.remove_callback(PrinterCallback)
     if plan.quantization.enabled and t.dtype != "bfloat16":
@@ -579,10 +594,37 @@ def _restore_finished_checkpoint(trainer, checkpoint: str, cadence) -> None:
     from transformers import TrainerState
 
     model = trainer.model
-    model.load_adapter(checkpoint, model.active_adapter, is_trainable=True)
+    if getattr(trainer, "sharded", False):  # FSDP checkpoint: the adapter is in torch.distributed.checkpoint shards
+        from .fsdp import load_sharded_adapter
+
+        load_sharded_adapter(model, checkpoint)
+    else:
+        model.load_adapter(checkpoint, model.active_adapter, is_trainable=True)
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
     if cadence is not None:
         cadence.interval = effective_logging_steps(cadence.plan_steps, trainer.state.max_steps)
+
+
+def _fsdp_settings(trainer) -> Optional[dict]:
+    if not getattr(trainer, "sharded", False):
+        return None
+    from .fsdp import plugin_summary
+
+    return plugin_summary(trainer.accelerator)
+
+
+def _save_sharded_adapter(trainer, folder: str, place: Placement) -> None:
+    """The FSDP run's adapter as an ordinary PEFT adapter: gathered whole on rank 0 (every rank takes part), then
+    written with peft's save_pretrained, with the tokenizer, as Trainer.save_model writes it for other strategies
+    (which under FSDP with sharded state dicts writes nothing)."""
+    from .fsdp import full_adapter_state_dict
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state = full_adapter_state_dict(model)  # None when not sharded (resumed at the last step): the model's own
+    if place.is_main:
+        model.save_pretrained(folder, state_dict=state)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(folder)
 
 
 def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, stopper, flag: StopFlag, train_report,
@@ -630,7 +672,10 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
             import shutil
 
             shutil.rmtree(tmp)
-        trainer.save_model(tmp)
+        if getattr(trainer, "sharded", False):
+            _save_sharded_adapter(trainer, tmp, place)
+        else:
+            trainer.save_model(tmp)
         trainer.accelerator.wait_for_everyone()
         if place.is_main:
             outputs.replace_dir(tmp, adapter_dir)
@@ -639,6 +684,10 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
     if has_eval and not interrupted:
         eval_loss = trainer.evaluate().get("eval_loss")
 
+    if getattr(trainer, "sharded", False):
+        from .fsdp import local_parameter_bytes
+
+        local_weights = _gather(local_parameter_bytes(trainer.model) / GIB, place)
     peaks = _gather(meter.peak_gib(), place)
     rss = _gather(meter.rss_peak_gib(), place)
     pinned = _gather(meter.pinned_peak_gib(), place)
@@ -671,6 +720,10 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         "predicted_host_pinned_gib": plan.savers.pinned_host_gib,
         "observed_host_pinned_gib": sum(pinned) if place.use_cuda and None not in pinned else None,
         "savers": plan.savers.names,
+        "cpu_rss_peak_gib_per_process": rss,
+        "num_nodes": plan.hardware.num_nodes,
+        "local_parameters_gib_per_process": local_weights if getattr(trainer, "sharded", False) else None,
+        "fsdp": _fsdp_settings(trainer),
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "resumed_from_step": resumed_from_step,

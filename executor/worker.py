@@ -1,6 +1,7 @@
-"""One data-parallel worker: `accelerate launch ... -m executor.worker PLAN [--resume-from CKPT]`.
+"""One worker of a ddp or fsdp run: `accelerate launch ... -m executor.worker PLAN [--resume-from CKPT]`.
 
-Rank 0 shows progress and writes the run's files; every rank trains. A one-line error is written to the file named
+Rank 0 (on machine 0) shows progress and writes the run's files; every rank trains (and, under FSDP, writes its
+own checkpoint shards). A one-line error is written to the file named
 by --error-file (rank 0's, or the first rank to fail) so that `loraplan run` can print it without tracebacks.
 """
 
@@ -31,7 +32,10 @@ def main(argv=None) -> int:
         from .train import train_plan
 
         plan = Plan.load(args.plan)
-        train_plan(plan, args.resume_from, console=Console() if rank == 0 else None, foreground=False)
+        resume_from = args.resume_from
+        if plan.hardware.num_nodes > 1:
+            resume_from = _agree_across_machines(plan, resume_from)
+        train_plan(plan, resume_from, console=Console() if rank == 0 else None, foreground=False)
         _shut_down_process_group()
         return 0
     except (RunError, PlanError, KeyboardInterrupt) as exc:
@@ -49,6 +53,60 @@ def main(argv=None) -> int:
                 pass
         print(f"Error (rank {rank}): {message}", file=sys.stderr)
         return code
+
+
+def _agree_across_machines(plan, resume_from):
+    """Multi-node: global rank 0 (machine 0, which checked the output folder) decides where to resume, and every
+    machine checks that it runs the same plan and sees the same output folder. Returns machine 0's resume_from.
+
+    The output dir must be one shared filesystem: checkpoints are written by every rank (each its shard, its RNG
+    state) and read back whole by every rank on resume. Each machine's first process writes a marker file there;
+    a machine that cannot see every other machine's marker refuses the run on all ranks, in one line."""
+    import uuid
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    from planner.plan import Plan
+
+    from .errors import RunError
+    from .outputs import training_differences
+
+    # The process group the Trainer would create (TrainingArguments' PartialState, ddp_timeout 1800 s), made early.
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=1800))
+    machine = int(os.environ.get("GROUP_RANK", "0"))
+    box = [uuid.uuid4().hex, resume_from, plan.to_dict()] if dist.get_rank() == 0 else [None, None, None]
+    dist.broadcast_object_list(box, src=0)
+    token, resume_from, main_plan = box
+    diffs = training_differences(Plan.from_dict(main_plan), plan)
+    problems = []
+    if diffs:
+        problems.append(f"machine {machine} runs another plan than machine 0 ({'; '.join(diffs[:3])}); start the "
+                        f"same plan file on every machine")
+    out = plan.output_dir
+    marker = os.path.join(out, f".machine-{machine}.{token}")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(str(machine))
+    dist.barrier()
+    if not problems:
+        missing = [k for k in range(plan.hardware.num_nodes)
+                   if not os.path.exists(os.path.join(out, f".machine-{k}.{token}"))]
+        if missing:
+            problems.append(f"the output dir {out} is not shared between the machines: machine {machine} does not see "
+                            f"machine {', '.join(map(str, missing))}'s files in it; a multi-node run needs its output "
+                            f"dir on a filesystem every node mounts (NFS, Lustre, ...)")
+    verdicts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, problems)
+    dist.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.path.exists(marker):
+        os.unlink(marker)
+    for problem in (p for v in verdicts for p in v):
+        raise RunError(problem)
+    return resume_from
 
 
 def _shut_down_process_group() -> None:

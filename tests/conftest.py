@@ -43,20 +43,37 @@ def data_file(name: str) -> str:
 
 
 def build_plan(model_dir: str, dataset: str, output_dir: str, *, method: str = "lora", strategy: str = "cpu",
-               num_gpus: int = 1, fmt: str = "auto", r: int = 8, eval_path=None, eval_fraction: float = 0.0,
-               target_modules=None, target_parameters=None, **training):
-    """A plan for a tiny model on the CPU: float32, LoRA on every linear layer, few steps, high learning rate."""
-    from planner.plan import Dataset, Hardware, LoraSettings, ModelRef, Plan, Prediction, Quantization, Training
+               num_gpus: int = 1, num_nodes: int = 1, fmt: str = "auto", r: int = 8, eval_path=None,
+               eval_fraction: float = 0.0, target_modules=None, target_parameters=None, distributed=None, **training):
+    """A plan for a tiny model on the CPU: float32, LoRA on every linear layer, few steps, high learning rate.
+
+    num_gpus is per node (processes on the CPU); every data-parallel strategy (ddp, fsdp, fsdp-offload) takes
+    micro_batch_size sequences per process, so global_batch_size = micro x accum x num_gpus x num_nodes.
+    distributed: planner.plan.Distributed fields to set (fsdp-offload gets offload_params True by default)."""
+    from planner.plan import (
+        Dataset,
+        Distributed,
+        Hardware,
+        LoraSettings,
+        ModelRef,
+        Plan,
+        Prediction,
+        Quantization,
+        Training,
+    )
+    from planner.strategies import STRATEGIES
 
     t = dict(seq_len=64, micro_batch_size=4, grad_accum_steps=1, learning_rate=5e-3, max_steps=12,
              warmup_ratio=0.0, lr_scheduler="constant", logging_steps=2, save_steps=6, save_total_limit=2,
              dtype="float32", loss="fused", seed=0)
     t.update(training)
-    data_parallel = num_gpus if strategy == "ddp" else 1
+    data_parallel = num_gpus * num_nodes if STRATEGIES[strategy].data_parallel else 1
     t["global_batch_size"] = t["micro_batch_size"] * t["grad_accum_steps"] * data_parallel
+    dist = {"offload_params": strategy == "fsdp-offload", **(distributed or {})}
     plan = Plan(
         model=ModelRef(name="tiny", source="directory", family="llama", path=model_dir),
-        hardware=Hardware(gpu="cpu", gpu_name="CPU", memory_gib=16.0, num_gpus=num_gpus, bf16=False),
+        hardware=Hardware(gpu="cpu", gpu_name="CPU", memory_gib=16.0, num_gpus=num_gpus, bf16=False,
+                          num_nodes=num_nodes),
         method=method,
         quantization=Quantization(enabled=method == "qlora", compute_dtype=t["dtype"]),
         lora=LoraSettings(r=r, lora_alpha=2 * r, lora_dropout=0.0,
@@ -66,6 +83,7 @@ def build_plan(model_dir: str, dataset: str, output_dir: str, *, method: str = "
         prediction=Prediction(per_gpu_gib=1.0, terms={"weights": 1.0}, margin=0.1),
         strategy=strategy,
         dataset=Dataset(path=dataset, format=fmt, eval_path=eval_path, eval_fraction=eval_fraction),
+        distributed=Distributed(**dist),
         output_dir=output_dir,
     )
     plan.validate()
