@@ -17,6 +17,7 @@ from typing import Optional
 
 from . import decide as D
 from . import memory as M
+from . import throughput as TP
 from .communication import step_time
 from .loading import LoadPeak, load_peak
 from .request import Resolved
@@ -61,7 +62,7 @@ def host_needed_gib(r: Resolved, c: D.Choice, load: LoadPeak) -> float:
 def tokens_per_s(r: Resolved, c: D.Choice) -> Optional[float]:
     hw = r.hardware
     s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
-    compute = M.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
+    compute = TP.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
     if not compute:
         return None
     st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name,
