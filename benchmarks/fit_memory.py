@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
 from planner import memory as M  # noqa: E402
+from planner import throughput as TP  # noqa: E402
 from planner.catalog import gpus  # noqa: E402
 from tables import TABLES_DIR  # noqa: E402
 
@@ -107,7 +108,7 @@ def main() -> None:
             arch, sel, shape = row_inputs(row)
             speed[(row["model"], row["method"], row["batch"], row["seq"], row["grad_ckpt"])] = row["tokens_per_s"]
             if row["method"] == "lora":
-                mfu.append(row["tokens_per_s"] * M.flops_per_token(arch, shape) / (h200_tflops * 1e12))
+                mfu.append(row["tokens_per_s"] * TP.flops_per_token(arch, shape) / (h200_tflops * 1e12))
     pairs = [v / speed[(k[0], "qlora", *k[2:])] for k, v in speed.items()
              if k[1] == "lora" and (k[0], "qlora", *k[2:]) in speed]
     ratio = float(np.median(pairs))

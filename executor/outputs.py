@@ -31,7 +31,8 @@ import time
 from typing import Any, Iterator, Optional
 
 from planner.errors import PlanError, first_line
-from planner.plan import Plan, atomic_write_text
+from planner.plan import Plan
+from planner.plan_io import atomic_write_text
 
 from .errors import RunError
 

@@ -1,11 +1,13 @@
 """Planning, end to end: `make_plan(PlanRequest(...))` -> PlanResult. The one entry point of the CLI and tests.
 
 It only assembles; each job has its module:
-    planner.request    PlanRequest, its validation, and `resolve` (defaults and derived values, once)
-    planner.decide     the decision (method, checkpointing, micro-batch), its reasons, and what would fit
-    planner.estimate   tokens/s and hours
-    planner.fit_table  the same request on every catalog card
-    planner.result     PlanResult and its JSON form
+    planner.request         PlanRequest, its validation, and `resolve` (defaults and derived values, once)
+    planner.context_length  --seq-len max: the longest context that fits
+    planner.placement       the decision: the strategy, and for it (planner.decide's rules) method, checkpointing,
+                            micro-batch and savers, their reasons, and what would fit (planner.suggest)
+    planner.estimate        tokens/s and hours
+    planner.fit_table       the same request on every catalog card
+    planner.result          PlanResult and its JSON form
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Optional
 
 from . import memory as M
 from . import options as O
-from .decide import Choice, Decision, longest_seq_len
+from .context_length import longest_seq_len
+from .decide import Choice, Decision
 from .errors import InputError
 from .estimate import estimate
 from .fit_table import fit_table

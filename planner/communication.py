@@ -1,4 +1,4 @@
-"""Time per optimizer step with communication: compute from the card's FLOP/s (planner.memory.tokens_per_second),
+"""Time per optimizer step with communication: compute from the card's FLOP/s (planner.throughput.tokens_per_second),
 collectives over the link between GPUs, and host-device copies under CPU offload.
 
 Volumes per rank and optimizer step, for N ranks, `accum` micro-steps, weights W (as stored: NF4 under QLoRA) and

@@ -1,5 +1,5 @@
-"""The decision, as a pure function of the resolved inputs: method, gradient checkpointing and micro-batch, the
-reasons for each, and (when nothing fits) what would.
+"""The decision rules, as pure functions of the resolved inputs: the configurations a request allows, their memory,
+which one fits (method, gradient checkpointing, micro-batch, memory savers), and the reasons for each setting.
 
 Rules, in the order they apply:
 1. LoRA before QLoRA when the method is `auto`: LoRA trains faster (no 4-bit dequantization).
@@ -13,30 +13,29 @@ Rules, in the order they apply:
    checkpointing fits and layer_checkpointing is allowed, the fewest checkpointed layers that still fit.
    Savers forced on (`--savers NAME=on`) are part of every configuration of rules 1-3.
 5. Nothing fits: the smallest configuration tried is reported, with the relaxations that would make it fit, each
-   with the memory it saves, listed only when it helps (alone, or together with the others listed).
+   with the memory it saves, listed only when it helps (alone, or together with the others listed):
+   planner.suggest.
 
-`longest_seq_len` answers `--seq-len max`: the longest multiple of 256 at which some configuration fits.
+The modules built on these rules: planner.placement (`decide` for one strategy, `place` across strategies),
+planner.suggest (what would fit), planner.context_length (`--seq-len max`: `longest_seq_len`, by `fits_at`),
+planner.saver_effects (what each saver of a plan buys, by `slowdown`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from . import memory as M
 from . import options as O
 from . import savers as S
-from .catalog import gpus
 from .request import Resolved
 from .targets import trainable_params
 
 GIB = 2**30
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-# A relaxation that saves less than this is not worth a line of advice.
-MIN_SAVING_GIB = 0.05
 
 
 @dataclass(frozen=True)
@@ -98,16 +97,20 @@ def fits(r: Resolved, c: Choice) -> bool:
     """Under the card's usable memory, and its pinned host memory under the host's usable share."""
     return c.peak_gib <= r.usable_gib and (not c.host_terms or c.host_gib <= r.usable_host_gib)
 
-def _methods(r: Resolved) -> list[str]:
+
+def methods_to_try(r: Resolved) -> list[str]:
+    """Rule 1's order: LoRA, then QLoRA, under `--method auto`; else the one asked for."""
     return list(O.METHODS) if r.method == "auto" else [r.method]
 
 
-def _checkpointing(r: Resolved, savers: S.SaverSet = S.NONE) -> list[bool]:
+def checkpointing_to_try(r: Resolved, savers: S.SaverSet = S.NONE) -> list[bool]:
+    """Rule 2's order: off, then on, under `auto`; only on where the savers need checkpointing."""
     allowed = {"auto": [False, True], "on": [True], "off": [False]}[r.grad_checkpointing]
     return [gc for gc in allowed if gc or not S.needs_checkpointing(savers)]
 
 
-def _micro_batches(r: Resolved) -> list[int]:
+def micro_batches_to_try(r: Resolved) -> list[int]:
+    """Rule 3's candidates, smallest first: the powers of two dividing the per-GPU batch, or --batch-size."""
     if r.batch_size:
         return [r.batch_size]
     return [b for b in MICRO_BATCHES if b <= r.per_gpu_batch and r.per_gpu_batch % b == 0]
@@ -117,7 +120,7 @@ def _largest_micro_batch(r: Resolved, method: str, gc: bool, savers: S.SaverSet,
                          smallest: Optional[Choice]) -> tuple[Optional[Choice], Optional[Choice]]:
     """(the largest micro-batch that fits at this method, checkpointing and savers, or None; the smallest tried)."""
     best: Optional[Choice] = None
-    for mb in _micro_batches(r):
+    for mb in micro_batches_to_try(r):
         c = candidate(r, method, mb, gc, savers)
         if smallest is None or c.peak_gib < smallest.peak_gib:
             smallest = c
@@ -130,8 +133,8 @@ def _largest_micro_batch(r: Resolved, method: str, gc: bool, savers: S.SaverSet,
 def _choose_by_rules(r: Resolved, savers: S.SaverSet) -> tuple[Optional[Choice], Choice]:
     """Rules 1-3 with a fixed saver set (none, or those forced on)."""
     smallest: Optional[Choice] = None
-    for method in _methods(r):
-        for gc in _checkpointing(r, savers):
+    for method in methods_to_try(r):
+        for gc in checkpointing_to_try(r, savers):
             best, smallest = _largest_micro_batch(r, method, gc, savers, smallest)
             if best is not None:
                 return best, smallest
@@ -145,8 +148,8 @@ def _saver_candidates(r: Resolved, first: S.SaverSet) -> list[tuple[str, bool, S
     out = []
     peak = r.hardware.peak_bf16_tflops
     for sset in S.candidate_sets(r.savers, r.arch, r.hardware):
-        for i, method in enumerate(_methods(r)):
-            for gc in _checkpointing(r, sset):
+        for i, method in enumerate(methods_to_try(r)):
+            for gc in checkpointing_to_try(r, sset):
                 if sset == first or (sset.every_n_layers > 1 and not gc):
                     continue
                 cost = S.seconds_per_token(r.arch, shape(r, method, 1, gc, savers=sset), sset, peak)
@@ -192,65 +195,36 @@ def choose(r: Resolved) -> tuple[Optional[Choice], Choice]:
     return choice, smallest
 
 
-def smallest_peak_gib(r: Resolved) -> float:
-    """The least memory any configuration the request allows needs (QLoRA if allowed, checkpointing if allowed,
-    the savers if allowed, the smallest micro-batch)."""
-    mb = _micro_batches(r)[0]
-    sets = S.candidate_sets(r.savers, r.arch, r.hardware) if r.uses_savers else [S.NONE]
-    return min(candidate(r, m, mb, gc, sset).peak_gib for sset in sets for m in _methods(r)
-               for gc in _checkpointing(r, sset))
+# at another length (--seq-len max: planner.context_length searches with it; the seq_len reason below)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# --seq-len max
-
-
-def _fits_at(r: Resolved, seq_len: int) -> bool:
+def fits_at(r: Resolved, seq_len: int) -> bool:
     """Some configuration the request allows fits at this length (the smallest micro-batch: memory grows with it)."""
     at = dataclasses.replace(r, seq_len=seq_len)
-    mb = _micro_batches(at)[0]
+    mb = micro_batches_to_try(at)[0]
     first = S.forced(S.allowed(at.savers, at.arch, at.hardware))
     sets = S.candidate_sets(at.savers, at.arch, at.hardware) if at.uses_savers else [first]
-    return any(fits(at, candidate(at, m, mb, gc, sset)) for sset in sets for m in _methods(at)
-               for gc in _checkpointing(at, sset) if not (sset.every_n_layers > 1 and not gc))
-
-
-def longest_seq_len(r: Resolved) -> Optional[int]:
-    """`--seq-len max`: the longest multiple of SEQ_LEN_STEP (256) up to r.seq_len_limit (the model's context) at
-    which some configuration fits, or None when not even one step does. A binary search: the peak and the pinned
-    host memory grow with the length, so fitting is monotone in it."""
-    step = O.SEQ_LEN_STEP
-    lo, hi = 1, r.seq_len_limit // step  # in steps
-    if not _fits_at(r, lo * step):
-        return None
-    if _fits_at(r, hi * step):
-        return hi * step
-    while hi - lo > 1:  # lo fits, hi does not
-        mid = (lo + hi) // 2
-        if _fits_at(r, mid * step):
-            lo = mid
-        else:
-            hi = mid
-    return lo * step
-
-
-def _seq_len_reason(r: Resolved) -> str:
-    """Why --seq-len max stopped where it did: the model's context, the card, or the host's pinned memory."""
-    allowed = [n for n, m in S.allowed(r.savers, r.arch, r.hardware).items() if m != "off"]
-    savers = f"with {', '.join(allowed)} allowed" if allowed else "with no savers allowed (--savers)"
-    head = f"{r.seq_len:,}: the longest multiple of {O.SEQ_LEN_STEP} that fits, {savers}"
-    if r.seq_len >= r.seq_len_limit:
-        return f"{head}; capped at the model's context (max_position_embeddings {r.seq_len_limit:,})"
-    nxt = dataclasses.replace(r, seq_len=r.seq_len + O.SEQ_LEN_STEP)
-    gpu_only = dataclasses.replace(nxt, host_memory_gib=float("inf"))
-    if _fits_at(gpu_only, nxt.seq_len):
-        return (f"{head}; {nxt.seq_len:,} would fit the card but not the host: its pinned memory would pass the "
-                f"{r.usable_host_gib:.1f} GiB usable ({r.host_note}, {S.host_pinned_share():.0%} of it; --host-memory)")
-    return f"{head}; {nxt.seq_len:,} would not fit the {r.usable_gib:.1f} GiB usable on the card"
+    return any(fits(at, candidate(at, m, mb, gc, sset)) for sset in sets for m in methods_to_try(at)
+               for gc in checkpointing_to_try(at, sset) if not (sset.every_n_layers > 1 and not gc))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # reasons
+
+
+def host_bound(r: Resolved, c: Choice) -> bool:
+    """The configuration fits the card; only its pinned host memory is over the host's usable share."""
+    return c.peak_gib <= r.usable_gib and bool(c.host_terms) and c.host_gib > r.usable_host_gib
+
+
+def slowdown(r: Resolved, c: Choice, without: S.SaverSet) -> float:
+    """Time per token of the choice over the same configuration with `without`'s savers instead."""
+    peak = r.hardware.peak_bf16_tflops
+    mine = S.seconds_per_token(r.arch, shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers),
+                               c.savers, peak)
+    base = S.seconds_per_token(r.arch, shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=without),
+                               without, peak)
+    return mine / base
 
 
 def _method_reason(r: Resolved, c: Choice, feasible: bool) -> str:
@@ -281,7 +255,7 @@ def _micro_batch_reason(r: Resolved, c: Choice, feasible: bool) -> str:
     hw = r.hardware
     usable = (f"{r.usable_gib:.1f} GiB ({hw.memory_gib:.1f} GiB less a "
               f"{M.coefficients().decision.safety_margin:.0%} safety margin for the model's error)")
-    if not feasible and _host_bound(r, c):
+    if not feasible and host_bound(r, c):
         return f"{c.micro_batch_size}: the smallest tried; {c.peak_gib:.1f} GiB fits the card, its pinned host memory does not"
     if not feasible:
         return f"{c.micro_batch_size}: the smallest tried; it needs {c.peak_gib:.1f} GiB, over the {usable}"
@@ -332,20 +306,10 @@ def reasons(r: Resolved, c: Choice, feasible: bool) -> dict[str, str]:
     return out
 
 
-def _slowdown(r: Resolved, c: Choice, without: S.SaverSet) -> float:
-    """Time per token of the choice over the same configuration with `without`'s savers instead."""
-    peak = r.hardware.peak_bf16_tflops
-    mine = S.seconds_per_token(r.arch, shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers),
-                               c.savers, peak)
-    base = S.seconds_per_token(r.arch, shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=without),
-                               without, peak)
-    return mine / base
-
-
 def _savers_reason(r: Resolved, c: Choice, feasible: bool) -> str:
     modes = S.allowed(r.savers, r.arch, r.hardware)
     forced = [n for n, m in modes.items() if m == "on"]
-    if not feasible and _host_bound(r, c):
+    if not feasible and host_bound(r, c):
         return (f"{c.savers.describe()} would pin {c.host_gib:.1f} GiB of host memory, over the "
                 f"{r.usable_host_gib:.1f} GiB usable ({r.host_note}, {S.host_pinned_share():.0%} of it)")
     if not feasible:
@@ -354,7 +318,7 @@ def _savers_reason(r: Resolved, c: Choice, feasible: bool) -> str:
         return "none needed: the plan fits without them"
     host = (f"; {c.host_gib:.1f} GiB of pinned host memory of the {r.usable_host_gib:.1f} GiB usable ({r.host_note}, "
             f"{S.host_pinned_share():.0%} of it)" if c.host_terms else "")
-    slower = _slowdown(r, c, S.NONE) - 1
+    slower = slowdown(r, c, S.NONE) - 1
     speed = f"about {slower:.1%} slower than without them" if slower >= 0 else f"about {-slower:.1%} faster"
     if forced and set(c.savers.names) <= set(forced):
         return f"{c.savers.describe()} as asked (--savers); {speed}{host}"
@@ -365,167 +329,16 @@ def _savers_reason(r: Resolved, c: Choice, feasible: bool) -> str:
             f"expected time per token ({speed}){host}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# what would fit
-
-
-def _relaxations(r: Resolved) -> list[tuple[str, Resolved]]:
-    """(advice, the request with that one constraint lifted), for each constraint the user set that costs memory."""
-    out = []
-    if r.method == "lora":
-        out.append(("QLoRA: --method auto (or qlora)", dataclasses.replace(r, method="auto")))
-    if r.grad_checkpointing == "off":
-        out.append(("gradient checkpointing: --grad-checkpointing auto", dataclasses.replace(r, grad_checkpointing="auto")))
-    if r.batch_size and r.batch_size > 1:
-        out.append(("a smaller micro-batch: drop --batch-size", dataclasses.replace(r, batch_size=None)))
-    if r.optimizer == "adamw":
-        out.append(("an 8-bit optimizer: --optimizer adamw-8bit", dataclasses.replace(r, optimizer="adamw-8bit")))
-    auto = {n: ("auto" if m == "off" and not S.SAVERS[n].applies(r.arch, r.hardware) else m)
-            for n, m in r.savers.items()}
-    if auto != r.savers and len(S.candidate_sets(auto, r.arch, r.hardware)) > 1:
-        names = ", ".join(S.cli_name(n) for n in auto if auto[n] != r.savers[n] and S.SAVERS[n].chosen_automatically)
-        out.append((f"memory savers ({names}): --savers auto", dataclasses.replace(r, savers=auto)))
-    return out
-
-
-RELAXABLE = ("method", "grad_checkpointing", "batch_size", "optimizer", "savers")
-
-
-def _relaxed_by(r: Resolved, advices) -> Resolved:
-    """The request with the named relaxations of `_relaxations` lifted together."""
-    changed = {}
-    for advice, relaxed in _relaxations(r):
-        if advice in advices:
-            changed.update({n: getattr(relaxed, n) for n in RELAXABLE if getattr(relaxed, n) != getattr(r, n)})
-    return dataclasses.replace(r, **changed)
-
-
-def _all_relaxed(r: Resolved) -> Resolved:
-    return _relaxed_by(r, [advice for advice, _ in _relaxations(r)])
-
-
-def _needed(r: Resolved, advices: list[str]) -> list[str]:
-    """Drop, one at a time, each relaxation the others fit without: what is left is needed."""
-    kept = list(advices)
-    for advice in reversed(advices):
-        rest = [a for a in kept if a != advice]
-        if rest and smallest_peak_gib(_relaxed_by(r, rest)) <= r.usable_gib:
-            kept = rest
-    return kept
-
-
-def _longest_halved_seq(r: Resolved) -> Optional[tuple[int, float]]:
-    """(the longest of seq_len / 2, / 4, ... down to 128 that fits, its peak GiB), or None."""
-    seq = r.seq_len
-    while seq > 128:
-        seq //= 2
-        peak = smallest_peak_gib(dataclasses.replace(r, seq_len=seq))
-        if peak <= r.usable_gib:
-            return seq, peak
-    return None
-
-
-def _host_bound(r: Resolved, c: Choice) -> bool:
-    """The configuration fits the card; only its pinned host memory is over the host's usable share."""
-    return c.peak_gib <= r.usable_gib and bool(c.host_terms) and c.host_gib > r.usable_host_gib
-
-
-def _host_suggestions(r: Resolved, c: Choice) -> list[str]:
-    share = S.host_pinned_share()
-    return [
-        f"the smallest configuration ({c.method}, micro-batch {c.micro_batch_size}, {c.savers.describe()}) fits the "
-        f"card ({c.peak_gib:.1f} of {r.usable_gib:.1f} GiB) but pins {c.host_gib:.1f} GiB of host memory; "
-        f"{r.host_note} allows {r.usable_host_gib:.1f} GiB ({share:.0%} of it): "
-        f"{c.host_gib - r.usable_host_gib:.1f} GiB short",
-        f"a host with at least {math.ceil(c.host_gib / share)} GiB of RAM: --host-memory names the machine that runs it",
-        "a shorter sequence: the pinned blocks halve at each power of two below "
-        f"{r.seq_len:,} tokens (--seq-len max finds the longest that fits)",
-    ]
-
-
-def suggestions(r: Resolved, smallest: Choice) -> list[str]:
-    """What would make an infeasible request fit, each line with what it saves; only relaxations that help:
-    alone, or together with the other relaxations listed."""
-    if _host_bound(r, smallest):
-        return _host_suggestions(r, smallest)
-    usable = r.usable_gib
-    need = smallest.peak_gib
-    out = [f"the smallest configuration ({smallest.method}, micro-batch {smallest.micro_batch_size}, checkpointing "
-           f"{'on' if smallest.grad_checkpointing else 'off'}) needs {need:.1f} GiB per GPU; {r.hardware.gpu_name} "
-           f"allows {usable:.1f} GiB: {need - usable:.1f} GiB short"]
-    lines = []
-    for advice, relaxed in _relaxations(r):
-        peak = smallest_peak_gib(relaxed)
-        if need - peak >= MIN_SAVING_GIB:
-            lines.append((advice, need - peak, peak <= usable))
-    together = _all_relaxed(r)
-    together_peak = smallest_peak_gib(together)
-    alone = [line for line in lines if line[2]]
-    if alone:  # each of these is enough by itself
-        for advice, saved, _ in alone:
-            out.append(f"{advice} saves {saved:.1f} GiB and fits")
-    elif together_peak <= usable:  # none is enough alone; together they are: list the ones needed
-        needed = _needed(r, [advice for advice, _, _ in lines])
-        for advice, saved, _ in lines:
-            if advice in needed:
-                out.append(f"{advice} saves {saved:.1f} GiB")
-        out.append(f"together these fit: {smallest_peak_gib(_relaxed_by(r, needed)):.1f} GiB per GPU")
-    else:
-        shorter = _longest_halved_seq(r)
-        relaxed = _longest_halved_seq(together) if together_peak < need - MIN_SAVING_GIB else None
-        if shorter:
-            out.append(f"a shorter sequence fits: --seq-len {shorter[0]} ({shorter[1]:.1f} GiB)")
-        if relaxed and (shorter is None or relaxed[0] > shorter[0]):
-            flags = "; ".join(advice for advice, _, _ in lines)
-            out.append(f"with {flags}: --seq-len {relaxed[0]} fits ({relaxed[1]:.1f} GiB)")
-    out.append(_larger_cards(r, need))
-    return out
-
-
-def _larger_cards(r: Resolved, need_gib: float) -> str:
-    margin = M.coefficients().decision.safety_margin
-    bigger = sorted((e["memory_gib"], k) for k, e in gpus().items()
-                    if e["memory_gib"] * (1 - margin) >= need_gib and e["memory_gib"] > r.hardware.memory_gib)
-    if bigger:
-        return "a larger card: " + ", ".join(k for _, k in bigger[:4])
-    return ("no single card in the catalog holds a replica: data-parallel training copies the model to every GPU, "
-            "so only sharding it (FSDP) over more GPUs helps")
-
-
-def decide(r: Resolved) -> Decision:
-    """The decision for resolved inputs `r` (a pure function: same inputs, same decision)."""
-    choice, smallest = choose(r)
-    c = choice or smallest
-    feasible = choice is not None
-    return Decision(c, feasible, reasons(r, c, feasible), [] if feasible else suggestions(r, smallest),
-                    strategy=r.strategy.name)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# what each saver buys
-
-
-@dataclass(frozen=True)
-class SaverEffect:
-    """One saver of the plan against the same plan without it (report: "what each saver buys")."""
-
-    name: str
-    gib_saved: float  # GPU memory this plan saves with it (negative: it spends memory, as layer_checkpointing)
-    host_gib: float  # pinned host memory it takes
-    slowdown: float  # time per token with it / without it (below 1: faster)
-    speed_source: str
-    applied_by: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def saver_effects(r: Resolved, c: Choice) -> list[SaverEffect]:
-    out = []
-    for name in c.savers.names:
-        without = c.savers.without(name)
-        other = candidate(r, c.method, c.micro_batch_size, c.grad_checkpointing, without)
-        saver = S.SAVERS[name]
-        out.append(SaverEffect(name, other.peak_gib - c.peak_gib, c.host_gib - other.host_gib,
-                               _slowdown(r, c, without), saver.speed_source, saver.applied_by))
-    return out
+def _seq_len_reason(r: Resolved) -> str:
+    """Why --seq-len max stopped where it did: the model's context, the card, or the host's pinned memory."""
+    allowed = [n for n, m in S.allowed(r.savers, r.arch, r.hardware).items() if m != "off"]
+    savers = f"with {', '.join(allowed)} allowed" if allowed else "with no savers allowed (--savers)"
+    head = f"{r.seq_len:,}: the longest multiple of {O.SEQ_LEN_STEP} that fits, {savers}"
+    if r.seq_len >= r.seq_len_limit:
+        return f"{head}; capped at the model's context (max_position_embeddings {r.seq_len_limit:,})"
+    nxt = dataclasses.replace(r, seq_len=r.seq_len + O.SEQ_LEN_STEP)
+    gpu_only = dataclasses.replace(nxt, host_memory_gib=float("inf"))
+    if fits_at(gpu_only, nxt.seq_len):
+        return (f"{head}; {nxt.seq_len:,} would fit the card but not the host: its pinned memory would pass the "
+                f"{r.usable_host_gib:.1f} GiB usable ({r.host_note}, {S.host_pinned_share():.0%} of it; --host-memory)")
+    return f"{head}; {nxt.seq_len:,} would not fit the {r.usable_gib:.1f} GiB usable on the card"

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from . import memory as M
 from . import savers as S
+from . import throughput as TP
 from .communication import step_time
 from .decide import Choice, shape
 from .request import Resolved
@@ -49,7 +50,7 @@ def estimate(r: Resolved, c: Choice, tokens_per_epoch: Optional[int] = None) -> 
     tokens = r.train_tokens if r.train_tokens else (int(tokens_per_epoch * r.epochs) if tokens_per_epoch else None)
     have = bool(tokens and total_tps)
     return Estimate(
-        tokens_per_s_per_gpu=tps, tokens_per_s=total_tps, flops_per_token=M.flops_per_token(r.arch, s),
+        tokens_per_s_per_gpu=tps, tokens_per_s=total_tps, flops_per_token=TP.flops_per_token(r.arch, s),
         mfu=M.coefficients().throughput.mfu(c.method), train_tokens=tokens if have else None,
         hours=tokens / total_tps / 3600 if have else None,
         compute_s_per_step=st.compute_s if st else None, collective_s_per_step=st.collective_s if st else None,

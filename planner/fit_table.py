@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .catalog import gpus, hardware_from_entry, host_memory_rule
-from .decide import longest_seq_len
+from .context_length import longest_seq_len
 from .estimate import estimate
 from .placement import best_option
 from .request import Resolved

@@ -1,6 +1,8 @@
 """The memory model: the peak memory one GPU shows (what nvidia-smi reports) while training, as a sum of terms.
 
-Each term is a small function with its formula in the docstring; `budget()` returns them in report order.
+Each term is a small function with its formula in the docstring; `budget()` returns them in report order, as
+`Term`s of a `Shape` (both defined in planner.memory_types, importable from here). Throughput (FLOPs per token,
+tokens/s) is planner.throughput.
 Symbols: T = micro_batch x seq_len tokens per step on one GPU, L layers, h hidden size, kv = kv heads x
 head_dim, i intermediate size (for MoE: experts_per_token x expert size), V vocabulary, P trainable (LoRA)
 parameters. Bytes throughout; GiB = 2**30 bytes.
@@ -15,65 +17,15 @@ keep, the fused loss's buffers, the caching allocator's fragmentation) are fitte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .architecture import Architecture
 from .coefficients import coefficients
+from .memory_types import Shape, Term
 from .options import DTYPE_BYTES, OPTIMIZERS
 from .targets import TargetSelection, trainable_params
 
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What one GPU does per optimizer micro-step: everything the memory depends on besides the architecture."""
-
-    method: str  # lora | qlora
-    r: int
-    micro_batch_size: int
-    seq_len: int
-    grad_checkpointing: bool
-    loss: str  # fused | full
-    optimizer: str = "adamw"
-    dtype: str = "bfloat16"
-    double_quant: bool = True
-    blocksize: int = 64  # NF4 block size (Quantization.blocksize)
-    num_gpus: int = 1
-    device: str = "cuda"  # cuda | cpu: the CPU has no CUDA context and no caching allocator
-    # What the memory savers (planner/savers.py) change; the defaults are the plan without savers.
-    every_n_layers: int = 1  # layer_checkpointing: checkpoint every n-th decoder layer (1: all of them)
-    checkpoints_offloaded: bool = False  # offload_*: the checkpointed layer inputs live in pinned host memory
-    offload_resident_inputs: int = 0  # offload_*: layer inputs on the GPU meanwhile (brought back / in flight)
-    mlp_tile_tokens: int = 0  # mlp_tiling: tokens per MLP tile (0: the MLP is not tiled)
-
-    @property
-    def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
-
-
-@dataclass(frozen=True)
-class Term:
-    name: str
-    bytes: float
-    formula: str
-    group: str  # weights | adapter | sharding | activations | loss | runtime
-    device: str = "gpu"  # gpu: counts toward the GPU's peak; host: held in (pinned) host memory instead
-
-    @property
-    def gib(self) -> float:
-        return self.bytes / GIB
-
-    @staticmethod
-    def sum_gib(terms) -> float:
-        """The GPU peak of these terms (host terms are not on the GPU)."""
-        return sum(t.bytes for t in terms if t.device == "gpu") / GIB
-
-    @staticmethod
-    def host_gib(terms) -> float:
-        """What these terms hold in host memory, per process."""
-        return sum(t.bytes for t in terms if t.device == "host") / GIB
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,47 +329,3 @@ def loaded_bytes(arch: Architecture, selection: TargetSelection, shape: Shape) -
         + unquantized_modules_bytes(arch, shape)
         + lora_weights_bytes(p)
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# throughput
-
-
-def flops_per_token(arch: Architecture, shape: Shape) -> float:
-    """Training FLOPs per token for LoRA: forward 2N, backward through frozen weights (input gradients only)
-    2N, plus 2N more to recompute the forward under gradient checkpointing; N = parameters a token touches
-    (for MoE: attention + top-k experts), plus the LM head (2 x h x V each pass) and attention scores
-    (4 x L x seq x q_dim forward, twice that backward)."""
-    active = 0
-    for p in arch.projections:
-        per = p.weight_params // max(p.experts, 1) if p.experts > 1 else p.weight_params
-        mult = arch.experts_per_token if p.experts > 1 else 1
-        active += per * mult
-    head = arch.vocab_size * arch.hidden_size
-    # the recompute runs the checkpointed layers' forward again: all of them, or ceil(L/n) of L
-    recompute = checkpointed_layers(arch, shape) / arch.num_layers if shape.grad_checkpointing else 0
-    passes = 2 + recompute
-    attn = 4 * arch.num_layers * shape.seq_len * arch.q_dim * (1 + 2 + recompute)
-    # MLP tiling recomputes the MLP's forward once more in the backward (Liger-Kernel tiled_mlp.py)
-    mlp = 2 * mlp_params_per_token(arch) if shape.mlp_tile_tokens else 0
-    return 2 * active * passes + 2 * head * 2 + attn / 2 + mlp  # causal: half the score matrix
-
-
-def mlp_params_per_token(arch: Architecture) -> int:
-    """The MLP weights a token runs through (gate, up, down; top-k experts for MoE)."""
-    total = 0
-    for p in arch.projections:
-        if not set(p.kinds) & {"gate", "up", "down"}:
-            continue
-        per = p.weight_params // max(p.experts, 1) if p.experts > 1 else p.weight_params
-        total += per * (arch.experts_per_token if p.experts > 1 else 1)
-    return total
-
-
-def tokens_per_second(arch: Architecture, shape: Shape, peak_tflops: Optional[float]) -> Optional[float]:
-    """Expected tokens/s per GPU: MFU x peak bf16 FLOP/s / FLOPs per token, MFU measured per method on the
-    calibration rows (tables/memory.yaml). None when the card's peak is unknown."""
-    if not peak_tflops:
-        return None
-    mfu = coefficients().throughput.mfu(shape.method)
-    return mfu * peak_tflops * 1e12 / flops_per_token(arch, shape)

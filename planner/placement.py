@@ -1,6 +1,7 @@
-"""Which strategy, and so where the model and its states live: the decision across strategies.
+"""Which strategy, and so where the model and its states live: the decision across strategies (`place`), and the
+decision for one strategy (`decide`: planner.decide's rules and reasons, planner.suggest's advice when nothing fits).
 
-For one process the strategy is fixed (single, or cpu) and this is planner.decide's decision. With several GPUs and
+For one process the strategy is fixed (single, or cpu) and this is `decide`'s decision. With several GPUs and
 `--strategy auto`, each data-parallel strategy is tried in turn (ddp, fsdp, fsdp-offload); for each, the method,
 checkpointing and micro-batch follow planner.decide's rules, and the plan must also load (planner.loading: the GPU
 at load time, and the host memory of rank 0's node) and fit the host memory it offloads to. Of the strategies that
@@ -17,6 +18,8 @@ from typing import Optional
 
 from . import decide as D
 from . import memory as M
+from . import suggest
+from . import throughput as TP
 from .communication import step_time
 from .loading import LoadPeak, load_peak
 from .request import Resolved
@@ -61,7 +64,7 @@ def host_needed_gib(r: Resolved, c: D.Choice, load: LoadPeak) -> float:
 def tokens_per_s(r: Resolved, c: D.Choice) -> Optional[float]:
     hw = r.hardware
     s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
-    compute = M.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
+    compute = TP.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
     if not compute:
         return None
     st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name,
@@ -75,7 +78,7 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
     host_usable = (rs.hardware.host_memory_gib or 0) * (1 - M.coefficients().decision.safety_margin)
     smallest: Optional[tuple[D.Choice, Resolved]] = None
     reasons = []
-    for method in D._methods(rs):
+    for method in D.methods_to_try(rs):
         rm = dataclasses.replace(rs, method=method)
         choice, small = D.choose(rm)
         if smallest is None or small.peak_gib < smallest[0].peak_gib:
@@ -137,6 +140,16 @@ def best_option(r: Resolved) -> tuple[StrategyOption, list[StrategyOption]]:
     return (max(fitting, key=lambda o: o.tokens_per_s or 0.0) if fitting else options[0]), options
 
 
+def decide(r: Resolved) -> D.Decision:
+    """The decision for resolved inputs `r` under their one strategy, r.strategy (a pure function: same inputs,
+    same decision): planner.decide's rules and reasons, and planner.suggest's advice when nothing fits."""
+    choice, smallest = D.choose(r)
+    c = choice or smallest
+    feasible = choice is not None
+    return D.Decision(c, feasible, D.reasons(r, c, feasible), [] if feasible else suggest.suggestions(r, smallest),
+                      strategy=r.strategy.name)
+
+
 def place(r: Resolved) -> D.Decision:
     """The decision over strategies (a pure function of `r`)."""
     best, options = best_option(r)
@@ -145,11 +158,11 @@ def place(r: Resolved) -> D.Decision:
         reasons = D.reasons(rb, best.choice, True)
         suggestions: list[str] = []
     else:
-        single = D.decide(rb)
+        single = decide(rb)
         reasons, suggestions = single.reasons, list(single.suggestions)
         if single.feasible:  # training fits; loading, the host or a broken combination does not
             reasons["method"] = f"{best.choice.method}: {best.why_not}"
-            suggestions = [best.why_not or "", *D.suggestions(rb, best.choice)[1:]]
+            suggestions = [best.why_not or "", *suggest.suggestions(rb, best.choice)[1:]]
         suggestions += more_gpus(r)
     reasons["strategy"] = _strategy_reason(r, best, options)
     if STRATEGIES[best.strategy].sharded:

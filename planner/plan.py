@@ -1,7 +1,8 @@
 """The plan: a plain, versioned data structure that `plan` writes and `run` executes.
 
 Everything `run` does is decided here; `run` does not re-decide. A plan round-trips losslessly through
-YAML and JSON (`Plan.from_dict(plan.to_dict()) == plan`).
+YAML and JSON (`Plan.from_dict(plan.to_dict()) == plan`). This module holds the schema and its checks; reading,
+typed rebuilding and atomic writing of files are planner.plan_io.
 
 Version history:
 - 1: first schema (the `savers` section came later, with defaults: files without it load unchanged).
@@ -11,15 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
-import tempfile
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import options as O
-from .errors import PlanError, first_line
+from .errors import PlanError
+from .plan_io import atomic_write_text, build_dataclass, numbers_in, read_plan_file
 
 PLAN_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -199,7 +197,7 @@ class Plan:
             raise PlanError(
                 f"unknown plan version {version!r} (this loraplan reads versions {', '.join(map(str, SUPPORTED_VERSIONS))})"
             )
-        plan = _build(cls, data, "plan")
+        plan = build_dataclass(cls, data, "plan")
         plan.validate()
         return plan
 
@@ -267,7 +265,7 @@ class Plan:
     def _check_numbers(self) -> None:
         """Refuse numbers that cannot run (a hand edit, or YAML's .nan/.inf), naming the field and its range:
         otherwise they end in a traceback from torch or transformers, or in a run that 'completes' untrained."""
-        for name, value in _numbers(self):
+        for name, value in numbers_in(self):
             if isinstance(value, float) and not math.isfinite(value):
                 raise PlanError(f"{name} must be a finite number, got {value}")
         t = self.training
@@ -313,109 +311,5 @@ class Plan:
 
     @classmethod
     def load(cls, path: str) -> "Plan":
-        import yaml
-
-        if not os.path.exists(path):
-            raise PlanError(f"plan file not found: {path}")
-        if os.path.isdir(path):
-            raise PlanError(f"plan path is a directory, not a file: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as exc:
-            raise PlanError(f"plan file {path} is not valid YAML: {first_line(exc)}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            # `version` is the last line loraplan writes: without it the file was cut short (or is not a plan)
-            if not re.search(r"^version:", text, re.MULTILINE):
-                raise PlanError(f"plan file {path} has no version field: truncated, or not a loraplan plan "
-                                f"(it is not valid YAML either: {first_line(exc)})") from None
-            raise PlanError(f"plan file {path} is not valid YAML: {first_line(exc)}") from None
-        if not isinstance(data, dict) or "version" not in data:
-            raise PlanError(f"plan file {path} has no version field: truncated, or not a loraplan plan")
-        return cls.from_dict(data)
-
-
-def _numbers(data: Any, where: str = "") -> list[tuple[str, Any]]:
-    """(dotted name, value) of every number in a (nested) dataclass, dict or list."""
-    if dataclasses.is_dataclass(data):
-        items = [(f.name, getattr(data, f.name)) for f in dataclasses.fields(data)]
-    elif isinstance(data, dict):
-        items = list(data.items())
-    elif isinstance(data, list):
-        return [n for i, v in enumerate(data) for n in _numbers(v, f"{where}[{i}]")]
-    elif isinstance(data, (int, float)) and not isinstance(data, bool):
-        return [(where, data)]
-    else:
-        return []
-    return [n for k, v in items for n in _numbers(v, f"{where}.{k}" if where else str(k))]
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _build(tp: Any, value: Any, where: str) -> Any:
-    """Rebuild a (nested) dataclass from plain data, checking types so a hand-edited file fails clearly."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise PlanError(f"{where} must be a mapping")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
-        unknown = set(value) - names
-        if unknown:
-            raise PlanError(f"{where} has unknown field(s): {', '.join(sorted(unknown))}")
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in value:
-                kwargs[f.name] = _build(hints[f.name], value[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise PlanError(f"{where} is missing required field {f.name!r}")
-        return tp(**kwargs)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _build(inner[0], value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise PlanError(f"{where} must be a list")
-        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise PlanError(f"{where} must be a mapping")
-        return {str(k): _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise PlanError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PlanError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PlanError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise PlanError(f"{where} must be a string, got {value!r}")
-        return value
-    raise PlanError(f"{where}: unsupported type {tp}")
+        """Read a plan file (planner.plan_io.read_plan_file: every way a file can fail, in one line) and check it."""
+        return cls.from_dict(read_plan_file(path))

@@ -126,9 +126,22 @@ def _savers_tables(res: PlanResult, console: Console) -> None:
 
 
 def render(res: PlanResult, console: Console) -> None:
-    plan, a = res.plan, res.arch
-    t = plan.training
+    """The plan for people, table by table in reading order: what is trained, what it costs, what was decided,
+    how fast, the same request on every card, and the verdict."""
+    _model_table(res, console)
+    _adapter_table(res, console)
+    _memory_table(res, console)
+    _savers_tables(res, console)
+    _decision_table(res, console)
+    _host_and_strategies(res, console)
+    _estimate_lines(res, console)
+    _fit_table(res, console)
+    _verdict(res, console)
 
+
+def _model_table(res: PlanResult, console: Console) -> None:
+    """The architecture as counted: family and source, parameters, layers, attention, vocabulary, experts."""
+    plan, a = res.plan, res.arch
     arch = new_table(f"Model: {res.model.display_name}", show_header=False)
     key_column(arch, "", style="bold")
     text_column(arch, "")
@@ -141,6 +154,10 @@ def render(res: PlanResult, console: Console) -> None:
         arch.add_row("experts", f"{a.num_experts}, {a.experts_per_token} per token, expert size {a.moe_intermediate_size}")
     print_table(console, arch)
 
+
+def _adapter_table(res: PlanResult, console: Console) -> None:
+    """The LoRA adapter module by module: shape, copies, parameters each and in all, shares of layer and model."""
+    plan, a = res.plan, res.arch
     ad = new_table(f"LoRA adapter: r={plan.lora.r}, alpha={plan.lora.lora_alpha}, dropout={plan.lora.lora_dropout}")
     key_column(ad, "module")
     text_column(ad, "shape\n(in x out)")  # wraps between its numbers: "2048 x 1536" / "x 128 experts"
@@ -155,6 +172,10 @@ def render(res: PlanResult, console: Console) -> None:
                f"[bold]{100 * res.trainable_params / a.total_params:.3f} %")
     print_table(console, ad)
 
+
+def _memory_table(res: PlanResult, console: Console) -> None:
+    """The GPU terms with their formulas, the predicted peak, and the headroom (or what is short)."""
+    plan = res.plan
     mem = new_table(f"Memory per GPU: {plan.hardware.gpu_name}, {plan.hardware.memory_gib:.1f} GiB")
     key_column(mem, "term")
     key_column(mem, "GiB", justify="right")
@@ -176,8 +197,11 @@ def render(res: PlanResult, console: Console) -> None:
                     f"over the usable {res.usable_gib:.1f} GiB ({plan.hardware.memory_gib:.1f} GiB less a "
                     f"{plan.prediction.margin:.0%} margin)")
     print_table(console, mem)
-    _savers_tables(res, console)
 
+
+def _decision_table(res: PlanResult, console: Console) -> None:
+    """Each setting the plan decided, its value and why (the closest configuration when nothing fits)."""
+    plan, t = res.plan, res.plan.training
     dec = new_table("Decision" if res.feasible else "Closest configuration tried (does not fit)")
     key_column(dec, "setting", style="bold")
     text_column(dec, "value")  # short words, except a long target list, which wraps at its commas
@@ -204,9 +228,11 @@ def render(res: PlanResult, console: Console) -> None:
         if key in r:
             dec.add_row(label, res.load.mode if key == "loading" and res.load else "", r[key])
     print_table(console, dec)
-    _host_and_strategies(res, console)
 
-    est = res.estimate
+
+def _estimate_lines(res: PlanResult, console: Console) -> None:
+    """Expected throughput (and training time), and the dataset's rows and tokens, one line each."""
+    plan, est = res.plan, res.estimate
     if est.tokens_per_s:
         line = f"Expected throughput: {est.tokens_per_s:,.0f} tokens/s over {plan.hardware.world_size} GPU(s)"
         if est.hours:
@@ -215,68 +241,88 @@ def render(res: PlanResult, console: Console) -> None:
     if res.dataset is not None:
         d = res.dataset
         console.print(f"Dataset: {d.path}: {d.rows:,} rows, {d.format} format, {'about ' if d.estimated else ''}"
-                      f"{d.tokens_total:,} tokens ({d.basis}), {d.rows_over_seq_len} rows longer than {t.seq_len}")
+                      f"{d.tokens_total:,} tokens ({d.basis}), {d.rows_over_seq_len} rows longer than {plan.training.seq_len}")
 
-    if res.fit_table:
-        if est.tokens_per_s or res.dataset is not None:
-            console.print()
-        margin = plan.prediction.margin
-        longest = any(row.longest_seq_len is not None for row in res.fit_table)
-        with_savers = any(row.savers is not None for row in res.fit_table)
-        many = plan.hardware.world_size > 1  # the strategy can differ from card to card
 
-        def fit_table(narrow: bool):
-            """The fit table; `narrow` leaves out the columns a savers/longest-context table can spare."""
-            spare = {"micro-\nbatch", "grad\nckpt", "host\nGiB", "headroom\nGiB"} if narrow else set()
-            ft = new_table("Across the catalog's cards (same request" + (", each at its longest context)" if longest else ")"))
-            cols = ["card", "memory\nGiB", "fits"] + (["longest\ncontext"] if longest else []) + (
-                ["strategy"] if many else []) + ["method", "micro-\nbatch", "grad\nckpt"] + (["savers", "host\nGiB"] if with_savers else []) + [
-                "peak\nGiB", "headroom\nGiB", "tokens/s"]
-            cols = [c for c in cols if c not in spare]
-            for col in cols:
-                key_column(ft, col, justify="left" if col in ("card", "fits", "method", "savers", "strategy") else "right")
-            short = False
-            for row in res.fit_table:
-                ok = row.fits
-                if ok:
-                    room = f"{row.headroom_gib:.1f}"
-                elif row.binds in ("loading", "host memory"):  # training fits there; loading or the host does not
-                    room = f"{row.binds} binds"
-                else:  # what it lacks against the usable memory, the bound fitting is judged by
-                    room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
-                    short = True
-                cell = {
-                    "card": row.gpu, "memory\nGiB": f"{row.memory_gib:.1f}", "fits": "[green]yes" if ok else "[red]no",
-                    "longest\ncontext": f"{row.longest_seq_len:,}" if row.longest_seq_len else "-",
-                    "strategy": row.strategy or "-", "method": (row.method or "").upper() if ok else "-",
-                    "micro-\nbatch": str(row.micro_batch_size) if ok else "-",
-                    "grad\nckpt": ("on" if row.grad_checkpointing else "off") if ok else "-",
-                    "savers": ("+".join(SAVER_SHORT[n] for n in row.savers or []) or "-") if ok else "-",
-                    "host\nGiB": f"{row.host_gib:.1f}" if ok and row.host_gib else "-",
-                    "peak\nGiB": f"{row.per_gpu_gib:.1f}", "headroom\nGiB": room,
-                    "tokens/s": f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
-                }
-                ft.add_row(*[cell[c] for c in cols])
-            captions = []
-            if short:
-                captions.append(f"peak: the smallest configuration tried where it does not fit; short: GiB over the "
-                                f"usable memory (the card's less a {margin:.0%} safety margin)")
-            if narrow:
-                captions.append("micro-batch, checkpointing, host GiB and headroom: --json, or a wider terminal")
-            if captions:
-                ft.caption, ft.caption_justify = "\n".join(captions), "left"
-            return ft
+def _fit_table(res: PlanResult, console: Console) -> None:
+    """The same request on every catalog card; without the columns a savers or longest-context table can spare
+    when the full one is wider than the terminal."""
+    if not res.fit_table:
+        return
+    if res.estimate.tokens_per_s or res.dataset is not None:
+        console.print()
+    longest = any(row.longest_seq_len is not None for row in res.fit_table)
+    with_savers = any(row.savers is not None for row in res.fit_table)
+    ft = _fit_rows(res, narrow=False)
+    if (longest or with_savers) and min_width(console, ft) > console.width:
+        ft = _fit_rows(res, narrow=True)
+    print_table(console, ft)
 
-        ft = fit_table(narrow=False)
-        if (longest or with_savers) and min_width(console, ft) > console.width:
-            ft = fit_table(narrow=True)
-        print_table(console, ft)
 
+def _fit_rows(res: PlanResult, narrow: bool) -> Table:
+    """The fit table; `narrow` leaves out the columns a savers/longest-context table can spare."""
+    margin = res.plan.prediction.margin
+    longest = any(row.longest_seq_len is not None for row in res.fit_table)
+    with_savers = any(row.savers is not None for row in res.fit_table)
+    many = res.plan.hardware.world_size > 1  # the strategy can differ from card to card
+    spare = {"micro-\nbatch", "grad\nckpt", "host\nGiB", "headroom\nGiB"} if narrow else set()
+    ft = new_table("Across the catalog's cards (same request" + (", each at its longest context)" if longest else ")"))
+    cols = ["card", "memory\nGiB", "fits"] + (["longest\ncontext"] if longest else []) + (
+        ["strategy"] if many else []) + ["method", "micro-\nbatch", "grad\nckpt"] + (["savers", "host\nGiB"] if with_savers else []) + [
+        "peak\nGiB", "headroom\nGiB", "tokens/s"]
+    cols = [c for c in cols if c not in spare]
+    for col in cols:
+        key_column(ft, col, justify="left" if col in ("card", "fits", "method", "savers", "strategy") else "right")
+    short = False
+    for row in res.fit_table:
+        cell, row_short = _fit_cells(row, margin)
+        short = short or row_short
+        ft.add_row(*[cell[c] for c in cols])
+    captions = []
+    if short:
+        captions.append(f"peak: the smallest configuration tried where it does not fit; short: GiB over the "
+                        f"usable memory (the card's less a {margin:.0%} safety margin)")
+    if narrow:
+        captions.append("micro-batch, checkpointing, host GiB and headroom: --json, or a wider terminal")
+    if captions:
+        ft.caption, ft.caption_justify = "\n".join(captions), "left"
+    return ft
+
+
+def _fit_cells(row, margin: float) -> tuple[dict[str, str], bool]:
+    """(every column's cell for one card, whether its headroom cell reads "short")."""
+    ok = row.fits
+    short = False
+    if ok:
+        room = f"{row.headroom_gib:.1f}"
+    elif row.binds in ("loading", "host memory"):  # training fits there; loading or the host does not
+        room = f"{row.binds} binds"
+    else:  # what it lacks against the usable memory, the bound fitting is judged by
+        room = f"short {row.per_gpu_gib - row.memory_gib * (1 - margin):.1f}"
+        short = True
+    return {
+        "card": row.gpu, "memory\nGiB": f"{row.memory_gib:.1f}", "fits": "[green]yes" if ok else "[red]no",
+        "longest\ncontext": f"{row.longest_seq_len:,}" if row.longest_seq_len else "-",
+        "strategy": row.strategy or "-", "method": (row.method or "").upper() if ok else "-",
+        "micro-\nbatch": str(row.micro_batch_size) if ok else "-",
+        "grad\nckpt": ("on" if row.grad_checkpointing else "off") if ok else "-",
+        "savers": ("+".join(SAVER_SHORT[n] for n in row.savers or []) or "-") if ok else "-",
+        "host\nGiB": f"{row.host_gib:.1f}" if ok and row.host_gib else "-",
+        "peak\nGiB": f"{row.per_gpu_gib:.1f}", "headroom\nGiB": room,
+        "tokens/s": f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
+    }, short
+
+
+def _verdict(res: PlanResult, console: Console) -> None:
+    """The hardware note and warnings, then FITS (peak, headroom) or DOES NOT FIT with what would."""
+    plan, t = res.plan, res.plan.training
     if res.hardware_note:
         console.print(f"[dim]{res.hardware_note}[/dim]")
     for warning in res.warnings:
         console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
     if res.feasible:
+        total = res.per_gpu_gib
+        head = plan.hardware.memory_gib - total
         longest = f"the longest context, {t.seq_len:,} tokens, " if res.resolved is not None and res.resolved.seq_len_max else ""
         savers = (f", with {', '.join(plan.savers.names)}" if plan.savers.names else "")
         host = f" and {res.host_gib:.1f} GiB of pinned host memory" if res.host_terms else ""

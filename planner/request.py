@@ -73,7 +73,7 @@ class Resolved:
     selection: TargetSelection
     hardware: Hardware
     hardware_note: str
-    strategy: Strategy  # the default for the hardware, or the one asked for; decide() may shard instead
+    strategy: Strategy  # the default for the hardware, or the one asked for; planner.placement may shard instead
     strategy_choice: str  # "auto" or the --strategy asked for
     host_memory_assumed: bool  # host memory from the sizing rule (no --host-memory, not detected)
     rank: int
@@ -98,7 +98,7 @@ class Resolved:
     savers: dict[str, str] = field(default_factory=lambda: O.saver_defaults())
     host_memory_gib: float = 0.0
     host_note: str = ""
-    seq_len_max: bool = False  # --seq-len max: seq_len is the longest that fits (planner.decide.longest_seq_len)
+    seq_len_max: bool = False  # --seq-len max: seq_len is the longest that fits (planner.context_length.longest_seq_len)
     seq_len_limit: int = MAX_SEQ_LEN  # the longest --seq-len max considers: the model's context when known
 
     @property

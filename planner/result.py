@@ -44,10 +44,10 @@ class PlanResult:
         return M.Term.sum_gib(self.host_terms)
 
     def saver_effects(self) -> list:
-        """What each saver of the plan buys (planner.decide.saver_effects)."""
+        """What each saver of the plan buys (planner.saver_effects)."""
         if self.resolved is None or self.choice is None:
             return []
-        from .decide import saver_effects
+        from .saver_effects import saver_effects
 
         return saver_effects(self.resolved, self.choice)
 

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from . import memory as M
 from . import options as O
+from . import throughput as TP
 from .architecture import Architecture
 from .plan import Hardware
 
@@ -237,12 +238,12 @@ def host_terms(arch: Architecture, shape: M.Shape, savers: SaverSet, processes: 
 
 
 def seconds_per_token(arch: Architecture, shape: M.Shape, savers: SaverSet, peak_tflops: Optional[float]) -> float:
-    """Time per token on one GPU: the FLOP model (planner.memory, with the recompute of partial checkpointing
+    """Time per token on one GPU: the FLOP model (planner.throughput, with the recompute of partial checkpointing
     and the MLP tiling's extra forward) plus the offload's copies over the host link:
     blocking copies add 2 x transfer / link; copies on a second stream add only what exceeds the compute they
     overlap, plus a cited overhead (tables/savers.yaml). Without a known peak, the nominal one orders savers."""
     peak = peak_tflops or float(table()["nominal_peak_tflops"])
-    compute = 1.0 / M.tokens_per_second(arch, shape, peak)
+    compute = 1.0 / TP.tokens_per_second(arch, shape, peak)
     if not savers.offload:
         return compute
     copy = 2 * transfer_bytes_per_token(arch, shape) / host_link_bytes_per_s()
@@ -254,7 +255,7 @@ def seconds_per_token(arch: Architecture, shape: M.Shape, savers: SaverSet, peak
 
 def tokens_per_second(arch: Architecture, shape: M.Shape, savers: SaverSet,
                       peak_tflops: Optional[float]) -> Optional[float]:
-    """Expected tokens/s per GPU with the savers; None when the card's peak is unknown (as planner.memory)."""
+    """Expected tokens/s per GPU with the savers; None when the card's peak is unknown (as planner.throughput)."""
     if not peak_tflops:
         return None
     return 1.0 / seconds_per_token(arch, shape, savers, peak_tflops)

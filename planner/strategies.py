@@ -82,7 +82,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 
 def strategy_for(hw: Hardware) -> Strategy:
     """The default strategy for this hardware: the first entry of the table whose `default_for` passes. Sharded
-    strategies are chosen by the decision (planner.decide) when a replica does not fit, or asked for."""
+    strategies are chosen by the decision (planner.placement) when a replica does not fit, or asked for."""
     for s in STRATEGIES.values():
         if s.default_for(hw):
             return s

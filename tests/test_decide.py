@@ -1,5 +1,6 @@
-"""Each decision rule of planner.decide on a small synthetic Llama (arithmetic only, no torch), with the card's
-memory placed just above or below the peaks the memory model gives, so each rule is what tips the decision."""
+"""Each decision rule of planner.decide (through planner.placement.decide, which adds planner.suggest's advice) on
+a small synthetic Llama (arithmetic only, no torch), with the card's memory placed just above or below the peaks
+the memory model gives, so each rule is what tips the decision."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from planner import decide as D
 from planner.errors import InputError
+from planner.placement import decide
 from planner.request import PlanRequest, resolve
 
 # 0.9 B parameters: big enough that LoRA and QLoRA weights differ by GiB, small enough to reason about.
@@ -43,7 +45,7 @@ def card_for(gib):
 
 def test_lora_is_chosen_when_it_fits_because_it_is_faster(model_dir):
     r = resolved(model_dir)
-    d = D.decide(r)
+    d = decide(r)
     assert d.feasible and d.choice.method == "lora"
     assert "faster" in d.reasons["method"]
 
@@ -53,7 +55,7 @@ def test_qlora_when_lora_does_not_fit_even_with_checkpointing_at_micro_batch_1(m
     lora_min, qlora_min = peak(probe, "lora", 1, True), peak(probe, "qlora", 1, True)
     assert qlora_min < lora_min
     r = resolved(model_dir, memory_gib=card_for(qlora_min))
-    d = D.decide(r)
+    d = decide(r)
     assert d.feasible and d.choice.method == "qlora" and d.choice.grad_checkpointing
     assert "do not fit" in d.reasons["method"] and "QLoRA" in d.reasons["method"]
 
@@ -62,12 +64,12 @@ def test_checkpointing_only_when_needed(model_dir):
     probe = resolved(model_dir)
     no_gc_mb1 = peak(probe, "lora", 1, False)
     r = resolved(model_dir, memory_gib=card_for(no_gc_mb1))
-    d = D.decide(r)
+    d = decide(r)
     assert d.choice == D.Choice("lora", False, 1, d.choice.terms) and not d.choice.grad_checkpointing
     assert d.reasons["grad_checkpointing"].startswith("off")
     # a little less memory, and the same micro-batch needs checkpointing
     r = resolved(model_dir, memory_gib=(no_gc_mb1 - 0.05) / (1 - MARGIN))
-    d = D.decide(r)
+    d = decide(r)
     assert d.choice.method == "lora" and d.choice.grad_checkpointing
     assert d.reasons["grad_checkpointing"].startswith("on: without it")
 
@@ -75,16 +77,16 @@ def test_checkpointing_only_when_needed(model_dir):
 def test_the_largest_micro_batch_that_divides_the_per_gpu_batch_and_fits(model_dir):
     probe = resolved(model_dir, global_batch_size=12)
     # per-GPU batch 12: candidates 1, 2, 4 (8 does not divide 12)
-    assert D._micro_batches(probe) == [1, 2, 4]
+    assert D.micro_batches_to_try(probe) == [1, 2, 4]
     r = resolved(model_dir, memory_gib=card_for(peak(probe, "lora", 2, False)), global_batch_size=12)
-    d = D.decide(r)
+    d = decide(r)
     assert (d.choice.method, d.choice.grad_checkpointing, d.choice.micro_batch_size) == ("lora", False, 2)
     assert d.reasons["grad_accum_steps"].startswith("6 = global batch 12")
 
 
 def test_forced_options_are_obeyed_and_said(model_dir):
     r = resolved(model_dir, method="qlora", grad_checkpointing="on", batch_size=2)
-    d = D.decide(r)
+    d = decide(r)
     assert (d.choice.method, d.choice.grad_checkpointing, d.choice.micro_batch_size) == ("qlora", True, 2)
     assert "as asked" in d.reasons["method"] and "as asked" in d.reasons["grad_checkpointing"]
     assert "as asked" in d.reasons["micro_batch_size"]
@@ -92,7 +94,7 @@ def test_forced_options_are_obeyed_and_said(model_dir):
 
 def test_nothing_fits_reports_the_smallest_and_never_reads_like_success(model_dir):
     r = resolved(model_dir, memory_gib=0.5)
-    d = D.decide(r)
+    d = decide(r)
     assert not d.feasible
     smallest = min(peak(r, m, 1, gc) for m in ("lora", "qlora") for gc in (False, True))
     assert d.choice.peak_gib == pytest.approx(smallest)
@@ -108,7 +110,7 @@ def test_a_suggestion_appears_only_when_it_helps_and_says_what_it_saves(model_di
     # LoRA forced onto a card where only QLoRA fits: QLoRA is offered (it fits alone); the 8-bit optimizer, which
     # saves a few MB here, is not
     r = resolved(model_dir, memory_gib=card_for(qlora_min), method="lora")
-    d = D.decide(r)
+    d = decide(r)
     assert not d.feasible
     text = "\n".join(d.suggestions)
     assert "QLoRA" in text and "saves" in text and "fits" in text
@@ -121,7 +123,7 @@ def test_relaxations_that_only_fit_together_are_listed_with_the_total(model_dir)
     # LoRA fits only with checkpointing and micro-batch 1; the user forced both off / 4
     r = resolved(model_dir, memory_gib=card_for(lora_gc_mb1), method="lora", grad_checkpointing="off", batch_size=4,
                  global_batch_size=16)
-    d = D.decide(r)
+    d = decide(r)
     text = "\n".join(d.suggestions)
     assert not d.feasible and "together these fit" in text
     assert "--grad-checkpointing auto" in text
@@ -129,13 +131,13 @@ def test_relaxations_that_only_fit_together_are_listed_with_the_total(model_dir)
 
 def test_decide_is_a_pure_function(model_dir):
     r = resolved(model_dir, memory_gib=12)
-    assert D.decide(r) == D.decide(dataclasses.replace(r))
+    assert decide(r) == decide(dataclasses.replace(r))
 
 
 def test_multi_gpu_divides_the_batch_and_adds_the_ddp_buckets(model_dir):
     r = resolve(PlanRequest(model=model_dir, gpu="h100-80gb", num_gpus=4, global_batch_size=16, fit_table=False))
     assert r.strategy.name == "ddp" and r.per_gpu_batch == 4
-    d = D.decide(r)
+    d = decide(r)
     assert "ddp_buckets" in {t.name for t in d.choice.terms}
     with pytest.raises(InputError, match="not divisible by 4 GPUs"):
         resolve(PlanRequest(model=model_dir, gpu="h100-80gb", num_gpus=4, global_batch_size=6, fit_table=False))

@@ -17,10 +17,13 @@ from loraplan.cli import main
 from planner import decide as D
 from planner import memory as M
 from planner import savers as S
+from planner import throughput as TP
 from planner.api import PlanRequest, make_plan
 from planner.errors import InputError, PlanError
+from planner.placement import decide
 from planner.plan import Plan, Savers
 from planner.request import resolve
+from planner.saver_effects import saver_effects
 from tables import TABLES_DIR
 
 FIT = yaml.safe_load((TABLES_DIR / "memory.yaml").read_text())["fitted"]
@@ -71,7 +74,7 @@ def test_layer_checkpointing_keeps_the_other_layers_activations():
     assert M.activations_bytes(r.arch, s) - M.activations_bytes(r.arch, full) == pytest.approx(kept)
     assert M.checkpointed_inputs_bytes(r.arch, s) == pytest.approx(M.checkpointed_inputs_bytes(r.arch, full) / 4)
     # and it is faster: a quarter of the layers recomputed
-    assert M.flops_per_token(r.arch, s) < M.flops_per_token(r.arch, full)
+    assert TP.flops_per_token(r.arch, s) < TP.flops_per_token(r.arch, full)
 
 
 def test_mlp_tiling_replaces_the_mlp_share_of_the_working_set_by_one_tile():
@@ -100,14 +103,14 @@ def test_savers_only_when_needed_cheapest_first_and_said_why():
     assert fits.feasible and fits.plan.savers.names == [] and "none needed" in fits.plan.reasons["savers"]
     # 32k does not: the offload (a fraction of a percent slower) comes before the tiled MLP (~10 %)
     r = resolved(savers="auto")
-    d = D.decide(r)
+    d = decide(r)
     assert d.feasible and d.choice.savers.names == ("offload_checkpoints",)
     assert "nothing fits without savers" in d.reasons["savers"] and "slower" in d.reasons["savers"]
     assert "pinned host memory" in d.reasons["savers"]
     # 56k needs both
-    d = D.decide(resolved(seq_len=57344, savers="auto"))
+    d = decide(resolved(seq_len=57344, savers="auto"))
     assert d.feasible and set(d.choice.savers.names) == {"offload_checkpoints", "mlp_tiling"}
-    effects = {e.name: e for e in D.saver_effects(resolved(seq_len=57344, savers="auto"), d.choice)}
+    effects = {e.name: e for e in saver_effects(resolved(seq_len=57344, savers="auto"), d.choice)}
     assert effects["offload_checkpoints"].gib_saved > 0 and effects["offload_checkpoints"].host_gib > 0
     assert effects["mlp_tiling"].gib_saved > 0 and effects["mlp_tiling"].slowdown > effects["offload_checkpoints"].slowdown
 
@@ -130,7 +133,7 @@ def test_the_host_limits_the_offload_and_the_plan_refuses_what_it_cannot_pin():
 def test_layer_checkpointing_gives_room_back_for_speed():
     r = resolve(PlanRequest(model="llama-3.1-8b", gpu="h100-80gb", method="qlora", seq_len=4096, batch_size=1,
                             grad_checkpointing="on", savers="layer-checkpointing=auto", fit_table=False))
-    d = D.decide(r)
+    d = decide(r)
     assert d.feasible and d.choice.savers.every_n_layers > 1 and "faster" in d.reasons["savers"]
     assert d.choice.peak_gib <= r.usable_gib
 

@@ -1,0 +1,30 @@
+"""`--seq-len max`: the longest context some configuration the request allows fits (planner.decide.fits_at, at
+every multiple of 256 up to the model's context). Why it stopped there is planner.decide's `seq_len` reason.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import options as O
+from .decide import fits_at
+from .request import Resolved
+
+
+def longest_seq_len(r: Resolved) -> Optional[int]:
+    """`--seq-len max`: the longest multiple of SEQ_LEN_STEP (256) up to r.seq_len_limit (the model's context) at
+    which some configuration fits, or None when not even one step does. A binary search: the peak and the pinned
+    host memory grow with the length, so fitting is monotone in it."""
+    step = O.SEQ_LEN_STEP
+    lo, hi = 1, r.seq_len_limit // step  # in steps
+    if not fits_at(r, lo * step):
+        return None
+    if fits_at(r, hi * step):
+        return hi * step
+    while hi - lo > 1:  # lo fits, hi does not
+        mid = (lo + hi) // 2
+        if fits_at(r, mid * step):
+            lo = mid
+        else:
+            hi = mid
+    return lo * step
