@@ -33,7 +33,7 @@ class PlanRequest:
     """The `plan` command's options; None means "the default" (tables/hyperparameters.yaml) or "choose"."""
 
     model: str
-    gpu: Optional[str] = "auto"
+    gpu: Optional[str] = None  # None: auto, or custom when gpu_memory is given (as the CLI)
     gpu_memory: Optional[str] = None
     num_gpus: Optional[int] = None  # per node
     num_nodes: Optional[int] = None
@@ -241,9 +241,10 @@ def _strategy(req: PlanRequest, hw: Hardware) -> Strategy:
         raise InputError("--strategy ddp needs --num-gpus 2 or more")
     if s.sharded and hw.gpu == "cpu" and hw.world_size == 1:
         raise InputError(f"--strategy {s.name} on the CPU needs --num-gpus 2 or more (processes)")
-    broken = broken_combination(s, req.method, req.optimizer)
-    if broken:
-        raise InputError(broken)
+    methods = O.METHODS if req.method == "auto" else (req.method,)
+    broken = [broken_combination(s, m, req.optimizer) for m in methods]
+    if all(broken):  # every method the request allows is a combination the stack breaks
+        raise InputError(broken[-1])
     return s
 
 

@@ -56,10 +56,10 @@ def gathered_layers_bytes(arch: Architecture, shape: Shape) -> float:
     return UNSHARDED_LAYERS * layer_weight_bytes(arch, shape)
 
 
-def gathered_tail_bytes(arch: Architecture, shape: Shape, world: int) -> float:
-    """The tail unit kept gathered through the turn from forward to backward, beyond its own shard:
-    (1 - 1/N) x tail bytes."""
-    return (1 - 1 / world) * tail_bytes(arch, shape)
+def gathered_tail_bytes(arch: Architecture, shape: Shape, world: int, offload: bool = False) -> float:
+    """The tail unit kept gathered through the turn from forward to backward, beyond its own shard on the GPU:
+    (1 - 1/N) x tail bytes; with CPU offload the shard itself is on the host, so the whole tail: 1 x tail bytes."""
+    return (1.0 if offload else 1 - 1 / world) * tail_bytes(arch, shape)
 
 
 def layer_gradients_bytes(p: int, arch: Architecture) -> float:
@@ -88,8 +88,8 @@ def fsdp_terms(terms: Sequence[Term], arch: Architecture, p: int, shape: Shape, 
         if t.name == "optimizer_states":
             out += [
                 Term("gathered_layers", gathered_layers_bytes(arch, shape), f"{UNSHARDED_LAYERS} x W_layer", "sharding"),
-                Term("gathered_tail", gathered_tail_bytes(arch, shape, world), "(1 - 1/N) x dtype x (lm_head + norm)",
-                     "sharding"),
+                Term("gathered_tail", gathered_tail_bytes(arch, shape, world, offload),
+                     ("1" if offload else "(1 - 1/N)") + " x dtype x (lm_head + norm)", "sharding"),
                 Term("layer_gradients", layer_gradients_bytes(p, arch), f"{UNSHARDED_LAYERS} x 4 B x P / L", "sharding"),
                 Term("reduce_scatter", reduce_scatter_bytes(p, arch), "4 B x P / L", "sharding"),
             ]

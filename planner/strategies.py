@@ -93,10 +93,16 @@ def strategy_for(hw: Hardware) -> Strategy:
 STRATEGY_CHOICES: tuple[str, ...] = ("auto", *STRATEGIES)
 
 # Combinations the stack is known to break, refused with the source that says so: (sharded?, method, optimizer).
+_BNB_UNDER_FSDP = ("bitsandbytes' 8-bit optimizers cannot update FSDP2's sharded (DTensor) parameters (seen on "
+                   "bitsandbytes 0.50: 'optimizer_update_32bit ... does not have a sharding strategy registered'); "
+                   "use --optimizer adamw: FSDP shards its states over the ranks already")
 BROKEN = {
     (True, "qlora", "paged-adamw-8bit"):
-        "FSDP + QLoRA + paged 8-bit AdamW fails when saving a checkpoint (peft's FSDP + QLoRA guide); "
-        "use --optimizer adamw or adamw-8bit",
+        "FSDP + QLoRA + paged 8-bit AdamW fails when saving a checkpoint (peft's FSDP + QLoRA guide), and "
+        + _BNB_UNDER_FSDP,
+    (True, "lora", "paged-adamw-8bit"): _BNB_UNDER_FSDP,
+    (True, "lora", "adamw-8bit"): _BNB_UNDER_FSDP,
+    (True, "qlora", "adamw-8bit"): _BNB_UNDER_FSDP,
 }
 
 
