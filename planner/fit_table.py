@@ -57,8 +57,7 @@ def fit_table(r: Resolved) -> list[FitRow]:
             on_card = dataclasses.replace(on_card, seq_len=longest or r.seq_len)
         best, options = best_option(on_card)
         ok = best.fits
-        closest = best if ok else min(options, key=lambda o: o.choice.peak_gib)
-        c = closest.choice
+        c = best.choice  # the fitting choice, or the closest (planner.placement.best_option)
         on_card = dataclasses.replace(on_card, strategy=STRATEGIES[best.strategy])
         rows.append(FitRow(
             gpu=key, name=entry["name"], memory_gib=hw.memory_gib, fits=ok,
@@ -66,15 +65,9 @@ def fit_table(r: Resolved) -> list[FitRow]:
             grad_checkpointing=c.grad_checkpointing if ok else None, per_gpu_gib=c.peak_gib,
             headroom_gib=hw.memory_gib - c.peak_gib,
             tokens_per_s=estimate(on_card, c).tokens_per_s if ok else None, strategy=best.strategy if ok else None,
-            binds=None if ok else _binds(closest.why_not),
+            binds=None if ok else best.binds,
             savers=list(c.savers.names) if r.uses_savers and ok else None,
             host_gib=c.host_gib if r.uses_savers and ok else None, longest_seq_len=longest,
         ))
     return rows
 
-
-def _binds(why_not: Optional[str]) -> str:
-    text = why_not or ""
-    if "training needs" in text.split(";")[-1] or not text:
-        return "training"
-    return "loading" if "loading, not training" in text else ("host memory" if "host memory" in text else "training")

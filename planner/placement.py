@@ -38,12 +38,14 @@ class StrategyOption:
     host_gib: float  # host memory needed on the busiest node (rank 0's): offloaded shards + the load's copy
     tokens_per_s: Optional[float]  # over all GPUs, with communication; None when unknown (CPU, custom card)
     why_not: Optional[str]  # when it does not fit: what binds
+    binds: Optional[str] = None  # when it does not fit: "training", "loading", "host memory" or "combination"
 
     def to_dict(self) -> dict:
         return {"strategy": self.strategy, "fits": self.fits, "method": self.choice.method,
                 "micro_batch_size": self.choice.micro_batch_size, "grad_checkpointing": self.choice.grad_checkpointing,
                 "per_gpu_gib": self.choice.peak_gib, "load_gpu_gib": self.load.gpu_gib, "host_gib": self.host_gib,
-                "loading": self.load.mode, "tokens_per_s": self.tokens_per_s, "why_not": self.why_not}
+                "loading": self.load.mode, "tokens_per_s": self.tokens_per_s, "why_not": self.why_not,
+                "binds": self.binds}
 
 
 def _runtime_gib(terms) -> float:
@@ -77,6 +79,7 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
     rs = dataclasses.replace(r, strategy=strategy)
     host_usable = (rs.hardware.host_memory_gib or 0) * (1 - M.coefficients().decision.safety_margin)
     smallest: Optional[tuple[D.Choice, Resolved]] = None
+    trained: Optional[tuple[D.Choice, Resolved, LoadPeak, float, str]] = None  # training fits, loading/host do not
     reasons = []
     for method in D.methods_to_try(rs):
         rm = dataclasses.replace(rs, method=method)
@@ -96,16 +99,22 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
         if load.gpu_gib > rs.usable_gib:
             reasons.append(f"{method}: loading, not training, binds: {load.note}, {load.gpu_gib:.1f} GiB per GPU over "
                            f"the {rs.usable_gib:.1f} GiB usable (training itself needs {choice.peak_gib:.1f})")
+            trained = trained or (choice, rm, load, host, "loading")
         elif host > host_usable:
             reasons.append(f"{method}: host memory binds: {host:.0f} GiB needed on rank 0's node, "
                            f"{host_usable:.0f} GiB usable of {rs.hardware.host_memory_gib:.0f} (--host-memory)")
+            trained = trained or (choice, rm, load, host, "host memory")
         else:
             return StrategyOption(strategy.name, True, choice, load, host, tokens_per_s(rm, choice), None)
+    if trained:  # the closest: its training fits, and what binds is said
+        choice, rm, load, host, binds = trained
+        return StrategyOption(strategy.name, False, choice, load, host, None, "; ".join(reasons), binds)
     assert smallest is not None
     small, rm = smallest
     load = _load(rm, small)
+    binds = "training" if any("training needs" in x for x in reasons) else "combination"
     return StrategyOption(strategy.name, False, small, load, host_needed_gib(rm, small, load), None,
-                          "; ".join(reasons))
+                          "; ".join(reasons), binds)
 
 
 def strategies_to_try(r: Resolved) -> list[Strategy]:
@@ -137,7 +146,10 @@ def best_option(r: Resolved) -> tuple[StrategyOption, list[StrategyOption]]:
     """(the fastest strategy that fits, or the first tried when none does; every strategy tried)."""
     options = [evaluate(r, s) for s in strategies_to_try(r)]
     fitting = [o for o in options if o.fits]
-    return (max(fitting, key=lambda o: o.tokens_per_s or 0.0) if fitting else options[0]), options
+    if fitting:
+        return max(fitting, key=lambda o: o.tokens_per_s or 0.0), options
+    # none fits: the closest, an option whose training fits before one whose does not, then the smallest peak
+    return min(options, key=lambda o: (o.binds == "training", o.choice.peak_gib)), options
 
 
 def decide(r: Resolved) -> D.Decision:
@@ -161,8 +173,8 @@ def place(r: Resolved) -> D.Decision:
         single = decide(rb)
         reasons, suggestions = single.reasons, list(single.suggestions)
         if single.feasible:  # training fits; loading, the host or a broken combination does not
-            reasons["method"] = f"{best.choice.method}: {best.why_not}"
-            suggestions = [best.why_not or "", *suggest.suggestions(rb, best.choice)[1:]]
+            reasons["method"] = best.why_not or ""
+            suggestions = _beyond_training(rb, best)
         suggestions += more_gpus(r)
     reasons["strategy"] = _strategy_reason(r, best, options)
     if STRATEGIES[best.strategy].sharded:
@@ -170,6 +182,27 @@ def place(r: Resolved) -> D.Decision:
                               + (f", {best.load.host_gib:.0f} GiB of host memory on rank 0's node"
                                  if best.load.host_gib else ""))
     return D.Decision(best.choice, best.fits, reasons, suggestions, best.strategy, options, best.load)
+
+
+def _beyond_training(r: Resolved, best: StrategyOption) -> list[str]:
+    """What would help when training fits and loading or the host does not: relaxing the training shape would
+    not, so say what binds and what would hold the load (a card whose usable memory holds the load peak; more host
+    memory)."""
+    from .catalog import gpus
+
+    out = [best.why_not or ""]
+    margin = M.coefficients().decision.safety_margin
+    if best.load.gpu_gib > r.usable_gib:
+        need = max(best.load.gpu_gib, best.choice.peak_gib)
+        cards = sorted((e["memory_gib"], k) for k, e in gpus().items()
+                       if e["memory_gib"] * (1 - margin) >= need and e["memory_gib"] > r.hardware.memory_gib)
+        if cards:
+            out.append(f"a card that holds the {need:.1f} GiB load: " + ", ".join(k for _, k in cards[:4]))
+        if best.choice.method == "qlora" and r.method == "auto":
+            out.append("LoRA, whose bf16 weights load sharded (cpu_ram_efficient_loading): --method lora")
+    elif best.host_gib > (r.hardware.host_memory_gib or 0) * (1 - margin):
+        out.append(f"a host with at least {best.host_gib / (1 - margin):,.0f} GiB of RAM per node: --host-memory")
+    return out
 
 
 def more_gpus(r: Resolved) -> list[str]:

@@ -192,6 +192,10 @@ def _memory_table(res: PlanResult, console: Console) -> None:
     elif total <= res.usable_gib and res.host_terms:  # the card holds it; the host's pinned memory does not
         mem.add_row("[yellow]headroom", f"[yellow]{head:.2f}", "the card holds it; the pinned host memory is short "
                     "(Host memory, below)")
+    elif total <= res.usable_gib:  # training fits; the plan does not for another reason (loading, host memory)
+        binds = next((o.binds for o in res.strategies if o.strategy == plan.strategy), None) or "something else"
+        mem.add_row("[yellow]headroom", f"[yellow]{head:.2f}", f"training fits the usable {res.usable_gib:.1f} GiB; "
+                    f"{binds} does not (Decision, below)")
     else:  # fitting needs peak <= usable: a positive "headroom" against the whole card would read as room to spare
         mem.add_row("[red]short", f"[red]{total - res.usable_gib:.2f}",
                     f"over the usable {res.usable_gib:.1f} GiB ({plan.hardware.memory_gib:.1f} GiB less a "

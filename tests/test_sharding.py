@@ -140,7 +140,10 @@ def test_70b_qlora_on_2x24_gb_says_that_loading_binds():
     assert code == 1
     offload = next(o for o in j["strategies"] if o["strategy"] == "fsdp-offload")
     assert not offload["fits"] and "loading, not training, binds" in offload["why_not"]
-    assert "loading, not training, binds" in j["decision"]["reasons"]["strategy"]
+    assert j["decision"]["strategy"] == "fsdp-offload"  # the closest: its training fits, its loading does not
+    assert "loading, not training, binds" in j["decision"]["reasons"]["method"]
+    assert any("a card that holds the" in s for s in j["suggestions"])
+    assert not any("micro-batch" in s for s in j["suggestions"])  # training's relaxations do not help a load
 
 
 def test_70b_lora_on_2x24_gb_offloads_when_the_host_holds_it():
@@ -148,7 +151,9 @@ def test_70b_lora_on_2x24_gb_offloads_when_the_host_holds_it():
     assert code == 0 and j["decision"]["strategy"] == "fsdp-offload"
     assert j["host"]["per_process_gib"] > 30 and j["plan"]["distributed"]["offload_params"] is True
     code, j = plan_json("llama-3.1-70b", "--gpu", "rtx-3090", "--num-gpus", "2", "--host-memory", "64GiB")
-    assert code == 1 and "host memory binds" in j["decision"]["reasons"]["strategy"]
+    assert code == 1 and j["decision"]["strategy"] == "fsdp-offload"
+    assert "host memory binds" in j["decision"]["reasons"]["method"]
+    assert any("--host-memory" in s for s in j["suggestions"])
 
 
 def test_405b_plans_on_two_nodes_of_8_h100():
