@@ -16,7 +16,7 @@ from .decide import Choice, shape
 from .request import Resolved
 from .targets import trainable_params
 
-BASIS = "MFU measured on the H200 calibration rows x the card's peak bf16 FLOP/s"
+BASIS = "MFU measured on the H200 calibration rows x the card's peak {dtype} FLOP/s"
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Estimate:
     mfu: float
     train_tokens: Optional[int]  # --train-tokens, or the dataset's tokens x epochs
     hours: Optional[float]
-    basis: str = BASIS
+    basis: str = BASIS.format(dtype="bf16")
     compute_s_per_step: Optional[float] = None  # one optimizer step of one rank
     collective_s_per_step: Optional[float] = None  # all-reduce / all-gather / reduce-scatter, overlapped with compute
     offload_s_per_step: Optional[float] = None  # host <-> GPU copies under CPU offload, not overlapped
@@ -55,4 +55,5 @@ def estimate(r: Resolved, c: Choice, tokens_per_epoch: Optional[int] = None) -> 
         hours=tokens / total_tps / 3600 if have else None,
         compute_s_per_step=st.compute_s if st else None, collective_s_per_step=st.collective_s if st else None,
         offload_s_per_step=st.offload_s if st else None, link=st.link if st else None,
+        basis=BASIS.format(dtype="fp16" if r.dtype == "float16" else "bf16"),
     )
