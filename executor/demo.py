@@ -22,10 +22,9 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     """The demo's plan, made by the planner like any other (LoRA r=8 on every linear layer, on the CPU in fp32,
     a memorizable dataset), with a high learning rate and frequent logging so a minute shows the loss fall.
 
-    num_processes > 1 plans the demo over that many CPU processes (the planner picks ddp); strategy fsdp or
-    fsdp-offload then shards it instead. The planner does not choose FSDP for a model this small (a replica fits
-    anywhere), so the demo sets the strategy on the planned plan: the batch split is the planner's, the memory
-    prediction stays the data-parallel one (which a CPU run does not check)."""
+    num_processes > 1 plans the demo over that many CPU processes (the planner picks ddp: a replica this small fits
+    anywhere); strategy fsdp or fsdp-offload asks the planner for a sharded plan instead (`--strategy` of `plan`),
+    so its memory terms are the sharded ones."""
     from planner.api import PlanRequest, make_plan
     from planner.errors import InputError
 
@@ -41,16 +40,11 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
             model=model_dir, gpu="cpu", num_gpus=num_processes, method="lora", rank=8, alpha=16, dropout=0.0,
             seq_len=128, batch_size=per_process, global_batch_size=per_process * num_processes, learning_rate=3e-3,
             max_steps=max_steps, dataset=data_path, output_dir=output_dir, fit_table=False,
+            strategy="auto" if strategy in ("cpu", "ddp") else strategy,
         ))
     except InputError as exc:
         raise RunError(str(exc)) from None
     plan = result.plan
-    if strategy != plan.strategy:
-        from planner.strategies import STRATEGIES
-
-        plan.strategy = strategy
-        plan.distributed = dataclasses.replace(plan.distributed, offload_params=strategy == "fsdp-offload")
-        plan.reasons["strategy"] = STRATEGIES[strategy].describe(plan.hardware) + " (set by --demo --strategy)"
     plan.model.name = DEMO_NAME
     plan.training = dataclasses.replace(plan.training, warmup_ratio=0.05, logging_steps=5, save_steps=max_steps,
                                         save_total_limit=1)
