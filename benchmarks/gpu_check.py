@@ -82,6 +82,7 @@ def _plan(request: dict, plan_path: str) -> None:
 
 
 def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict:
+    from executor.summary import RunSummary
     from planner.plan import Plan
 
     request = dict(model=model_dir, gpu="auto", method=method, rank=args.rank, seq_len=args.seq_len,
@@ -105,18 +106,16 @@ def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict
            "wall_s": time.perf_counter() - t0}
     summary_path = os.path.join(out_dir, "summary.json")
     if proc.returncode == 0 and os.path.exists(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            s = json.load(f)
-        used_end = s.get("device_used_gib_end_per_gpu") or [None]
-        row.update(observed_gib=s["observed_peak_gib"], tokens_per_s=s["tokens_per_s"],
-                   context_gib=s["cuda_context_gib"], device_used_end_gib=max(used_end, key=lambda x: x or 0),
-                   over_prediction=s["over_prediction"])
+        s = RunSummary.read(summary_path)
+        used_end = s.device_used_gib_end_per_gpu or [None]
+        row.update(observed_gib=s.observed_peak_gib, tokens_per_s=s.tokens_per_s,
+                   context_gib=s.cuda_context_gib, device_used_end_gib=max(used_end, key=lambda x: x or 0),
+                   over_prediction=s.over_prediction)
     else:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
         if os.path.exists(summary_path):  # an out-of-memory run still records its observed peak
-            with open(summary_path, encoding="utf-8") as f:
-                row["observed_gib"] = json.load(f).get("observed_peak_gib")
+            row["observed_gib"] = RunSummary.read(summary_path).observed_peak_gib
     return row
 
 

@@ -116,7 +116,7 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
 
             rendezvous = resolve_rendezvous(plan, machine_rank, main_process_ip, main_process_port)
             summary = _execute(plan, resume, overwrite, use_existing_dir, plan_file, command, rendezvous)
-            if not rendezvous.is_main_machine and "steps" not in summary:
+            if not rendezvous.is_main_machine and summary.steps is None:
                 _console().print(f"machine {rendezvous.machine_rank}: its processes finished; machine 0 holds the "
                                  "report and the adapter", soft_wrap=True)
                 return

@@ -31,6 +31,7 @@ from planner.plan import Plan
 
 from . import outputs
 from .errors import RunError, TrainingFailed
+from .summary import RunSummary
 
 LAUNCH_LOG = "launch.log"
 ERROR_FILE = ".worker-error.json"
@@ -176,7 +177,7 @@ def write_fsdp_config(plan: Plan, path: str, plan_path: str, rdzv: Rendezvous) -
     return config
 
 
-def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: Rendezvous = Rendezvous()) -> dict:
+def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: Rendezvous = Rendezvous()) -> RunSummary:
     """Start this machine's worker processes and wait for them; returns the run's summary (written by global
     rank 0, on machine 0). Machine 0 keeps its files in the output dir; another machine keeps its plan copy and
     accelerate config in a temporary folder and its log as launch-machine-K.log (the output dir may be shared)."""
@@ -261,14 +262,12 @@ def _outcome(code: int, forwarded: list[int], error_file: str, summary_path: str
         raise TrainingFailed(f"the training processes failed (exit {code}); see {log_path}")
     if not rdzv.is_main_machine:
         # Global rank 0 (on machine 0) wrote the summary; this machine reads it when the folder is shared.
-        summary: dict = {"status": "completed", "machine_rank": rdzv.machine_rank,
-                         "output_dir": os.path.abspath(plan.output_dir)}
+        summary = RunSummary(status="completed", output_dir=os.path.abspath(plan.output_dir))
         if os.path.exists(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                summary = {**json.load(f), "machine_rank": rdzv.machine_rank}
+            summary = RunSummary.read(summary_path)
+        summary.machine_rank = rdzv.machine_rank
         return summary
     if not os.path.exists(summary_path):
         raise TrainingFailed(f"the training processes failed (exit {code}); see {log_path}")
-    with open(summary_path, encoding="utf-8") as f:
-        return json.load(f)
+    return RunSummary.read(summary_path)
 

@@ -12,6 +12,7 @@ from planner.plan import Plan
 from . import outputs
 from .errors import RunError, TrainingFailed, require_run_extra
 from .model import stay_offline
+from .summary import RunSummary
 
 
 def check_inputs(plan: Plan) -> None:
@@ -49,7 +50,7 @@ def needs_bitsandbytes(plan: Plan) -> bool:
 
 def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None,
             use_existing_dir: bool = False, plan_file: Optional[str] = None, command: str = "loraplan run",
-            rendezvous=None) -> dict:
+            rendezvous=None) -> RunSummary:
     """Run a plan end to end; returns the summary. Raises RunError (and subclasses) for one-line failures.
 
     The output folder is held (lock_output_dir) from before anything is written there until the summary is: a
@@ -93,8 +94,8 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
                 _announce(plan, resume_from, console, resume)
                 summary = _launch(plan, resume_from[1] if resume_from else None, console, rdzv)
             # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
-            summary["wall_s"] = time.perf_counter() - t0
-            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary)
+            summary.wall_s = time.perf_counter() - t0
+            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary.to_dict())
         except OSError as exc:  # plan.yaml or summary.json on a full disk (training's own saves say so in train.py)
             if not outputs.is_disk_full(exc):
                 raise
@@ -129,7 +130,7 @@ def launches_workers(plan: Plan) -> bool:
     return s.launcher == "accelerate" and (s.sharded or plan.hardware.world_size > 1)
 
 
-def _launch(plan: Plan, resume_from: Optional[str], console, rdzv) -> dict:
+def _launch(plan: Plan, resume_from: Optional[str], console, rdzv) -> RunSummary:
     if launches_workers(plan):
         from .launch import launch_workers
 

@@ -19,6 +19,7 @@ from planner.plan import Plan
 
 from . import outputs
 from .errors import Interrupted, RunError, TrainingFailed
+from .summary import RunSummary
 
 GIB = 2**30
 
@@ -490,7 +491,7 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
-def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, foreground: bool = True) -> dict:
+def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, foreground: bool = True) -> RunSummary:
     """Train the plan; returns the summary (also written to summary.json by rank 0)."""
     import transformers
     from transformers import PrinterCallback
@@ -656,11 +657,12 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         kept = f"last checkpoint {latest[1]}" if latest else "no checkpoint yet"
         message = f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}"
         if place.is_main:  # scripts (and gpu_check) read the outcome here too
-            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), {
-                "status": "out_of_memory", "message": message, "steps": trainer.state.global_step,
-                "predicted_peak_gib": plan.prediction.per_gpu_gib, "observed_peak_gib": peak,
-                "last_checkpoint": os.path.abspath(latest[1]) if latest else None,
-            })
+            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), RunSummary(
+                status="out_of_memory", message=message, method=plan.method, strategy=plan.strategy,
+                steps=trainer.state.global_step, max_steps=trainer.state.max_steps,
+                predicted_peak_gib=plan.prediction.per_gpu_gib, observed_peak_gib=peak,
+                last_checkpoint=os.path.abspath(latest[1]) if latest else None, output_dir=os.path.abspath(out),
+            ).to_dict())
         raise TrainingFailed(message) from None
 
     state = trainer.state
@@ -701,54 +703,54 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
     observed = max(peaks) if place.use_cuda else None
     margin_gib = plan.prediction.margin * plan.hardware.memory_gib
     latest = outputs.latest_complete_checkpoint(out)
-    summary = {
-        "status": "interrupted" if interrupted else "completed",
-        "method": plan.method,
-        "strategy": plan.strategy,
-        "device": torch.cuda.get_device_name(place.local_rank) if place.use_cuda else "cpu",
-        "num_processes": place.world_size,
-        "predicted_peak_gib": plan.prediction.per_gpu_gib,
-        "observed_peak_gib": observed,
-        "observed_peak_gib_per_gpu": peaks if place.use_cuda else None,
-        "cuda_context_gib": meter.context_bytes / GIB if place.use_cuda else None,
-        "device_used_gib_end_per_gpu": used_end if place.use_cuda else None,
-        "margin_gib": margin_gib,
-        "over_prediction": exceeds_prediction(plan, observed),
-        "cpu_rss_peak_gib": max(rss),
+    summary = RunSummary(
+        status="interrupted" if interrupted else "completed",
+        method=plan.method,
+        strategy=plan.strategy,
+        device=torch.cuda.get_device_name(place.local_rank) if place.use_cuda else "cpu",
+        num_processes=place.world_size,
+        predicted_peak_gib=plan.prediction.per_gpu_gib,
+        observed_peak_gib=observed,
+        observed_peak_gib_per_gpu=peaks if place.use_cuda else None,
+        cuda_context_gib=meter.context_bytes / GIB if place.use_cuda else None,
+        device_used_gib_end_per_gpu=used_end if place.use_cuda else None,
+        margin_gib=margin_gib,
+        over_prediction=exceeds_prediction(plan, observed),
+        cpu_rss_peak_gib=max(rss),
         # the host's side: every process's RSS peak added up (pinned memory included), and the pinned peak
-        "host_peak_gib": sum(rss),
-        "predicted_host_pinned_gib": plan.savers.pinned_host_gib,
-        "observed_host_pinned_gib": sum(pinned) if place.use_cuda and None not in pinned else None,
-        "savers": plan.savers.names,
-        "cpu_rss_peak_gib_per_process": rss,
-        "num_nodes": plan.hardware.num_nodes,
-        "local_parameters_gib_per_process": local_weights if getattr(trainer, "sharded", False) else None,
-        "fsdp": _fsdp_settings(trainer),
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "resumed_from_step": resumed_from_step,
-        "logging_steps": cadence.interval if cadence is not None else plan.training.logging_steps,
-        "train_loss": train_output.training_loss if train_output else None,
-        "first_loss": train_rows[0]["loss"] if train_rows else None,
-        "final_loss": train_rows[-1]["loss"] if train_rows else None,
-        "eval_loss": eval_loss,
-        "tokens": tokens,
-        "tokens_per_s": session_tokens / train_s if train_s and session_tokens else None,
-        "predicted_tokens_per_s": plan.prediction.tokens_per_s,
-        "train_s": train_s,
-        "wall_s": time.perf_counter() - t0,
-        "truncated_sequences": train_report.truncated + (eval_report.truncated if eval_report else 0),
-        "dropped_rows": train_report.dropped + (eval_report.dropped if eval_report else 0),
-        "dataset": train_report.to_dict(),
-        "eval_dataset": eval_report.to_dict() if eval_report else None,
-        "output_dir": os.path.abspath(out),
-        "adapter_dir": None if interrupted else os.path.abspath(adapter_dir),
-        "last_checkpoint": os.path.abspath(latest[1]) if latest else None,
-        "plan_file": os.path.abspath(os.path.join(out, outputs.PLAN_FILE)),
-        "metrics_file": os.path.abspath(metrics_path),
-    }
+        host_peak_gib=sum(rss),
+        predicted_host_pinned_gib=plan.savers.pinned_host_gib,
+        observed_host_pinned_gib=sum(pinned) if place.use_cuda and None not in pinned else None,
+        savers=plan.savers.names,
+        cpu_rss_peak_gib_per_process=rss,
+        num_nodes=plan.hardware.num_nodes,
+        local_parameters_gib_per_process=local_weights if getattr(trainer, "sharded", False) else None,
+        fsdp=_fsdp_settings(trainer),
+        steps=state.global_step,
+        max_steps=state.max_steps,
+        resumed_from_step=resumed_from_step,
+        logging_steps=cadence.interval if cadence is not None else plan.training.logging_steps,
+        train_loss=train_output.training_loss if train_output else None,
+        first_loss=train_rows[0]["loss"] if train_rows else None,
+        final_loss=train_rows[-1]["loss"] if train_rows else None,
+        eval_loss=eval_loss,
+        tokens=tokens,
+        tokens_per_s=session_tokens / train_s if train_s and session_tokens else None,
+        predicted_tokens_per_s=plan.prediction.tokens_per_s,
+        train_s=train_s,
+        wall_s=time.perf_counter() - t0,
+        truncated_sequences=train_report.truncated + (eval_report.truncated if eval_report else 0),
+        dropped_rows=train_report.dropped + (eval_report.dropped if eval_report else 0),
+        dataset=train_report.to_dict(),
+        eval_dataset=eval_report.to_dict() if eval_report else None,
+        output_dir=os.path.abspath(out),
+        adapter_dir=None if interrupted else os.path.abspath(adapter_dir),
+        last_checkpoint=os.path.abspath(latest[1]) if latest else None,
+        plan_file=os.path.abspath(os.path.join(out, outputs.PLAN_FILE)),
+        metrics_file=os.path.abspath(metrics_path),
+    )
     if place.is_main:
-        outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary)
+        outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary.to_dict())
     if interrupted:
         saved = f"checkpoint saved at step {stopper.stopped_at} ({latest[1]})" if latest else "no checkpoint saved"
         cause = f"signal {flag.signum}" if flag.signum else "a signal to another process"

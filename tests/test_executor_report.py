@@ -18,7 +18,9 @@ def _summary(**over):
         "metrics_file": "/o/metrics.jsonl",
     }
     s.update(over)
-    return s
+    from executor.summary import RunSummary
+
+    return RunSummary.from_dict(s)  # the report reads the typed record, as run hands it over
 
 
 def _render(summary) -> str:
@@ -37,6 +39,21 @@ def test_report_shows_each_gpu_and_says_plainly_when_the_prediction_was_exceeded
     assert "exceeds the predicted 10.00 GiB by more than the plan's margin" in text
     assert "/o/adapter" in text and "/o/checkpoint-10" in text and "1,234" in text and "3 (dropped rows: 0)" in text
     assert "exceeds" not in _render(_summary(over_prediction=False))
+
+
+def test_a_summary_round_trips_through_its_type_and_refuses_an_unknown_key(tmp_path):
+    import json
+
+    import pytest
+
+    from executor.summary import RunSummary
+
+    s = _summary()
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(s.to_dict()))
+    assert RunSummary.read(str(path)) == s
+    with pytest.raises(ValueError, match="obsreved_peak_gib"):
+        RunSummary.from_dict({"status": "completed", "obsreved_peak_gib": 1.0})
 
 
 def test_over_prediction_rule_uses_the_margin_of_card_memory(tmp_path):
