@@ -69,7 +69,7 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
     continues it. One run at a time holds an output dir; a non-empty folder loraplan did not make is refused
     unless --use-existing-dir. Exit status: 0 done, 1 failed (e.g. out of memory, disk full), 2 bad input,
     130 interrupted.
-    """
+    """  # long: click's command, its checks of the flags and its one-line errors read best in one place
     from . import outputs
 
     outputs.quiet_library_logs()  # before anything imports bitsandbytes, which speaks at import

@@ -141,7 +141,8 @@ class StopFlag:
 
 
 def _callbacks():
-    """TrainerCallback subclasses, built on first use so that importing this module stays cheap."""
+    """TrainerCallback subclasses, built on first use so that importing this module stays cheap (transformers is
+    imported only when a run starts). Long because it holds the classes themselves, each a few short methods."""
     import torch
     from transformers import TrainerCallback
 
@@ -492,7 +493,10 @@ def quiet_libraries() -> None:
 
 
 def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, foreground: bool = True) -> RunSummary:
-    """Train the plan; returns the summary (also written to summary.json by rank 0)."""
+    """Train the plan; returns the summary (also written to summary.json by rank 0).
+
+    Longer than the rest on purpose: the whole set-up of one run (tokenizer, data, model, adapter, trainer,
+    callbacks, signals) reads top to bottom in one place, as torchtune's single-device recipe does."""
     import transformers
     from transformers import PrinterCallback
 
@@ -628,10 +632,48 @@ def _save_sharded_adapter(trainer, folder: str, place: Placement) -> None:
             trainer.processing_class.save_pretrained(folder)
 
 
+def _out_of_memory(plan: Plan, trainer, meter: MemoryMeter, place: Placement) -> TrainingFailed:
+    """The one-line error of an out-of-memory step, with summary.json saying so (scripts and gpu_check read it)."""
+    out = plan.output_dir
+    peak = meter.peak_gib()
+    latest = outputs.latest_complete_checkpoint(out)
+    where = f"at step {trainer.state.global_step}"
+    seen = (f"observed peak {peak:.2f} GiB of {meter.total_bytes / GIB:.1f} GiB, predicted "
+            f"{plan.prediction.per_gpu_gib:.2f} GiB" if peak is not None
+            else f"observed peak process memory {meter.rss_peak_gib():.2f} GiB")
+    kept = f"last checkpoint {latest[1]}" if latest else "no checkpoint yet"
+    message = f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}"
+    if place.is_main:  # scripts (and gpu_check) read the outcome here too
+        outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), RunSummary(
+            status="out_of_memory", message=message, method=plan.method, strategy=plan.strategy,
+            steps=trainer.state.global_step, max_steps=trainer.state.max_steps,
+            predicted_peak_gib=plan.prediction.per_gpu_gib, observed_peak_gib=peak,
+            last_checkpoint=os.path.abspath(latest[1]) if latest else None, output_dir=os.path.abspath(out),
+        ).to_dict())
+    return TrainingFailed(message)
+
+
+def _save_adapter(trainer, adapter_dir: str, place: Placement) -> None:
+    """The final adapter, written to adapter.tmp and swapped in whole (a sharded run gathers it on rank 0 first)."""
+    tmp = adapter_dir + ".tmp"
+    if place.is_main and os.path.exists(tmp):
+        import shutil
+
+        shutil.rmtree(tmp)
+    if getattr(trainer, "sharded", False):
+        _save_sharded_adapter(trainer, tmp, place)
+    else:
+        trainer.save_model(tmp)
+    trainer.accelerator.wait_for_everyone()
+    if place.is_main:
+        outputs.replace_dir(tmp, adapter_dir)
+
+
 def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, stopper, flag: StopFlag, train_report,
                     eval_report, *, has_eval: bool, resume_from: Optional[str], start_step: int, metrics_path: str,
-                    t0: float, finished: bool = False, cadence=None) -> dict:
+                    t0: float, finished: bool = False, cadence=None) -> RunSummary:
     """trainer.train(), then the adapter (swapped in whole) and summary.json. Raises Interrupted after a signal.
+    Long because the summary gathers every figure of the run in one visible place (executor/summary.py lists them).
 
     finished: resume_from is the run's last step (a kill during the final save); its weights and state are loaded
     and nothing is trained (Trainer would run one step past max_steps when max_steps ends mid-epoch)."""
@@ -648,39 +690,13 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
     except Exception as exc:
         if not _is_oom(exc):
             raise
-        peak = meter.peak_gib()
-        latest = outputs.latest_complete_checkpoint(out)
-        where = f"at step {trainer.state.global_step}"
-        seen = (f"observed peak {peak:.2f} GiB of {meter.total_bytes / GIB:.1f} GiB, predicted "
-                f"{plan.prediction.per_gpu_gib:.2f} GiB" if peak is not None
-                else f"observed peak process memory {meter.rss_peak_gib():.2f} GiB")
-        kept = f"last checkpoint {latest[1]}" if latest else "no checkpoint yet"
-        message = f"out of memory {where} ({seen}); {kept}; {_oom_advice(plan)}"
-        if place.is_main:  # scripts (and gpu_check) read the outcome here too
-            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), RunSummary(
-                status="out_of_memory", message=message, method=plan.method, strategy=plan.strategy,
-                steps=trainer.state.global_step, max_steps=trainer.state.max_steps,
-                predicted_peak_gib=plan.prediction.per_gpu_gib, observed_peak_gib=peak,
-                last_checkpoint=os.path.abspath(latest[1]) if latest else None, output_dir=os.path.abspath(out),
-            ).to_dict())
-        raise TrainingFailed(message) from None
+        raise _out_of_memory(plan, trainer, meter, place) from None
 
     state = trainer.state
     interrupted = stopper.stopped_at is not None
     adapter_dir = os.path.join(out, outputs.ADAPTER_DIR)
     if not interrupted:
-        tmp = adapter_dir + ".tmp"
-        if place.is_main and os.path.exists(tmp):
-            import shutil
-
-            shutil.rmtree(tmp)
-        if getattr(trainer, "sharded", False):
-            _save_sharded_adapter(trainer, tmp, place)
-        else:
-            trainer.save_model(tmp)
-        trainer.accelerator.wait_for_everyone()
-        if place.is_main:
-            outputs.replace_dir(tmp, adapter_dir)
+        _save_adapter(trainer, adapter_dir, place)
 
     eval_loss = None
     if has_eval and not interrupted:
