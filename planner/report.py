@@ -62,17 +62,23 @@ def _hours(h: float) -> str:
     return f"{h / 24:.1f} days"
 
 
+def terms_table(title: str, terms) -> Table:
+    """A budget's rows: term, GiB, formula (the memory table, the host tables)."""
+    t = new_table(title)
+    key_column(t, "term")
+    key_column(t, "GiB", justify="right")
+    text_column(t, "formula", style="dim")
+    for term in terms:
+        t.add_row(term.name, f"{term.gib:.2f}", term.formula)
+    return t
+
+
 def _host_and_strategies(res: PlanResult, console: Console) -> None:
     """What lives in host memory (offload), and every strategy tried side by side when there were several."""
     host = [t for t in res.terms if t.device == "host"]
     if host:
-        ht = new_table(f"Host memory per process (of {res.plan.hardware.host_memory_gib:,.0f} GiB per node)")
-        key_column(ht, "term")
-        key_column(ht, "GiB", justify="right")
-        text_column(ht, "formula", style="dim")
-        for term in host:
-            ht.add_row(term.name, f"{term.gib:.2f}", term.formula)
-        print_table(console, ht)
+        print_table(console, terms_table(
+            f"Host memory per process (of {res.plan.hardware.host_memory_gib:,.0f} GiB per node)", host))
     if len(res.strategies) > 1:
         st = new_table("Strategies tried (same request)")
         for col in ("strategy", "fits", "method", "micro-\nbatch", "grad\nckpt", "peak\nGiB", "load\nGiB",
@@ -96,12 +102,8 @@ def _savers_tables(res: PlanResult, console: Console) -> None:
     effects = res.saver_effects()
     if res.host_terms:
         r = res.resolved
-        host = new_table(f"Host memory: {r.host_note}, {r.usable_host_gib:.1f} GiB usable for pinned memory")
-        key_column(host, "term")
-        key_column(host, "GiB", justify="right")
-        text_column(host, "formula", style="dim")
-        for term in res.host_terms:
-            host.add_row(term.name, f"{term.gib:.2f}", term.formula)
+        host = terms_table(f"Host memory: {r.host_note}, {r.usable_host_gib:.1f} GiB usable for pinned memory",
+                           res.host_terms)
         over = res.host_gib - r.usable_host_gib
         host.caption = ("pinned (page-locked) host memory the offload holds for the step; the process itself needs more"
                         + (f"; {over:.1f} GiB over the usable share" if over > 0 else ""))
@@ -176,13 +178,8 @@ def _adapter_table(res: PlanResult, console: Console) -> None:
 def _memory_table(res: PlanResult, console: Console) -> None:
     """The GPU terms with their formulas, the predicted peak, and the headroom (or what is short)."""
     plan = res.plan
-    mem = new_table(f"Memory per GPU: {plan.hardware.gpu_name}, {plan.hardware.memory_gib:.1f} GiB")
-    key_column(mem, "term")
-    key_column(mem, "GiB", justify="right")
-    text_column(mem, "formula", style="dim")
-    for term in res.terms:
-        if term.device == "gpu":
-            mem.add_row(term.name, f"{term.gib:.2f}", term.formula)
+    mem = terms_table(f"Memory per GPU: {plan.hardware.gpu_name}, {plan.hardware.memory_gib:.1f} GiB",
+                      [t for t in res.terms if t.device == "gpu"])
     total = res.per_gpu_gib
     label = "predicted peak (nvidia-smi)" if plan.hardware.gpu != "cpu" else "predicted peak (process memory)"
     mem.add_row(f"[bold]{label}", f"[bold]{total:.2f}", "")

@@ -38,6 +38,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains a model or starts processes (seconds to a minute); runs by default")
 
 
+def one_line_error(result, code=2, *fragments):
+    """Assert a CLI result is exit `code` with exactly one stderr line, "Error: ...", naming each fragment."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def data_file(name: str) -> str:
     return str(DATA / name)
 

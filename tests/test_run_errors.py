@@ -8,19 +8,9 @@ import sys
 
 import pytest
 
-from conftest import build_plan, data_file, requires_run, subprocess_env, write_plan
+from conftest import build_plan, data_file, one_line_error, requires_run, subprocess_env, write_plan
 
 pytestmark = requires_run
-
-
-def _one_line_error(result, code=2, *fragments):
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_executor_cli_imports_no_training_stack():
@@ -31,31 +21,31 @@ def test_executor_cli_imports_no_training_stack():
 
 
 def test_plan_file_errors(tmp_path, cli_run):
-    _one_line_error(cli_run(tmp_path / "nope.yaml"), 2, "plan file not found")
+    one_line_error(cli_run(tmp_path / "nope.yaml"), 2, "plan file not found")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    _one_line_error(cli_run(bad), 2, "not valid YAML")
+    one_line_error(cli_run(bad), 2, "not valid YAML")
     plan = build_plan("m", data_file("text.jsonl"), str(tmp_path / "out"))
     data = plan.to_dict()
     data["version"] = 99
     import yaml
 
     (tmp_path / "v99.yaml").write_text(yaml.safe_dump(data))
-    _one_line_error(cli_run(tmp_path / "v99.yaml"), 2, "unknown plan version 99")
+    one_line_error(cli_run(tmp_path / "v99.yaml"), 2, "unknown plan version 99")
     data["version"] = 1
     data["training"]["global_batch_size"] = 7
     (tmp_path / "inconsistent.yaml").write_text(yaml.safe_dump(data))
-    _one_line_error(cli_run(tmp_path / "inconsistent.yaml"), 2, "global_batch_size 7")
-    _one_line_error(cli_run(), 2, "missing PLAN")
-    _one_line_error(cli_run(tmp_path / "v99.yaml", "--demo"), 2, "not both")
-    _one_line_error(cli_run(tmp_path / "v99.yaml", "--resume", "--overwrite"), 2, "not both")
+    one_line_error(cli_run(tmp_path / "inconsistent.yaml"), 2, "global_batch_size 7")
+    one_line_error(cli_run(), 2, "missing PLAN")
+    one_line_error(cli_run(tmp_path / "v99.yaml", "--demo"), 2, "not both")
+    one_line_error(cli_run(tmp_path / "v99.yaml", "--resume", "--overwrite"), 2, "not both")
 
 
 def test_an_infeasible_plan_is_refused_unless_forced(tmp_path, cli_run, tiny_model_dir):
     plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(tmp_path / "out"), max_steps=2)
     plan.prediction.per_gpu_gib = 20.0  # more than 90 % of the plan's 16 GiB card
     path = write_plan(plan, tmp_path / "big.yaml")
-    _one_line_error(cli_run(path), 2, "does not fit", "--force")
+    one_line_error(cli_run(path), 2, "does not fit", "--force")
     assert not (tmp_path / "out").exists()
     result = cli_run(path, "--force")
     assert result.exit_code == 0, result.output
@@ -66,11 +56,11 @@ def test_model_path_without_a_model(tmp_path, cli_run):
     empty = tmp_path / "empty-model"
     empty.mkdir()
     plan = build_plan(str(empty), data_file("text.jsonl"), str(tmp_path / "out"))
-    _one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "holds no model")
+    one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "holds no model")
     (empty / "config.json").write_text("{}")
-    _one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "holds no model weights")
+    one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "holds no model weights")
     plan = build_plan(str(tmp_path / "missing"), data_file("text.jsonl"), str(tmp_path / "out"))
-    _one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "does not exist")
+    one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "does not exist")
     assert not os.path.exists(tmp_path / "out")  # nothing written before the inputs check out
 
 
@@ -79,7 +69,7 @@ def test_hub_id_not_in_the_local_cache(tmp_path, cli_run, monkeypatch):
     plan = build_plan("x", data_file("text.jsonl"), str(tmp_path / "out"))
     plan.model.path = None
     plan.model.hub_id = "nobody/not-a-model"
-    line = _one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "not in the local Hugging Face cache")
+    line = one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, "not in the local Hugging Face cache")
     assert "nobody/not-a-model" in line
 
 
@@ -94,13 +84,13 @@ def test_hub_id_not_in_the_local_cache(tmp_path, cli_run, monkeypatch):
 )
 def test_dataset_errors(name, fragment, tiny_model_dir, tmp_path, cli_run):
     plan = build_plan(tiny_model_dir, data_file(name), str(tmp_path / "out"))
-    _one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, fragment)
+    one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, fragment)
 
 
 def test_missing_run_extra_names_the_install_command(tmp_path, cli_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl now raises ImportError
     plan = build_plan("m", data_file("text.jsonl"), str(tmp_path / "out"))
-    _one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, 'pip install -e ".[run]"', "trl")
+    one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 2, 'pip install -e ".[run]"', "trl")
 
 
 @pytest.mark.slow
@@ -119,7 +109,7 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_checkpoint(tiny_mode
     monkeypatch.setattr(transformers.Trainer, "training_step", failing_step)
     out = tmp_path / "out"
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=6, save_steps=2)
-    line = _one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 1, "out of memory at step 3", "observed peak",
+    line = one_line_error(cli_run(write_plan(plan, tmp_path / "p.yaml")), 1, "out of memory at step 3", "observed peak",
                            "plan again with", "micro_batch_size 2 with grad_accum_steps 2", "qlora")
     assert str(out / "checkpoint-2") in line
     assert os.path.exists(out / "checkpoint-2" / "COMPLETE")

@@ -15,19 +15,9 @@ import time
 
 import pytest
 
-from conftest import build_plan, data_file, requires_run, subprocess_env, write_plan
+from conftest import build_plan, data_file, one_line_error, requires_run, subprocess_env, write_plan
 
 pytestmark = requires_run
-
-
-def _one_line_error(result, code, *fragments):
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _snapshot(folder) -> dict:
@@ -69,14 +59,14 @@ def test_a_project_folder_is_refused_and_left_as_it_was(tiny_model_dir, tmp_path
     write_plan(plan, project / "plan.yaml")
     before = _snapshot(project)
     monkeypatch.chdir(project)
-    line = _one_line_error(cli_run("plan.yaml", "--output-dir", "."), 2, "output dir . is not empty",
+    line = one_line_error(cli_run("plan.yaml", "--output-dir", "."), 2, "output dir . is not empty",
                            "not made by loraplan", "README.md", "--use-existing-dir")
     assert "plan.yaml" in line
     # Even with the flag, the user's plan.yaml is a name the run writes: refused rather than rewritten.
-    _one_line_error(cli_run("plan.yaml", "--output-dir", ".", "--use-existing-dir"), 2, "already holds plan.yaml",
+    one_line_error(cli_run("plan.yaml", "--output-dir", ".", "--use-existing-dir"), 2, "already holds plan.yaml",
                     "loraplan did not write")
     # --overwrite does not make it loraplan's either.
-    _one_line_error(cli_run("plan.yaml", "--output-dir", ".", "--overwrite"), 2, "not made by loraplan")
+    one_line_error(cli_run("plan.yaml", "--output-dir", ".", "--overwrite"), 2, "not made by loraplan")
     assert _snapshot(project) == before
     assert sorted(os.listdir(project)) == ["README.md", "notes.txt", "plan.yaml"]  # no lock or marker left behind
 
@@ -172,10 +162,10 @@ def test_a_second_run_into_a_busy_folder_is_refused(tiny_model_dir, tmp_path, cl
         twin = write_plan(build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=2,
                                      save_steps=100000, logging_steps=1), tmp_path / "twin.yaml")
         for extra in ((), ("--overwrite",), ("--resume",)):
-            line = _one_line_error(cli_run(twin, *extra), 2, f"output dir {out} is in use by", f"pid {proc.pid}",
+            line = one_line_error(cli_run(twin, *extra), 2, f"output dir {out} is in use by", f"pid {proc.pid}",
                                    "--output-dir")
         other = build_plan(tiny_model_dir, data_file("text.jsonl"), str(out), max_steps=2, learning_rate=1e-3)
-        line = _one_line_error(cli_run(write_plan(other, tmp_path / "b.yaml")), 2, "is in use by")
+        line = one_line_error(cli_run(write_plan(other, tmp_path / "b.yaml")), 2, "is in use by")
         assert "loraplan run" in line
         assert (out / "plan.yaml").read_bytes() == plan_before  # plan B's plan did not land beside A's run
         assert proc.poll() is None  # the first run was not disturbed
@@ -220,9 +210,9 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tiny_model_dir, tmp_path,
     path = write_plan(plan, tmp_path / "plan.yaml")
     try:
         for folder, cause in _unwritable_places(tmp_path):
-            _one_line_error(cli_run(path, "--output-dir", folder), 2, f"cannot create output dir {folder}", cause)
-            _one_line_error(cli_run("--demo", "--output-dir", folder), 2, f"cannot create output dir {folder}", cause)
-        _one_line_error(cli_run(path, "--output-dir", tmp_path / "a-file"), 2, "exists and is not a directory")
+            one_line_error(cli_run(path, "--output-dir", folder), 2, f"cannot create output dir {folder}", cause)
+            one_line_error(cli_run("--demo", "--output-dir", folder), 2, f"cannot create output dir {folder}", cause)
+        one_line_error(cli_run(path, "--output-dir", tmp_path / "a-file"), 2, "exists and is not a directory")
     finally:
         (tmp_path / "readonly").chmod(0o755)
 
@@ -244,7 +234,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_complete_one(tiny_
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=6, save_steps=2)
     path = write_plan(plan, tmp_path / "plan.yaml")
     monkeypatch.setattr(torch, "save", full_disk)
-    line = _one_line_error(cli_run(path), 1, "the disk is full", f"checkpoint {out / 'checkpoint-4'}", "free in",
+    line = one_line_error(cli_run(path), 1, "the disk is full", f"checkpoint {out / 'checkpoint-4'}", "free in",
                            f"the last complete checkpoint is {out / 'checkpoint-2'}", "--resume")
     assert "B free" in line or "iB free" in line
     assert (out / "checkpoint-2" / "COMPLETE").exists()
@@ -272,7 +262,7 @@ def test_a_full_disk_while_saving_the_adapter_is_one_line(tiny_model_dir, tmp_pa
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=4, save_steps=2)
     path = write_plan(plan, tmp_path / "plan.yaml")
     monkeypatch.setattr(torch, "save", full_disk)
-    _one_line_error(cli_run(path), 1, "the disk is full: saving the adapter failed",
+    one_line_error(cli_run(path), 1, "the disk is full: saving the adapter failed",
                     f"the last complete checkpoint is {out / 'checkpoint-4'}")
     assert not (out / "adapter").exists() and not (out / "adapter.tmp").exists()
     monkeypatch.setattr(torch, "save", real_save)
@@ -290,10 +280,10 @@ def test_truncated_base_weights_are_named(tiny_model_dir, tmp_path, cli_run, no_
     path = write_plan(plan, tmp_path / "plan.yaml")
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
-    _one_line_error(cli_run(path), 2, f"weights file {weights} is truncated", f"{size // 2:,} of the {size:,} bytes")
+    one_line_error(cli_run(path), 2, f"weights file {weights} is truncated", f"{size // 2:,} of the {size:,} bytes")
     with open(weights, "r+b") as f:
         f.truncate(5)
-    _one_line_error(cli_run(path), 2, f"weights file {weights} is truncated or corrupt")
+    one_line_error(cli_run(path), 2, f"weights file {weights} is truncated or corrupt")
     assert not (tmp_path / "out").exists()
 
 
