@@ -11,6 +11,7 @@ import click
 
 from planner.errors import PlanError
 from planner.plan import Plan
+from planner.strategies import STRATEGIES
 
 from .errors import RunError
 
@@ -49,7 +50,7 @@ def _console():
 @click.option("--main-process-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="The rendezvous port on machine 0 (default: MASTER_PORT, else 29500 on several nodes and a free "
               "port on one).")
-@click.option("--strategy", "demo_strategy", type=click.Choice(["cpu", "ddp", "fsdp", "fsdp-offload"]), default=None,
+@click.option("--strategy", "demo_strategy", type=click.Choice([n for n in STRATEGIES if n != "single"]), default=None,
               help="--demo only: how the demo spreads over --num-processes CPU processes (default: cpu for one, ddp "
               "for more).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=None,

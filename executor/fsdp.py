@@ -32,13 +32,6 @@ CONFIG_FILE = "accelerate_config.yaml"
 STATE_DICT_TYPE = "SHARDED_STATE_DICT"
 MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
-# bitsandbytes' optimizers under FSDP2. Measured here (bitsandbytes 0.50.2, torch 2.13, CPU, LoRA and QLoRA alike):
-# the first optimizer step fails with "NotImplementedError: Operator bitsandbytes.optimizer_update_32bit.default
-# does not have a sharding strategy registered" (bitsandbytes' kernels take plain tensors, FSDP2's parameters are
-# DTensors; bitsandbytes/optim has no DTensor handling). Beyond that, peft's FSDP docs (Caveats 4): "When using
-# FSDP+QLoRA, paged_adamw_8bit currently results in an error when saving a checkpoint", and bitsandbytes #1732 (an
-# assertion saving 8-bit AdamW state under FSDP2).
-BROKEN_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
 
 
 def is_sharded(plan: Plan) -> bool:
@@ -65,11 +58,11 @@ def refusal(plan: Plan) -> Optional[str]:
         return "strategy fsdp-offload needs distributed.offload_params: true (or strategy fsdp without offload)"
     if plan.strategy == "fsdp" and d.offload_params:
         return "strategy fsdp contradicts distributed.offload_params: true; the offloading strategy is fsdp-offload"
-    if t.optimizer in BROKEN_OPTIMIZERS:
-        what = "FSDP + QLoRA + " if plan.quantization.enabled else "FSDP + "
-        return (f"{what}{t.optimizer} does not run: bitsandbytes' optimizers cannot update FSDP2's sharded "
-                f"(DTensor) parameters, and peft's FSDP docs report paged_adamw_8bit failing to save a checkpoint; "
-                f"plan again with training.optimizer adamw (FSDP already shards its states over the ranks)")
+    from planner.strategies import STRATEGIES, broken_combination
+
+    broken = broken_combination(STRATEGIES[plan.strategy], plan.method, t.optimizer)  # the planner's table
+    if broken:
+        return broken
     if plan.quantization.enabled:
         from planner.options import DTYPES
 

@@ -93,6 +93,13 @@ def strategy_for(hw: Hardware) -> Strategy:
 STRATEGY_CHOICES: tuple[str, ...] = ("auto", *STRATEGIES)
 
 # Combinations the stack is known to break, refused with the source that says so: (sharded?, method, optimizer).
+# `plan` does not choose them and `run` refuses a hand-edited plan with them (executor/fsdp.py).
+# bitsandbytes' optimizers under FSDP2. Measured here (bitsandbytes 0.50.2, torch 2.13, CPU, LoRA and QLoRA alike):
+# the first optimizer step fails with "NotImplementedError: Operator bitsandbytes.optimizer_update_32bit.default
+# does not have a sharding strategy registered" (bitsandbytes' kernels take plain tensors, FSDP2's parameters are
+# DTensors; bitsandbytes/optim has no DTensor handling). Beyond that, peft's FSDP docs (Caveats 4): "When using
+# FSDP+QLoRA, paged_adamw_8bit currently results in an error when saving a checkpoint", and bitsandbytes #1732 (an
+# assertion saving 8-bit AdamW state under FSDP2).
 _BNB_UNDER_FSDP = ("bitsandbytes' 8-bit optimizers cannot update FSDP2's sharded (DTensor) parameters (seen on "
                    "bitsandbytes 0.50: 'optimizer_update_32bit ... does not have a sharding strategy registered'); "
                    "use --optimizer adamw: FSDP shards its states over the ranks already")

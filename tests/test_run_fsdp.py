@@ -267,10 +267,10 @@ def test_qlora_under_fsdp_shards_the_4bit_weights(fsdp_run, tiny_model_dir, tmp_
     plan.training.optimizer = "paged-adamw-8bit"
     refused = cli_run(write_plan(plan, tmp_path / "paged.yaml"), "--output-dir", tmp_path / "paged")
     assert refused.exit_code == 2
-    assert refused.stderr.strip() == (
-        "Error: FSDP + QLoRA + paged-adamw-8bit does not run: bitsandbytes' optimizers cannot update FSDP2's sharded "
-        "(DTensor) parameters, and peft's FSDP docs report paged_adamw_8bit failing to save a checkpoint; plan again "
-        "with training.optimizer adamw (FSDP already shards its states over the ranks)")
+    from planner.strategies import BROKEN
+
+    assert refused.stderr.strip() == "Error: " + BROKEN[(True, "qlora", "paged-adamw-8bit")]  # the planner's words
+    assert "paged 8-bit AdamW fails when saving a checkpoint" in refused.stderr
     assert not os.path.exists(tmp_path / "paged")  # refused before anything was written
 
 
@@ -288,9 +288,9 @@ def test_demo_trains_sharded_over_two_processes(tmp_path):
 
 @pytest.mark.parametrize("edit, line", [
     (dict(optimizer="adamw-8bit"),
-     ("FSDP + adamw-8bit does not run: bitsandbytes' optimizers cannot update FSDP2's sharded (DTensor) parameters, "
-      "and peft's FSDP docs report paged_adamw_8bit failing to save a checkpoint; plan again with training.optimizer "
-      "adamw (FSDP already shards its states over the ranks)")),
+     ("bitsandbytes' 8-bit optimizers cannot update FSDP2's sharded (DTensor) parameters (seen on bitsandbytes 0.50: "
+      "'optimizer_update_32bit ... does not have a sharding strategy registered'); use --optimizer adamw: FSDP "
+      "shards its states over the ranks already")),
     (dict(distributed={"fsdp_version": 1}),
      ("distributed.fsdp_version 1 is not run: loraplan runs FSDP2 (torch's fully_shard; accelerate deprecates "
       "FSDP1); set distributed.fsdp_version: 2")),
