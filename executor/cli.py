@@ -72,8 +72,9 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
     130 interrupted.
     """  # long: click's command, its checks of the flags and its one-line errors read best in one place
     from . import outputs
+    from . import library_log
 
-    outputs.quiet_library_logs()  # before anything imports bitsandbytes, which speaks at import
+    library_log.quiet_library_logs()  # before anything imports bitsandbytes, which speaks at import
     command = " ".join(["loraplan run"] + ([plan_file] if plan_file else ["--demo"] if demo else [])
                        + [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on])
     try:
@@ -151,9 +152,9 @@ def merge_command(adapter_dir: str, output: str, dtype: str, trust_remote_code: 
     """Merge the LoRA adapter in ADAPTER_DIR into its base model and save a model directory that
     `AutoModelForCausalLM.from_pretrained` loads. The base (adapter_config.json's base_model_name_or_path) must be a
     local folder or in the local Hugging Face cache; a QLoRA adapter merges into the unquantized base."""
-    from . import outputs
+    from . import library_log
 
-    outputs.quiet_library_logs()  # bitsandbytes speaks when peft imports it
+    library_log.quiet_library_logs()  # bitsandbytes speaks when peft imports it
     try:
         from .merge import merge_adapter
 

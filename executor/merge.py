@@ -52,9 +52,10 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
     output folder can be made and written (it is created and held with loraplan's lock, and the model is written
     to OUTPUT_DIR.tmp beside it, then swapped in, so a merge cut short leaves no half-written model)."""
     from . import outputs
+    from . import library_log
     from .model import load_error, resolve_model_dir, stay_offline
 
-    outputs.quiet_library_logs()
+    library_log.quiet_library_logs()
     stay_offline()
     require_run_extra()
     import torch
@@ -86,7 +87,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
                 raise RunError(f"output dir {output_dir} is not empty")
             shutil.rmtree(tmp, ignore_errors=True)
             outputs.make_output_dir(tmp, "merge folder")  # the parent must take the temporary folder too
-            with outputs.library_log_file(os.path.join(tmp, "merge.log")):
+            with library_log.library_log_file(os.path.join(tmp, "merge.log")):
                 _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, PeftModel,
                             AutoModelForCausalLM, AutoTokenizer, torch_dtype, load_error)
             done = True  # the merged model exists: whatever happens now, it is not deleted

@@ -17,12 +17,10 @@ Only these names are ever written or removed: the folder may hold the user's own
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import shutil
@@ -34,13 +32,14 @@ from planner.errors import PlanError, first_line
 from planner.plan import Plan
 from planner.plan_io import atomic_write_text
 
+from .checkpoints import (COMPLETE_MARKER, CHECKPOINT_RE, checkpoints, file_sha256, latest_complete_checkpoint,
+                          remove_incomplete_checkpoints)
 from .errors import RunError
 
 PLAN_FILE = "plan.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
-COMPLETE_MARKER = "COMPLETE"
 FINGERPRINT_FILE = "dataset_fingerprint.json"
 RUN_LOG = "run.log"
 MARKER_FILE = ".loraplan-run.json"
@@ -51,7 +50,6 @@ RUN_NAMES = (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, ADAPTER_DIR + "
 # ... and, on a multi-node run, per machine K: its launcher's log and the transient marker that proves the folder
 # is shared (executor/launch.py, executor/worker.py)
 RUN_NAME_PATTERNS = (re.compile(r"^launch-machine-\d+\.log$"), re.compile(r"^\.machine-\d+\."))
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Plan fields that do not change what is trained (the estimate, the explanation, bookkeeping, where logs go):
 # a resumed run may differ from the original in these and nothing else.
@@ -122,144 +120,6 @@ def training_differences(a: Plan, b: Plan) -> list[str]:
     ignored = lambda k: any(k == i or k.startswith(i + ".") for i in IGNORED_FOR_RESUME)  # noqa: E731
     keys = sorted(k for k in set(fa) | set(fb) if not ignored(k))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
-
-
-def checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
-    """(step, path, complete) for every checkpoint-N folder, oldest first."""
-    found = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            m = _CHECKPOINT_RE.match(name)
-            path = os.path.join(output_dir, name)
-            if m and os.path.isdir(path):
-                found.append((int(m.group(1)), path, os.path.exists(os.path.join(path, COMPLETE_MARKER))))
-    return sorted(found)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _checkpoint_files(checkpoint_dir: str) -> list[str]:
-    """Every file of a checkpoint but its marker, as paths relative to the folder (sorted)."""
-    files = []
-    for root, _, names in os.walk(checkpoint_dir):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), checkpoint_dir)
-            if rel != COMPLETE_MARKER:
-                files.append(rel)
-    return sorted(files)
-
-
-# Verdicts already reached in this process, keyed by the checkpoint's files' (name, size, mtime): resume looks a
-# checkpoint up more than once (choosing it, then reporting what it skipped) and should hash it once.
-_verdicts: dict[tuple, Optional[str]] = {}
-
-
-def _stat_key(checkpoint_dir: str, verify_hashes: bool) -> tuple:
-    entries = []
-    for rel in [COMPLETE_MARKER] + _checkpoint_files(checkpoint_dir):
-        st = os.stat(os.path.join(checkpoint_dir, rel))
-        entries.append((rel, st.st_size, st.st_mtime_ns))
-    return (os.path.abspath(checkpoint_dir), verify_hashes, tuple(entries))
-
-
-def checkpoint_problem(checkpoint_dir: str, *, verify_hashes: bool = True) -> Optional[str]:
-    """Why a checkpoint marked complete cannot be resumed from, or None when it can.
-
-    The marker lists every file with its size and sha256 (written last, after all processes finished writing);
-    a file missing, of another size (checked first: cheap) or with another hash means the checkpoint was damaged
-    after it was marked (a truncated copy, a full disk on another machine, a hand edit). A marker from an older
-    loraplan lists no files and is taken at its word."""
-    try:
-        key = _stat_key(checkpoint_dir, verify_hashes)
-    except OSError as exc:
-        return f"it cannot be read ({exc.strerror})"
-    if key in _verdicts:
-        return _verdicts[key]
-    verdict = _check_against_marker(checkpoint_dir, verify_hashes)
-    _verdicts[key] = verdict
-    return verdict
-
-
-def _check_against_marker(checkpoint_dir: str, verify_hashes: bool) -> Optional[str]:
-    try:
-        with open(os.path.join(checkpoint_dir, COMPLETE_MARKER), encoding="utf-8") as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return f"its {COMPLETE_MARKER} marker is unreadable"
-    listed = marker.get("files") if isinstance(marker, dict) else None
-    if listed is None:
-        return None  # an old-style marker: no manifest to check against
-    if not isinstance(listed, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-            for e in listed.values()):
-        return f"its {COMPLETE_MARKER} marker is unreadable"
-    for rel, entry in listed.items():
-        path = os.path.join(checkpoint_dir, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        size = os.path.getsize(path)
-        if size != entry["size"]:
-            return f"{rel} is {size:,} bytes, {entry['size']:,} when the checkpoint was saved"
-    if verify_hashes:
-        for rel, entry in listed.items():
-            if file_sha256(os.path.join(checkpoint_dir, rel)) != entry["sha256"]:
-                return f"{rel} does not match the sha256 recorded when the checkpoint was saved"
-    return None
-
-
-def resumable_checkpoint(output_dir: str, *, verify_hashes: bool = True
-                         ) -> tuple[Optional[tuple[int, str]], list[tuple[int, str, str]]]:
-    """The newest checkpoint marked complete whose files match its marker, and the newer ones skipped on the way
-    as (step, path, why), newest first."""
-    skipped = []
-    for step, path, complete in reversed(checkpoints(output_dir)):
-        if not complete:
-            continue
-        problem = checkpoint_problem(path, verify_hashes=verify_hashes)
-        if problem is None:
-            return (step, path), skipped
-        skipped.append((step, path, problem))
-    return None, skipped
-
-
-def latest_complete_checkpoint(output_dir: str, *, verify_hashes: bool = True) -> Optional[tuple[int, str]]:
-    return resumable_checkpoint(output_dir, verify_hashes=verify_hashes)[0]
-
-
-def mark_complete(checkpoint_dir: str, step: int) -> None:
-    """Write the COMPLETE marker (atomically, after every file): the step and each file's size and sha256."""
-    files = {}
-    for rel in _checkpoint_files(checkpoint_dir):
-        path = os.path.join(checkpoint_dir, rel)
-        files[rel] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
-    write_json(os.path.join(checkpoint_dir, COMPLETE_MARKER), {"step": step, "files": files})
-    _verdicts[_stat_key(checkpoint_dir, True)] = None  # just hashed: resuming or reporting it needs no second pass
-
-
-def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
-    """Delete checkpoint folders without the marker: a save that was cut short. Returns what was removed."""
-    removed = []
-    for _, path, complete in checkpoints(output_dir):
-        if not complete:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def rotate_checkpoints(output_dir: str, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (all when keep <= 0). Runs only after a new marker is written,
-    so a crash mid-save never leaves the folder without a complete checkpoint."""
-    if keep <= 0:
-        return
-    done = [path for _, path, complete in checkpoints(output_dir) if complete]
-    for path in done[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _holds_run(output_dir: str) -> bool:
@@ -516,7 +376,7 @@ def check_claim(path: str, *, use_existing: bool = False, plan_file: Optional[st
                            f"choose a new or empty folder, or pass --use-existing-dir to write the run beside "
                            f"those files")
         names = set(RUN_NAMES) | set(also_writes)
-        clash = [e for e in entries if e in names or _CHECKPOINT_RE.match(e)
+        clash = [e for e in entries if e in names or CHECKPOINT_RE.match(e)
                  or any(p.match(e) for p in RUN_NAME_PATTERNS)]
         if clash:
             raise RunError(f"output dir {path} already holds {', '.join(clash)}, which the run would replace "
@@ -589,87 +449,3 @@ def disk_full_message(output_dir: str, step: int) -> str:
             f"`loraplan run {os.path.join(output_dir, PLAN_FILE)} --resume`" if latest
             else "no checkpoint is complete yet")
     return f"the disk is full: saving {what} failed ({free} free in {output_dir}); {kept}"
-
-
-# --- library chatter -----------------------------------------------------------------------------------------------
-
-# Loggers whose messages the user can do nothing about, e.g. bitsandbytes' "Failed to load CPU gemm_4bit_forward
-# from kernels-community" (bitsandbytes/backends/cpu/ops.py, logger.warning at import, shown by logging's
-# last-resort handler on stderr). They go to the run's log file instead of the terminal.
-QUIET_LOGGERS = ("bitsandbytes",)
-
-
-class _LibraryLog(logging.Handler):
-    """Holds records until a log file is attached (the messages come at import, before the folder exists)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.pending: list[logging.LogRecord] = []
-        self.file: Optional[logging.Handler] = None
-        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.file is not None:
-            self.file.emit(record)
-        else:
-            self.pending = (self.pending + [record])[-200:]
-
-
-_LIBRARY_LOG: Optional[_LibraryLog] = None
-
-
-def quiet_library_logs() -> None:
-    """Route QUIET_LOGGERS away from the terminal; call before the libraries are imported. Idempotent."""
-    global _LIBRARY_LOG
-    if _LIBRARY_LOG is None:
-        _LIBRARY_LOG = _LibraryLog()
-    for name in QUIET_LOGGERS:
-        logger = logging.getLogger(name)
-        if _LIBRARY_LOG not in logger.handlers:
-            logger.addHandler(_LIBRARY_LOG)
-        logger.propagate = False
-    import warnings
-
-    if not getattr(warnings.showwarning, "_loraplan", False):  # e.g. "Paged optimizers are not supported on CPU"
-        shown = warnings.showwarning
-
-        def showwarning(message, category, filename, lineno, file=None, line=None):
-            package = next((n for n in QUIET_LOGGERS if f"{os.sep}{n}{os.sep}" in str(filename)), None)
-            if package is None:
-                return shown(message, category, filename, lineno, file, line)
-            logging.getLogger(package).warning("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
-
-        showwarning._loraplan = True  # type: ignore[attr-defined]
-        warnings.showwarning = showwarning
-
-
-@contextlib.contextmanager
-def library_log_file(path: str) -> Iterator[None]:
-    """While inside, the routed messages (and those held since start) are appended to PATH. A file that cannot be
-    written only loses these messages."""
-    quiet_library_logs()
-    log = _LIBRARY_LOG
-    if log is None or log.file is not None:
-        yield
-        return
-    handler = None
-    if log.pending:
-        try:
-            handler = logging.FileHandler(path, encoding="utf-8")
-        except OSError:
-            handler = None
-    else:
-        handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # no file unless something is said
-    if handler is not None:
-        handler.setFormatter(log.formatter)
-        for record in log.pending:
-            with contextlib.suppress(Exception):
-                handler.emit(record)
-        log.pending = []
-        log.file = handler
-    try:
-        yield
-    finally:
-        log.file = None
-        if handler is not None:
-            handler.close()

@@ -10,6 +10,10 @@ from planner.options import OPTIMIZERS
 from planner.plan import Plan
 
 from . import outputs
+
+from . import checkpoints
+
+from . import library_log
 from .errors import RunError, TrainingFailed, require_run_extra
 from .model import stay_offline
 from .summary import RunSummary
@@ -65,7 +69,7 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
 
     t0 = time.perf_counter()
     rdzv = rendezvous or Rendezvous()
-    outputs.quiet_library_logs()  # before the training stack is imported: bitsandbytes speaks at import
+    library_log.quiet_library_logs()  # before the training stack is imported: bitsandbytes speaks at import
     stay_offline()
     require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
     if fsdp.is_sharded(plan):
@@ -90,7 +94,7 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
         try:
             outputs.check_and_record_datasets(plan, resuming=resume_from is not None)
             outputs.save_plan(plan, os.path.join(out, outputs.PLAN_FILE))
-            with outputs.library_log_file(os.path.join(out, outputs.RUN_LOG)):
+            with library_log.library_log_file(os.path.join(out, outputs.RUN_LOG)):
                 _announce(plan, resume_from, console, resume)
                 summary = _launch(plan, resume_from[1] if resume_from else None, console, rdzv)
             # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
@@ -111,7 +115,7 @@ def _announce(plan: Plan, resume_from, console, resume: bool) -> None:
                   f", output {plan.output_dir}{where}")
     if resume:  # say which newer checkpoints were damaged (already verified, so this hashes nothing again)
         instead = f"resuming from {resume_from[1]} instead" if resume_from else "starting from step 0"
-        for _, path, why in outputs.resumable_checkpoint(plan.output_dir)[1]:
+        for _, path, why in checkpoints.resumable_checkpoint(plan.output_dir)[1]:
             console.print(f"[yellow]skipping checkpoint {path}: {why}; {instead}[/yellow]", soft_wrap=True)
     if plan.hardware.gpu != "cpu":
         import torch

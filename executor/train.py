@@ -18,6 +18,8 @@ from planner.options import OPTIMIZERS
 from planner.plan import Plan
 
 from . import outputs
+
+from . import checkpoints
 from .errors import Interrupted, RunError, TrainingFailed
 from .summary import RunSummary
 
@@ -344,7 +346,7 @@ def _trainer_class():
 
         def _save_checkpoint(self, model, trial):
             # A step saved again (after resuming past a damaged checkpoint) is incomplete until re-marked.
-            stale = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", outputs.COMPLETE_MARKER)
+            stale = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", checkpoints.COMPLETE_MARKER)
             if self.args.should_save and os.path.exists(stale):
                 os.unlink(stale)
             super()._save_checkpoint(model, trial)
@@ -352,8 +354,8 @@ def _trainer_class():
             if self.args.should_save:
                 step = self.state.global_step
                 folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-                outputs.mark_complete(folder, step)
-                outputs.rotate_checkpoints(self.args.output_dir, self.keep_checkpoints)
+                checkpoints.mark_complete(folder, step)
+                checkpoints.rotate_checkpoints(self.args.output_dir, self.keep_checkpoints)
 
     return PlanTrainer
 
@@ -636,7 +638,7 @@ def _out_of_memory(plan: Plan, trainer, meter: MemoryMeter, place: Placement) ->
     """The one-line error of an out-of-memory step, with summary.json saying so (scripts and gpu_check read it)."""
     out = plan.output_dir
     peak = meter.peak_gib()
-    latest = outputs.latest_complete_checkpoint(out)
+    latest = checkpoints.latest_complete_checkpoint(out)
     where = f"at step {trainer.state.global_step}"
     seen = (f"observed peak {peak:.2f} GiB of {meter.total_bytes / GIB:.1f} GiB, predicted "
             f"{plan.prediction.per_gpu_gib:.2f} GiB" if peak is not None
@@ -718,7 +720,7 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
         (train_output.metrics.get("train_runtime") if train_output else None) or (time.perf_counter() - t0))
     observed = max(peaks) if place.use_cuda else None
     margin_gib = plan.prediction.margin * plan.hardware.memory_gib
-    latest = outputs.latest_complete_checkpoint(out)
+    latest = checkpoints.latest_complete_checkpoint(out)
     summary = RunSummary(
         status="interrupted" if interrupted else "completed",
         method=plan.method,

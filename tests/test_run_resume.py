@@ -77,26 +77,27 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_d
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     from executor import outputs
+    from executor import checkpoints
 
     plan = build_plan("m", data_file("text.jsonl"), str(tmp_path))
     plan.save(str(tmp_path / "plan.yaml"))
     for step in (4, 8, 12):
         os.makedirs(tmp_path / f"checkpoint-{step}")
-    outputs.mark_complete(str(tmp_path / "checkpoint-4"), 4)
-    outputs.mark_complete(str(tmp_path / "checkpoint-8"), 8)
+    checkpoints.mark_complete(str(tmp_path / "checkpoint-4"), 4)
+    checkpoints.mark_complete(str(tmp_path / "checkpoint-8"), 8)
     # checkpoint-12: a save cut short (no COMPLETE marker)
     assert outputs.prepare_output_dir(plan, resume=True, overwrite=False) == (8, str(tmp_path / "checkpoint-8"))
     assert not os.path.exists(tmp_path / "checkpoint-12")
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
-    from executor import outputs
+    from executor import checkpoints
 
     for step in (2, 4, 6, 8):
         os.makedirs(tmp_path / f"checkpoint-{step}")
         if step != 8:
-            outputs.mark_complete(str(tmp_path / f"checkpoint-{step}"), step)
-    outputs.rotate_checkpoints(str(tmp_path), keep=1)
+            checkpoints.mark_complete(str(tmp_path / f"checkpoint-{step}"), step)
+    checkpoints.rotate_checkpoints(str(tmp_path), keep=1)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-8"]
 
 
@@ -170,34 +171,34 @@ def _make_checkpoint(folder, files: dict):
 
 
 def test_a_damaged_checkpoint_is_told_apart_by_its_marker(tmp_path):
-    from executor import outputs
+    from executor import checkpoints
 
     for step in (2, 4):
         _make_checkpoint(tmp_path / f"checkpoint-{step}", {"adapter_model.safetensors": bytes(range(200)) * 5,
                                                           "optimizer.pt": b"x" * 300})
-        outputs.mark_complete(str(tmp_path / f"checkpoint-{step}"), step)
+        checkpoints.mark_complete(str(tmp_path / f"checkpoint-{step}"), step)
     marker = json.loads((tmp_path / "checkpoint-4" / "COMPLETE").read_text())
     assert marker["step"] == 4 and marker["files"]["optimizer.pt"]["size"] == 300
     assert len(marker["files"]["adapter_model.safetensors"]["sha256"]) == 64
-    assert outputs.resumable_checkpoint(str(tmp_path)) == ((4, str(tmp_path / "checkpoint-4")), [])
+    assert checkpoints.resumable_checkpoint(str(tmp_path)) == ((4, str(tmp_path / "checkpoint-4")), [])
 
     # Same size, one byte changed: only the hash tells.
     path = tmp_path / "checkpoint-4" / "optimizer.pt"
     path.write_bytes(b"x" * 299 + b"y")
-    found, skipped = outputs.resumable_checkpoint(str(tmp_path))
+    found, skipped = checkpoints.resumable_checkpoint(str(tmp_path))
     assert found == (2, str(tmp_path / "checkpoint-2"))
     assert skipped == [(4, str(tmp_path / "checkpoint-4"),
                         "optimizer.pt does not match the sha256 recorded when the checkpoint was saved")]
     # Truncated: the size tells (without hashing).
     path.write_bytes(b"x" * 10)
-    assert outputs.resumable_checkpoint(str(tmp_path), verify_hashes=False)[1][0][2] == \
+    assert checkpoints.resumable_checkpoint(str(tmp_path), verify_hashes=False)[1][0][2] == \
         "optimizer.pt is 10 bytes, 300 when the checkpoint was saved"
     path.unlink()
-    assert outputs.resumable_checkpoint(str(tmp_path))[1][0][2] == "optimizer.pt is missing"
+    assert checkpoints.resumable_checkpoint(str(tmp_path))[1][0][2] == "optimizer.pt is missing"
 
     # A marker from before the manifest ({"step": N} only) is still taken at its word.
     (tmp_path / "checkpoint-4" / "COMPLETE").write_text('{"step": 4}\n')
-    assert outputs.latest_complete_checkpoint(str(tmp_path)) == (4, str(tmp_path / "checkpoint-4"))
+    assert checkpoints.latest_complete_checkpoint(str(tmp_path)) == (4, str(tmp_path / "checkpoint-4"))
 
 
 @pytest.mark.slow
@@ -224,9 +225,9 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_finishes_the_same_run(tiny
     assert _train_steps(out) == list(range(1, 9))  # steps 5-8 logged once, by the resumed run
     _assert_same_adapter(out / "adapter", ref_tensors, tol=1e-4)
     # checkpoint-8 was saved again, whole, and is what the next resume would use.
-    from executor import outputs
+    from executor import checkpoints
 
-    assert outputs.latest_complete_checkpoint(str(out)) == (8, str(out / "checkpoint-8"))
+    assert checkpoints.latest_complete_checkpoint(str(out)) == (8, str(out / "checkpoint-8"))
 
 
 @pytest.mark.slow
