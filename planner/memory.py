@@ -267,10 +267,10 @@ def cuda_context_bytes() -> float:
 
 
 def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
-           strategy_terms: Sequence[Term] = (), saver_terms: Sequence[Term] = ()) -> list[Term]:
-    """All terms for one GPU, in report order. Their sum is the predicted peak (what nvidia-smi shows).
-    `strategy_terms` are what the distributed strategy adds (planner.strategies), placed after the adapter's;
-    `saver_terms` what the memory savers add (planner.savers), placed after the activations."""
+           saver_terms: Sequence[Term] = ()) -> list[Term]:
+    """All terms for one GPU holding the whole model, in report order. Their sum is the predicted peak (what
+    nvidia-smi shows). `saver_terms` are what the memory savers add (planner.savers), placed after the activations;
+    a distributed strategy then turns the list into one rank's (planner.strategies `budget`)."""
     p = trainable_params(selection, shape.r)
     dt = DTYPE_BYTES[shape.dtype]
     terms = []
@@ -287,7 +287,6 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
         Term("lora_gradients", lora_gradients_bytes(p), "4 B x P (fp32)", "adapter"),
         Term("optimizer_states", optimizer_states_bytes(p, shape.optimizer), f"{OPTIMIZERS[shape.optimizer].state_bytes_per_param:g} B x P", "adapter"),
     ]
-    terms += list(strategy_terms)
     if shape.grad_checkpointing:
         layers = "L" if checkpointed_layers(arch, shape) == arch.num_layers else "ceil(L/n)"
         per = "c_ckpt B" if shape.checkpoints_offloaded else f"({dt} + c_ckpt) B"
