@@ -364,7 +364,10 @@ def check_claim(path: str, *, use_existing: bool = False, plan_file: Optional[st
     and again under it."""
     if not os.path.isdir(path) or is_loraplan_dir(path):
         return []
-    entries = sorted(e for e in os.listdir(path) if e != LOCK_FILE)
+    # the lock, and what the other machines of a multi-node run write there before machine 0 claims the folder
+    # (their launcher logs, the shared-folder markers): the run's own, not the user's
+    entries = sorted(e for e in os.listdir(path)
+                     if e != LOCK_FILE and not any(p.match(e) for p in RUN_NAME_PATTERNS))
     own_plan = os.path.join(path, PLAN_FILE)
     if (PLAN_FILE in entries and plan_file and plan_text is not None and os.path.isfile(plan_file)
             and os.path.samefile(plan_file, own_plan) and _same_text(own_plan, plan_text)):

@@ -205,9 +205,21 @@ def test_two_machines_over_loopback_finish_the_same_run(fsdp_run, tiny_model_dir
     assert plan.hardware.world_size == 2 and plan.training.global_batch_size == 4
     path = write_plan(plan, tmp_path / "plan.yaml")
     port = _free_port()
-    procs = [_cli_process(path, "--machine-rank", k, "--main-process-ip", "127.0.0.1", "--main-process-port", port)
-             for k in (0, 1)]
-    results = [p.communicate(timeout=300) for p in procs]
+    # machine 1 first, and machine 0 only once machine 1 has written into the shared folder: machine 0 must take
+    # the other machines' files there (launch-machine-1.log) for the run's own, not refuse the folder as the user's
+    first = _cli_process(path, "--machine-rank", 1, "--main-process-ip", "127.0.0.1", "--main-process-port", port)
+    procs = [first]
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "launch-machine-1.log").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        procs.insert(0, _cli_process(path, "--machine-rank", 0, "--main-process-ip", "127.0.0.1",
+                                     "--main-process-port", port))
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:  # a machine left waiting for a peer that failed must not outlive the test
+            if p.poll() is None:
+                p.kill()
     for p, (stdout, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0, (stdout, stderr, _log(out))
     assert "machine 1 of 2" in results[1][0]
