@@ -49,6 +49,17 @@ def one_line_error(result, code=2, *fragments):
     return lines[0]
 
 
+def wait_for_file(path, proc, timeout: float) -> None:
+    """Wait until `path` exists while the subprocess `proc` runs; fail if it ends first or time runs out."""
+    import time
+
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} did not appear within {timeout:.0f} s"
+        time.sleep(0.01)
+
+
 def data_file(name: str) -> str:
     return str(DATA / name)
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from conftest import build_plan, data_file, requires_run, subprocess_env, write_plan
+from conftest import build_plan, data_file, requires_run, subprocess_env, wait_for_file, write_plan
 
 pytestmark = [requires_run, pytest.mark.slow]
 
@@ -164,11 +164,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_adapter(fsdp_run, ti
     path = write_plan(build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), strategy="fsdp",
                                  num_gpus=2, **COMMON), tmp_path / "plan.yaml")
     proc = _cli_process(path)
-    deadline = time.time() + 240
-    while not os.path.exists(out / "checkpoint-2" / "COMPLETE"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_for_file(out / "checkpoint-2" / "COMPLETE", proc, timeout=240)
     # SIGKILL to `run`, the launcher and both workers at once (each worker runs in its own session): a crash.
     tree = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
     for pid in tree:

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import build_plan, data_file, requires_run, subprocess_env, write_plan
+from conftest import build_plan, data_file, requires_run, subprocess_env, wait_for_file, write_plan
 
 pytestmark = requires_run
 
@@ -42,11 +41,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_d
     plan_path = write_plan(build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), **common),
                            tmp_path / "plan.yaml")
     proc = _run_cli(plan_path)
-    deadline = time.time() + 120
-    while not os.path.exists(out / "checkpoint-5" / "COMPLETE"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_for_file(out / "checkpoint-5" / "COMPLETE", proc, timeout=120)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, (stdout, stderr)
@@ -136,11 +131,7 @@ def test_sigterm_also_saves_a_complete_checkpoint(tiny_model_dir, tmp_path):
     plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(out), max_steps=400, save_steps=3,
                       logging_steps=3, micro_batch_size=2)
     proc = _run_cli(write_plan(plan, tmp_path / "plan.yaml"))
-    deadline = time.time() + 120
-    while not os.path.exists(out / "checkpoint-3" / "COMPLETE"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_for_file(out / "checkpoint-3" / "COMPLETE", proc, timeout=120)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted by signal 15" in stderr, stderr
