@@ -310,9 +310,18 @@ def parse_network_gbs(text: str) -> tuple[float, str]:
 DEFAULT_NETWORK = "eth-100"
 
 
+@dataclass(frozen=True)
+class Topology:
+    """What resolve_topology found beside what it set on the hardware."""
+
+    notes: list  # for the plan's hardware note
+    host_note: str  # how the host memory per node was found (given, detected, or assumed by the sizing rule)
+    host_assumed: bool  # from the sizing rule: a fit table recomputes it per card
+
+
 def resolve_topology(hw: Hardware, num_nodes: Optional[int], network: Optional[str],
-                     host_memory: Optional[str], detected: bool = False) -> list[str]:
-    """Nodes, the network between them and the host memory per node, set on `hw`; returns notes for the plan."""
+                     host_memory: Optional[str], detected: bool = False) -> Topology:
+    """Nodes, the network between them and the host memory per node, set on `hw`."""
     notes = []
     if num_nodes is not None:
         if num_nodes < 1:
@@ -328,14 +337,16 @@ def resolve_topology(hw: Hardware, num_nodes: Optional[int], network: Optional[s
         raise InputError("--network describes the link between nodes: it needs --num-nodes 2 or more")
     if host_memory:
         hw.host_memory_gib = round(parse_memory_gib(host_memory), 3)
-    elif detected or hw.gpu == "cpu":
+        return Topology(notes, f"--host-memory {hw.host_memory_gib:.1f} GiB", False)
+    if detected or hw.gpu == "cpu":
         hw.host_memory_gib = round(system_memory_gib(), 2)
-    else:  # a named card is usually someone else's machine: assume the common sizing rule
-        hw.host_memory_gib = host_memory_rule(hw)
-        if hw.world_size > 1:
-            notes.append(f"host memory per node assumed {hw.host_memory_gib:,.0f} GiB "
-                         f"({default('host_memory_per_gpu_memory'):g} x the node's GPU memory); pass --host-memory")
-    return notes
+        return Topology(notes, f"detected {hw.host_memory_gib:.1f} GiB of RAM", False)
+    # a named card is usually someone else's machine: assume the common sizing rule
+    hw.host_memory_gib = host_memory_rule(hw)
+    rule = f"{default('host_memory_per_gpu_memory'):g} x the node's GPU memory"
+    if hw.world_size > 1:
+        notes.append(f"host memory per node assumed {hw.host_memory_gib:,.0f} GiB ({rule}); pass --host-memory")
+    return Topology(notes, f"assumed {hw.host_memory_gib:.0f} GiB ({rule}; pass --host-memory)", True)
 
 
 def host_memory_rule(hw: Hardware) -> float:

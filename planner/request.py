@@ -182,17 +182,6 @@ def _savers(req: PlanRequest, arch: Architecture, hw: Hardware, seq_len_max: boo
     return modes
 
 
-def _host(req: PlanRequest, hw: Hardware, detected: bool) -> tuple[float, str]:
-    """The host RAM per node the savers and offload may use (planner.catalog.resolve_topology set it), and how it
-    was found."""
-    gib = hw.host_memory_gib or 0.0
-    if req.host_memory is not None:
-        return gib, f"--host-memory {gib:.1f} GiB"
-    if detected or hw.gpu == "cpu":
-        return gib, f"detected {gib:.1f} GiB of RAM"
-    return gib, f"assumed {gib:.0f} GiB ({O.default('host_memory_per_gpu_memory'):g} x the node's GPU memory; pass --host-memory)"
-
-
 def with_seq_len(r: Resolved, seq_len: int) -> Resolved:
     """The resolved request at another sequence length (the dataset's statistics recounted at that cap)."""
     ds = r.dataset
@@ -267,7 +256,8 @@ def resolve(req: PlanRequest) -> Resolved:
         raise InputError("--gpu custom needs --gpu-memory (e.g. --gpu-memory 24GiB)")
     notes = [hw_note] if hw_note else []
     detected = (req.gpu or ("custom" if req.gpu_memory else "auto")).strip().lower() == "auto"
-    notes += resolve_topology(hw, req.num_nodes, req.network, req.host_memory, detected=detected)
+    topology = resolve_topology(hw, req.num_nodes, req.network, req.host_memory, detected=detected)
+    notes += topology.notes
     sel, r, alpha, dropout = _adapter(model.arch, req)
     strategy = _strategy(req, hw)
     gbs = req.global_batch_size if req.global_batch_size is not None else int(O.default("global_batch_size"))
@@ -284,20 +274,20 @@ def resolve(req: PlanRequest) -> Resolved:
     limit -= limit % O.SEQ_LEN_STEP
     seq_len = limit if seq_len_max else req.seq_len  # --seq-len max: planner.api searches below the limit
     savers = _savers(req, model.arch, hw, seq_len_max)
-    host_gib, host_note = _host(req, hw, detected)
     dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
     # the model's own tokenizer.json counts the tokens when the model is a local folder (else 4 chars per token)
     ds = dataset_stats(dataset, seq_len, tokenizer_dir=model.ref.path) if dataset else None
     epochs, epochs_reason = _epochs(req, ds)
     return Resolved(
         model=model, selection=sel, hardware=hw, hardware_note="; ".join(notes), strategy=strategy,
-        strategy_choice=req.strategy, host_memory_assumed=not (req.host_memory or detected or hw.gpu == "cpu"),
+        strategy_choice=req.strategy, host_memory_assumed=topology.host_assumed,
         rank=r, alpha=alpha,
         dropout=dropout, dtype=compute_dtype(hw), seq_len=seq_len, global_batch_size=gbs,
         per_gpu_batch=per_gpu_batch, method=req.method, grad_checkpointing=req.grad_checkpointing,
         batch_size=req.batch_size, optimizer=req.optimizer, loss=req.loss,
         learning_rate=req.learning_rate if req.learning_rate is not None else float(O.default("learning_rate")),
         epochs=epochs, epochs_reason=epochs_reason, max_steps=req.max_steps, train_tokens=req.train_tokens,
-        dataset=ds, savers=savers, host_memory_gib=host_gib, host_note=host_note, seq_len_max=seq_len_max,
+        dataset=ds, savers=savers, host_memory_gib=hw.host_memory_gib or 0.0, host_note=topology.host_note,
+        seq_len_max=seq_len_max,
         seq_len_limit=limit,
     )
