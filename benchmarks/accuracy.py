@@ -28,8 +28,8 @@ from typing import Iterator, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
-from planner import memory as M  # noqa: E402
-from planner.coefficients import Coefficients  # noqa: E402
+from loraplan.planner import memory as M  # noqa: E402
+from loraplan.planner.coefficients import Coefficients  # noqa: E402
 
 GIB = 2**30
 # the widely quoted table: params (billions) -> (LoRA GB, QLoRA GB)

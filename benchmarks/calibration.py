@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from planner import arch as A
-from planner.memory import Shape
+from loraplan.planner import arch as A
+from loraplan.planner.memory import Shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def calibration_dir() -> Path:
     """$LORAPLAN_CALIBRATION_DIR, else the repository's copy of the measurements (tables/calibration)."""
     env = os.environ.get("LORAPLAN_CALIBRATION_DIR")
-    return Path(env) if env else ROOT / "tables" / "calibration"
+    return Path(env) if env else ROOT / "loraplan" / "tables" / "calibration"
 
 
 def load_rows(include_peft_upcast: bool = False) -> list[dict]:

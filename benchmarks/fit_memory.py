@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
-from planner import memory as M  # noqa: E402
-from planner import throughput as TP  # noqa: E402
-from planner.catalog import gpus  # noqa: E402
-from tables import TABLES_DIR  # noqa: E402
+from loraplan.planner import memory as M  # noqa: E402
+from loraplan.planner import throughput as TP  # noqa: E402
+from loraplan.planner.catalog import gpus  # noqa: E402
+from loraplan.tables import TABLES_DIR  # noqa: E402
 
 GIB = 2**30
 NAMES = [

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(os.environ.get("LORAPLAN_CALIBRATION_DIR") or os.path.join(ROOT, "tables", "calibration"), "configs")
+CONFIGS = os.path.join(os.environ.get("LORAPLAN_CALIBRATION_DIR") or os.path.join(ROOT, "loraplan", "tables", "calibration"), "configs")
 DEFAULT_CONFIGS = ("qwen2.5-0.5b", "llama-3.2-1b")
 sys.path.insert(0, ROOT)
 
@@ -49,7 +49,7 @@ def _build(config_path: str, out_dir: str) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from executor.tiny import build_tokenizer
+    from loraplan.executor.tiny import build_tokenizer
 
     config = AutoConfig.from_pretrained(os.path.dirname(config_path))
     with torch.device("cuda"):  # init on the GPU: minutes faster than on the CPU for billions of parameters
@@ -73,7 +73,7 @@ def write_dataset(path: str, rows: int = 256) -> str:
 
 def _plan(request: dict, plan_path: str) -> None:
     """Child process: plan with planner.api (its --gpu auto touches CUDA, which must not happen in this process)."""
-    from planner.api import PlanRequest, make_plan
+    from loraplan.planner.api import PlanRequest, make_plan
 
     plan = make_plan(PlanRequest(**request)).plan
     plan.training.save_steps = 10**6  # no checkpoint writes inside the measured steps
@@ -82,8 +82,8 @@ def _plan(request: dict, plan_path: str) -> None:
 
 
 def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict:
-    from executor.summary import RunSummary
-    from planner.plan import Plan
+    from loraplan.executor.summary import RunSummary
+    from loraplan.planner.plan import Plan
 
     request = dict(model=model_dir, gpu="auto", method=method, rank=args.rank, seq_len=args.seq_len,
                    batch_size=args.batch_size, global_batch_size=args.batch_size, dataset=data, output_dir=out_dir,
@@ -98,7 +98,7 @@ def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict
                 "batch": args.batch_size, "seq": args.seq_len, "grad_ckpt": None, "predicted_gib": float("nan")}
     plan = Plan.load(plan_path)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "executor.cli", "run", plan_path, "--overwrite"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "loraplan.executor.cli", "run", plan_path, "--overwrite"], cwd=ROOT,
                           capture_output=True, text=True)
     row = {"method": method, "batch": plan.training.micro_batch_size, "seq": plan.training.seq_len,
            "grad_ckpt": plan.training.grad_checkpointing, "predicted_gib": plan.prediction.per_gpu_gib,

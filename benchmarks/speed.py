@@ -43,7 +43,7 @@ def main() -> None:
     print(f'python -c "import torch"                  : {t:.3f} s (median of {args.repeats})')
     print(f"ratio plan / import torch                 : {p / t:.2f}  (bar: <= 0.50)")
 
-    from planner.api import PlanRequest, make_plan
+    from loraplan.planner.api import PlanRequest, make_plan
 
     t0 = time.perf_counter()
     make_plan(PlanRequest(model="llama-3.1-405b", gpu="h200", num_gpus=8, fit_table=False))

@@ -9,8 +9,8 @@ from typing import Optional
 
 import click
 
-from planner import options as O
-from planner.strategies import STRATEGY_CHOICES
+from loraplan.planner import options as O
+from loraplan.planner.strategies import STRATEGY_CHOICES
 
 EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -33,7 +33,7 @@ class LazyGroup(click.Group):
     """Sub-commands that live in the executor are imported only when invoked, so `loraplan plan` never
     imports torch (or anything else the executor needs)."""
 
-    lazy = {"run": ("executor.cli", "run_command"), "merge": ("executor.cli", "merge_command")}
+    lazy = {"run": ("loraplan.executor.cli", "run_command"), "merge": ("loraplan.executor.cli", "merge_command")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -144,8 +144,8 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
 
     Exit status: 0 when it fits, 1 when it does not (the output says what would), 2 on bad input.
     """
-    from planner.api import PlanRequest, make_plan
-    from planner.errors import InputError
+    from loraplan.planner.api import PlanRequest, make_plan
+    from loraplan.planner.errors import InputError
 
     req = PlanRequest(
         model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
@@ -168,7 +168,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         data["plan_file"] = output
         click.echo(json.dumps(data, indent=2))
     else:
-        from planner.report import render
+        from loraplan.planner.report import render
 
         console = _console()
         render(res, console)
@@ -182,8 +182,8 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
 @click.option("--json", "as_json", is_flag=True)
 def models_command(as_json: bool) -> None:
     """List the model catalog."""
-    from planner.arch import from_config
-    from planner.catalog import models
+    from loraplan.planner.arch import from_config
+    from loraplan.planner.catalog import models
 
     rows = []
     for key, e in models().items():
@@ -193,7 +193,7 @@ def models_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from planner.report import key_column, min_width, new_table, print_table, text_column
+    from loraplan.planner.report import key_column, min_width, new_table, print_table, text_column
 
     console = _console()
 
@@ -220,12 +220,12 @@ def models_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def gpus_command(as_json: bool) -> None:
     """List the GPU catalog."""
-    from planner.catalog import gpus
+    from loraplan.planner.catalog import gpus
 
     if as_json:
         click.echo(json.dumps(gpus(), indent=2))
         return
-    from planner.report import key_column, new_table, print_table, text_column
+    from loraplan.planner.report import key_column, new_table, print_table, text_column
 
     t = new_table("GPU catalog (tables/gpus.yaml)")
     key_column(t, "name")

@@ -72,7 +72,7 @@ def build_plan(model_dir: str, dataset: str, output_dir: str, *, method: str = "
     num_gpus is per node (processes on the CPU); every data-parallel strategy (ddp, fsdp, fsdp-offload) takes
     micro_batch_size sequences per process, so global_batch_size = micro x accum x num_gpus x num_nodes.
     distributed: planner.plan.Distributed fields to set (fsdp-offload gets offload_params True by default)."""
-    from planner.plan import (
+    from loraplan.planner.plan import (
         Dataset,
         Distributed,
         Hardware,
@@ -83,7 +83,7 @@ def build_plan(model_dir: str, dataset: str, output_dir: str, *, method: str = "
         Quantization,
         Training,
     )
-    from planner.strategies import STRATEGIES
+    from loraplan.planner.strategies import STRATEGIES
 
     t = dict(seq_len=64, micro_batch_size=4, grad_accum_steps=1, learning_rate=5e-3, max_steps=12,
              warmup_ratio=0.0, lr_scheduler="constant", logging_steps=2, save_steps=6, save_total_limit=2,
@@ -114,7 +114,7 @@ def build_plan(model_dir: str, dataset: str, output_dir: str, *, method: str = "
 
 def planned(model_dir: str, dataset: str, output_dir: str, *, method: str = "lora", **request):
     """The planner's own plan (planner.api.make_plan) for a CPU run of a tiny model."""
-    from planner.api import PlanRequest, make_plan
+    from loraplan.planner.api import PlanRequest, make_plan
 
     req = dict(gpu="cpu", method=method, rank=8, seq_len=64, batch_size=4, global_batch_size=4,
                learning_rate=5e-3, max_steps=30)
@@ -136,7 +136,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
     # Tiny matrices: one thread is faster than two, and far faster when other work shares the cores.
     torch.set_num_threads(1)
-    from executor.tiny import build_tiny_model
+    from loraplan.executor.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-llama"), arch="llama", seed=0)
 
@@ -153,7 +153,7 @@ def cli_run():
     """Invoke `run` in-process; returns click's Result (exit_code, stdout, stderr)."""
     from click.testing import CliRunner
 
-    from executor.cli import run_command
+    from loraplan.executor.cli import run_command
 
     def invoke(*args):
         return CliRunner().invoke(run_command, [str(a) for a in args], catch_exceptions=False)

@@ -32,7 +32,7 @@ def test_beats_the_static_tables(rows):
 
 def test_weights_match_the_measured_parameter_bytes():
     from benchmarks.calibration import load_rows, row_inputs
-    from planner import memory as M
+    from loraplan.planner import memory as M
 
     for row in load_rows():
         if row.get("param_bytes") and row["method"] == "lora":
@@ -49,7 +49,7 @@ HELD_OUT_WORST, HELD_OUT_MEDIAN = 0.22, 0.02
 
 def test_held_out_architectures_within_the_quoted_bound():
     from benchmarks.accuracy import held_out
-    from tables import TABLES_DIR
+    from loraplan.tables import TABLES_DIR
 
     before = (TABLES_DIR / "memory.yaml").read_bytes()
     rows = held_out()

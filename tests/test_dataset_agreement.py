@@ -109,8 +109,8 @@ EXPECTED = {
 
 
 def _planner(path: str) -> tuple:
-    from planner.datasets import dataset_stats
-    from planner.errors import InputError
+    from loraplan.planner.datasets import dataset_stats
+    from loraplan.planner.errors import InputError
 
     try:
         stats = dataset_stats(path, seq_len=64)
@@ -120,8 +120,8 @@ def _planner(path: str) -> tuple:
 
 
 def _run(path: str) -> tuple:
-    from executor.data import load_rows
-    from executor.errors import RunError
+    from loraplan.executor.data import load_rows
+    from loraplan.executor.errors import RunError
 
     try:
         rows, fmt = load_rows(path, "auto")
@@ -150,7 +150,7 @@ def test_plan_and_run_agree(case, tmp_path):
 
 
 def test_the_rows_run_trains_on_do_not_depend_on_the_file_type(tmp_path):
-    from executor.data import load_rows
+    from loraplan.executor.data import load_rows
 
     reference, _ = load_rows(data_file("instruction.jsonl"), "auto")
     for case in ("json array", "json lines in .json", "json {data: [...]}", "csv", "bom jsonl", "bom json", "bom csv"):
@@ -182,7 +182,7 @@ def test_the_commands_print_the_same_error_line(case, tiny_model_dir, tmp_path, 
 
 @pytest.mark.parametrize("case", ["json lines in .json", "json {data: [...]}", "bom csv", "parquet"])
 def test_a_file_plan_accepts_is_one_run_trains_on(case, tiny_model_dir, tiny_tokenizer, tmp_path):
-    from executor.data import prepare_datasets
+    from loraplan.executor.data import prepare_datasets
 
     path = FILES[case](tmp_path)
     code, out, _ = _plan_cli(tiny_model_dir, "--gpu", "cpu", "--dataset", path, "--no-fit-table", "--json")
@@ -196,8 +196,8 @@ def test_a_file_plan_accepts_is_one_run_trains_on(case, tiny_model_dir, tiny_tok
 @pytest.mark.parametrize("name", ["instruction.jsonl", "text.jsonl", "chat.jsonl", "chat.csv"])
 @pytest.mark.parametrize("seq_len", [4096, 30])  # 30: some rows of each file are cut, no prompt fills it
 def test_tokens_counted_with_the_models_tokenizer_match_run(name, seq_len, tiny_model_dir, tiny_tokenizer):
-    from executor.data import load_rows, tokenize_rows
-    from planner.datasets import dataset_stats
+    from loraplan.executor.data import load_rows, tokenize_rows
+    from loraplan.planner.datasets import dataset_stats
 
     stats = dataset_stats(data_file(name), seq_len, tokenizer_dir=tiny_model_dir)
     rows, fmt = load_rows(data_file(name), "auto")
@@ -213,8 +213,8 @@ def test_tokens_counted_with_the_models_tokenizer_match_run(name, seq_len, tiny_
 def test_the_planners_chat_layout_is_runs_fallback_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from executor.data import FALLBACK_CHAT_TEMPLATE, load_rows
-    from planner.datasets import fallback_chat_text
+    from loraplan.executor.data import FALLBACK_CHAT_TEMPLATE, load_rows
+    from loraplan.planner.datasets import fallback_chat_text
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows, _ = load_rows(data_file("chat.jsonl"), "auto")
@@ -226,7 +226,7 @@ def test_the_planners_chat_layout_is_runs_fallback_template(tiny_model_dir):
 def test_a_model_with_its_own_chat_template_counts_chat_as_an_estimate(tiny_model_dir, tmp_path):
     import shutil
 
-    from planner.datasets import dataset_stats
+    from loraplan.planner.datasets import dataset_stats
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -237,7 +237,7 @@ def test_a_model_with_its_own_chat_template_counts_chat_as_an_estimate(tiny_mode
 
 
 def test_a_large_file_tokenizes_a_spread_sample(tiny_model_dir, monkeypatch):
-    from planner import datasets
+    from loraplan.planner import datasets
 
     exact = datasets.dataset_stats(data_file("instruction.jsonl"), 4096, tokenizer_dir=tiny_model_dir)
     monkeypatch.setattr(datasets, "TOKENIZE_BUDGET_CHARS", 400)  # the 8 rows hold about 620 characters
@@ -247,7 +247,7 @@ def test_a_large_file_tokenizes_a_spread_sample(tiny_model_dir, monkeypatch):
 
 
 def test_a_model_directory_without_a_usable_tokenizer_falls_back_to_the_estimate(tmp_path):
-    from planner.datasets import dataset_stats
+    from loraplan.planner.datasets import dataset_stats
 
     (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
     broken = dataset_stats(data_file("text.jsonl"), 64, tokenizer_dir=str(tmp_path))
@@ -258,7 +258,7 @@ def test_a_model_directory_without_a_usable_tokenizer_falls_back_to_the_estimate
 
 
 def test_counting_with_the_tokenizer_keeps_the_planner_torch_free(tiny_model_dir):
-    code = ("import sys; from planner.datasets import dataset_stats; "
+    code = ("import sys; from loraplan.planner.datasets import dataset_stats; "
             f"s = dataset_stats({data_file('chat.jsonl')!r}, 64, tokenizer_dir={tiny_model_dir!r}); "
             "assert s.estimated is False, s; "
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules]; "

@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 
-from planner import decide as D
-from planner.errors import InputError
-from planner.placement import decide
-from planner.request import PlanRequest, resolve
+from loraplan.planner import decide as D
+from loraplan.planner.errors import InputError
+from loraplan.planner.placement import decide
+from loraplan.planner.request import PlanRequest, resolve
 
 # 0.9 B parameters: big enough that LoRA and QLoRA weights differ by GiB, small enough to reason about.
 CONFIG = {

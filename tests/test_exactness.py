@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from benchmarks.calibration import calibration_dir  # noqa: E402
-from planner.arch import from_config, select_targets, trainable_params  # noqa: E402
-from planner.catalog import models  # noqa: E402
+from loraplan.planner.arch import from_config, select_targets, trainable_params  # noqa: E402
+from loraplan.planner.catalog import models  # noqa: E402
 
 CALIBRATION = calibration_dir() / "configs"
 
@@ -107,7 +107,7 @@ def test_architectures_outside_the_family_table_are_counted_from_a_meta_build(na
 
 
 def test_an_encoder_decoder_config_is_refused_in_words():
-    from planner.errors import ArchitectureError
+    from loraplan.planner.errors import ArchitectureError
 
     with pytest.raises(ArchitectureError, match="t5 is an encoder-decoder model: loraplan plans decoder-only"):
         from_config({"model_type": "t5", "d_model": 128, "num_layers": 2, "num_heads": 4, "vocab_size": 1000})

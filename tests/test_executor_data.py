@@ -23,7 +23,7 @@ def _parquet(tmp_path, src: str) -> str:
 
 @pytest.mark.parametrize("name", ["instruction.jsonl", "instruction.json", "instruction.csv"])
 def test_instruction_files_read_alike(name):
-    from executor.data import load_rows
+    from loraplan.executor.data import load_rows
 
     rows, fmt = load_rows(data_file(name), "auto")
     reference, _ = load_rows(data_file("instruction.jsonl"), "auto")
@@ -32,7 +32,7 @@ def test_instruction_files_read_alike(name):
 
 
 def test_parquet_reads(tmp_path):
-    from executor.data import load_rows
+    from loraplan.executor.data import load_rows
 
     rows, fmt = load_rows(_parquet(tmp_path, data_file("chat.jsonl")), "auto")
     assert fmt == "chat" and len(rows) == 6 and rows[1]["messages"][0]["role"] == "system"
@@ -40,7 +40,7 @@ def test_parquet_reads(tmp_path):
 
 @pytest.mark.parametrize("name,fmt", [("chat.jsonl", "chat"), ("text.jsonl", "text"), ("text.csv", "text")])
 def test_format_detected_from_first_row(name, fmt):
-    from executor.data import load_rows
+    from loraplan.executor.data import load_rows
 
     assert load_rows(data_file(name), "auto")[1] == fmt
 
@@ -57,8 +57,8 @@ def test_format_detected_from_first_row(name, fmt):
     ],
 )
 def test_bad_data_names_first_bad_line(name, fmt, expected):
-    from executor.data import load_rows
-    from executor.errors import RunError
+    from loraplan.executor.data import load_rows
+    from loraplan.executor.errors import RunError
 
     with pytest.raises(RunError) as info:
         load_rows(data_file(name), fmt)
@@ -67,8 +67,8 @@ def test_bad_data_names_first_bad_line(name, fmt, expected):
 
 
 def test_unknown_fields_and_file_types(tmp_path):
-    from executor.data import load_rows
-    from executor.errors import RunError
+    from loraplan.executor.data import load_rows
+    from loraplan.executor.errors import RunError
 
     odd = tmp_path / "odd.jsonl"
     odd.write_text('{"question": "q", "answer": "a"}\n')
@@ -81,7 +81,7 @@ def test_unknown_fields_and_file_types(tmp_path):
 
 
 def test_instruction_loss_covers_the_response_only(tiny_tokenizer):
-    from executor.data import load_rows, tokenize_rows
+    from loraplan.executor.data import load_rows, tokenize_rows
 
     rows, fmt = load_rows(data_file("instruction.jsonl"), "auto")
     ds, report = tokenize_rows(rows, fmt, tiny_tokenizer, seq_len=256, path="x")
@@ -95,7 +95,7 @@ def test_instruction_loss_covers_the_response_only(tiny_tokenizer):
 def test_chat_uses_the_fallback_template_when_the_tokenizer_has_none(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from executor.data import FALLBACK_CHAT_TEMPLATE, load_rows, tokenize_rows
+    from loraplan.executor.data import FALLBACK_CHAT_TEMPLATE, load_rows, tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert not tok.chat_template
@@ -110,7 +110,7 @@ def test_chat_uses_the_fallback_template_when_the_tokenizer_has_none(tiny_model_
 def test_chat_uses_the_tokenizers_own_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from executor.data import load_rows, tokenize_rows
+    from loraplan.executor.data import load_rows, tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -121,7 +121,7 @@ def test_chat_uses_the_tokenizers_own_template(tiny_model_dir):
 
 
 def test_long_rows_are_truncated_and_counted(tiny_tokenizer):
-    from executor.data import load_rows, tokenize_rows
+    from loraplan.executor.data import load_rows, tokenize_rows
 
     rows, fmt = load_rows(data_file("text.jsonl"), "auto")
     ds, report = tokenize_rows(rows, fmt, tiny_tokenizer, seq_len=6, path="x")
@@ -132,7 +132,7 @@ def test_long_rows_are_truncated_and_counted(tiny_tokenizer):
 
 
 def test_prompt_filling_seq_len_is_dropped_and_counted(tiny_tokenizer):
-    from executor.data import tokenize_rows
+    from loraplan.executor.data import tokenize_rows
 
     rows = [{"instruction": "word " * 50, "input": "", "output": "x"}, {"instruction": "a", "input": "", "output": "b"}]
     ds, report = tokenize_rows(rows, "instruction", tiny_tokenizer, seq_len=16, path="x")
@@ -140,7 +140,7 @@ def test_prompt_filling_seq_len_is_dropped_and_counted(tiny_tokenizer):
 
 
 def test_eval_fraction_holds_out_rows(tiny_tokenizer, tmp_path):
-    from executor.data import prepare_datasets
+    from loraplan.executor.data import prepare_datasets
 
     plan = build_plan("m", data_file("instruction.jsonl"), str(tmp_path), eval_fraction=0.25)
     train, evals, report, eval_report = prepare_datasets(plan, tiny_tokenizer)

@@ -18,7 +18,7 @@ def _summary(**over):
         "metrics_file": "/o/metrics.jsonl",
     }
     s.update(over)
-    from executor.summary import RunSummary
+    from loraplan.executor.summary import RunSummary
 
     return RunSummary.from_dict(s)  # the report reads the typed record, as run hands it over
 
@@ -26,7 +26,7 @@ def _summary(**over):
 def _render(summary) -> str:
     from rich.console import Console
 
-    from executor.report import print_report
+    from loraplan.executor.report import print_report
 
     buf = io.StringIO()
     print_report(summary, Console(file=buf, width=120))
@@ -46,7 +46,7 @@ def test_a_summary_round_trips_through_its_type_and_refuses_an_unknown_key(tmp_p
 
     import pytest
 
-    from executor.summary import RunSummary
+    from loraplan.executor.summary import RunSummary
 
     s = _summary()
     path = tmp_path / "summary.json"
@@ -57,7 +57,7 @@ def test_a_summary_round_trips_through_its_type_and_refuses_an_unknown_key(tmp_p
 
 
 def test_over_prediction_rule_uses_the_margin_of_card_memory(tmp_path):
-    from executor.train import exceeds_prediction
+    from loraplan.executor.train import exceeds_prediction
 
     plan = build_plan("m", data_file("text.jsonl"), str(tmp_path))  # predicted 1.0 GiB, margin 0.1 x 16 GiB
     assert not exceeds_prediction(plan, None)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from planner import memory as M
-from planner.arch import from_config, select_targets, trainable_params
-from planner.strategies import STRATEGIES
-from tables import TABLES_DIR
+from loraplan.planner import memory as M
+from loraplan.planner.arch import from_config, select_targets, trainable_params
+from loraplan.planner.strategies import STRATEGIES
+from loraplan.tables import TABLES_DIR
 
 h, i, L, heads, kv_heads, V = 1024, 4096, 8, 16, 4, 32000
 d = h // heads  # head_dim 64
@@ -34,7 +34,7 @@ def shape(**kw):
 
 
 def terms(s, strategy="single"):
-    from planner.plan import Hardware
+    from loraplan.planner.plan import Hardware
 
     hw = Hardware(gpu="h100-80gb", gpu_name="H100", memory_gib=79.1, num_gpus=s.num_gpus, bf16=True)
     return {t.name: t.bytes for t in STRATEGIES[strategy].budget(M.budget(ARCH, SEL, s), ARCH, P, s, hw)}

@@ -16,7 +16,7 @@ pytestmark = [requires_run, pytest.mark.slow]
 def cli_merge():
     from click.testing import CliRunner
 
-    from executor.cli import merge_command
+    from loraplan.executor.cli import merge_command
 
     return lambda *args: CliRunner().invoke(merge_command, [str(a) for a in args], catch_exceptions=False)
 

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from loraplan.cli import main
-from planner.plan import Plan
+from loraplan.planner.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_plan_never_imports_torch():
 def test_405b_and_a_sweep_are_fast():
     import time
 
-    from planner.api import PlanRequest, make_plan
+    from loraplan.planner.api import PlanRequest, make_plan
 
     t = time.perf_counter()
     make_plan(PlanRequest(model="llama-3.1-405b", gpu="h200", num_gpus=8))  # includes the 15-card table

@@ -11,8 +11,8 @@ import yaml
 
 from conftest import build_plan, data_file
 
-from planner.errors import PlanError
-from planner.plan import Plan
+from loraplan.planner.errors import PlanError
+from loraplan.planner.plan import Plan
 
 
 def _plan_file(tmp_path, edit=None, **training) -> str:
@@ -103,7 +103,7 @@ def test_a_file_that_is_not_a_plan_says_so(content, tmp_path):
                                        ("llama-3.2-1b", "t4")])
 def test_what_the_planner_writes_passes(model, gpu, tmp_path):
     """The checks refuse nothing the planner writes: its plans round-trip through a file and load."""
-    from planner.api import PlanRequest, make_plan
+    from loraplan.planner.api import PlanRequest, make_plan
 
     plan = make_plan(PlanRequest(model=model, gpu=gpu)).plan
     plan.save(str(tmp_path / "plan.yaml"))

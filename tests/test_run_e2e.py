@@ -99,7 +99,7 @@ def test_each_format_and_file_type_trains(name, tiny_model_dir, tmp_path, cli_ru
 
 
 def test_truncation_is_counted_in_the_report(tiny_model_dir, tiny_tokenizer, tmp_path, cli_run):
-    from executor.data import load_rows, tokenize_rows
+    from loraplan.executor.data import load_rows, tokenize_rows
 
     rows, fmt = load_rows(data_file("text.jsonl"), "auto")
     full, _ = tokenize_rows(rows, fmt, tiny_tokenizer, seq_len=10_000, path="x")
@@ -116,7 +116,7 @@ def test_truncation_is_counted_in_the_report(tiny_model_dir, tiny_tokenizer, tmp
 def _first_step(tiny_model_dir, out, loss):
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), loss=loss, max_steps=2,
                       logging_steps=1, save_steps=2)
-    from executor.runner import execute
+    from loraplan.executor.runner import execute
 
     execute(plan)
     with open(out / "checkpoint-2" / "trainer_state.json") as f:
@@ -149,7 +149,7 @@ def test_qlora_loads_nf4_and_upcasts_nothing(tiny_model_dir, tmp_path):
     import bitsandbytes as bnb
     import torch
 
-    from executor.model import load_base_model, wrap_lora
+    from loraplan.executor.model import load_base_model, wrap_lora
 
     plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(tmp_path), method="qlora", dtype="bfloat16")
     model = wrap_lora(plan, load_base_model(plan, tiny_model_dir))
@@ -163,9 +163,9 @@ def test_qlora_loads_nf4_and_upcasts_nothing(tiny_model_dir, tmp_path):
     assert base.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
 
     # Still so once SFTTrainer has the model (it would upcast if given a peft_config with a 4-bit model).
-    from executor.data import prepare_datasets
-    from executor.model import load_tokenizer
-    from executor.train import Placement, _trainer_class, sft_config
+    from loraplan.executor.data import prepare_datasets
+    from loraplan.executor.model import load_tokenizer
+    from loraplan.executor.train import Placement, _trainer_class, sft_config
 
     tokenizer = load_tokenizer(tiny_model_dir, False)
     train_ds = prepare_datasets(plan, tokenizer)[0]
@@ -191,7 +191,7 @@ def test_demo_runs_and_the_loss_falls(tmp_path, cli_run):
 
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tmp_path_factory, tiny_model_dir):
-    from executor.tiny import build_tiny_model
+    from loraplan.executor.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-mixtral"), arch="mixtral", seed=0)
 
@@ -238,7 +238,7 @@ def test_hub_id_from_the_local_cache_trains_and_merges(tiny_model_dir, tmp_path,
 
     from click.testing import CliRunner
 
-    from executor.cli import merge_command
+    from loraplan.executor.cli import merge_command
 
     cache = tmp_path / "hub"
     snapshot = cache / "models--tiny--llama" / "snapshots" / "0123abcd"

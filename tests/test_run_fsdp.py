@@ -41,7 +41,7 @@ def _max_diff(a, b) -> float:
 def _invoke(*args):
     from click.testing import CliRunner
 
-    from executor.cli import run_command
+    from loraplan.executor.cli import run_command
 
     return CliRunner().invoke(run_command, [str(a) for a in args], catch_exceptions=False)
 
@@ -52,7 +52,7 @@ def _log(out) -> str:
 
 
 def _cli_process(*args):
-    return subprocess.Popen([sys.executable, "-m", "executor.cli", "run", *map(str, args)], env=subprocess_env(),
+    return subprocess.Popen([sys.executable, "-m", "loraplan.executor.cli", "run", *map(str, args)], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -107,7 +107,7 @@ def test_two_process_fsdp_trains_the_single_process_adapter(fsdp_run, tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from executor.merge import merge_adapter
+    from loraplan.executor.merge import merge_adapter
 
     merged_dir = merge_adapter(str(out / "adapter"), str(tmp_path / "merged"), dtype="fp32")
     ids = torch.tensor([[1, 5, 9, 14, 3]])
@@ -138,7 +138,7 @@ def test_the_accelerate_config_is_valid_and_is_what_the_run_used(fsdp_run):
         "fsdp_activation_checkpointing": False,
     }
     # accelerate's own launcher reads it (the parsing `accelerate launch --config_file` does) into an FSDP launch.
-    args = launch_command_parser().parse_args(["--config_file", str(config_path), "-m", "executor.worker", plan_path])
+    args = launch_command_parser().parse_args(["--config_file", str(config_path), "-m", "loraplan.executor.worker", plan_path])
     args, _, _ = _validate_launch_command(args)
     assert args.use_fsdp and args.num_processes == 2 and args.num_machines == 1
     args.main_process_port = 0  # any free port: only the environment it would give the workers is checked
@@ -249,7 +249,7 @@ def test_qlora_under_fsdp_shards_the_4bit_weights(fsdp_run, tiny_model_dir, tmp_
     checkpointing (use_reentrant False) and never FSDP's own; eval at each checkpoint."""
     import torch
 
-    from executor.model import quantization_config
+    from loraplan.executor.model import quantization_config
 
     ref_out, _ = fsdp_run
     out = tmp_path / "out"
@@ -275,7 +275,7 @@ def test_qlora_under_fsdp_shards_the_4bit_weights(fsdp_run, tiny_model_dir, tmp_
     plan.training.optimizer = "paged-adamw-8bit"
     refused = cli_run(write_plan(plan, tmp_path / "paged.yaml"), "--output-dir", tmp_path / "paged")
     assert refused.exit_code == 2
-    from planner.strategies import BROKEN
+    from loraplan.planner.strategies import BROKEN
 
     assert refused.stderr.strip() == "Error: " + BROKEN[(True, "qlora", "paged-adamw-8bit")]  # the planner's words
     assert "paged 8-bit AdamW fails when saving a checkpoint" in refused.stderr
@@ -319,8 +319,8 @@ def test_plans_the_stack_cannot_run_are_refused_in_one_line(edit, line, tiny_mod
 
 
 def test_machine_rank_and_address_come_from_flags_slurm_or_torchrun_env(tiny_model_dir, tmp_path, cli_run):
-    from executor.errors import RunError
-    from executor.launch import first_slurm_host, resolve_rendezvous
+    from loraplan.executor.errors import RunError
+    from loraplan.executor.launch import first_slurm_host, resolve_rendezvous
 
     assert first_slurm_host("gpu[03-04,07],cpu1") == "gpu03"
     assert first_slurm_host("node7,node8") == "node7"

@@ -99,7 +99,7 @@ def test_a_run_writes_no_model_card_and_an_empty_folder_is_free(tiny_model_dir, 
     result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
     assert result.exit_code == 0, result.output
     # Only the run's own names at the top (trl's README.md model card is not written; peft's stays in adapter/).
-    from executor import outputs
+    from loraplan.executor import outputs
 
     names = set(os.listdir(out))
     assert "README.md" not in names
@@ -152,7 +152,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(tiny_model_dir, tmp_path, cl
     long_plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=100000,
                            save_steps=100000, logging_steps=1)
     path = write_plan(long_plan, tmp_path / "a.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "executor.cli", "run", path], env=subprocess_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "loraplan.executor.cli", "run", path], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         holder = _wait_for_lock(out, proc)
@@ -202,9 +202,9 @@ def _unwritable_places(tmp_path):
 
 
 def test_an_output_dir_that_cannot_be_made_is_one_line(tiny_model_dir, tmp_path, cli_run, monkeypatch, no_model_load):
-    import executor.tiny
+    import loraplan.executor.tiny
 
-    monkeypatch.setattr(executor.tiny, "build_tiny_model",
+    monkeypatch.setattr(loraplan.executor.tiny, "build_tiny_model",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("demo model built first")))
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), "unused", max_steps=2)
     path = write_plan(plan, tmp_path / "plan.yaml")
@@ -300,7 +300,7 @@ def test_library_chatter_goes_to_run_log_not_the_terminal(tiny_model_dir, tmp_pa
     out = tmp_path / "out"
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), method="qlora", max_steps=2,
                       save_steps=2, optimizer="paged-adamw-8bit")
-    proc = subprocess.run([sys.executable, "-m", "executor.cli", "run", write_plan(plan, tmp_path / "plan.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "loraplan.executor.cli", "run", write_plan(plan, tmp_path / "plan.yaml")],
                           env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", proc.stderr

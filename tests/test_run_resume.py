@@ -16,7 +16,7 @@ pytestmark = requires_run
 
 
 def _run_cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "executor.cli", "run", *map(str, args)], env=subprocess_env(),
+    return subprocess.Popen([sys.executable, "-m", "loraplan.executor.cli", "run", *map(str, args)], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -71,8 +71,8 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_d
 
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
-    from executor import outputs
-    from executor import checkpoints
+    from loraplan.executor import outputs
+    from loraplan.executor import checkpoints
 
     plan = build_plan("m", data_file("text.jsonl"), str(tmp_path))
     plan.save(str(tmp_path / "plan.yaml"))
@@ -86,7 +86,7 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
-    from executor import checkpoints
+    from loraplan.executor import checkpoints
 
     for step in (2, 4, 6, 8):
         os.makedirs(tmp_path / f"checkpoint-{step}")
@@ -162,7 +162,7 @@ def _make_checkpoint(folder, files: dict):
 
 
 def test_a_damaged_checkpoint_is_told_apart_by_its_marker(tmp_path):
-    from executor import checkpoints
+    from loraplan.executor import checkpoints
 
     for step in (2, 4):
         _make_checkpoint(tmp_path / f"checkpoint-{step}", {"adapter_model.safetensors": bytes(range(200)) * 5,
@@ -216,7 +216,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_finishes_the_same_run(tiny
     assert _train_steps(out) == list(range(1, 9))  # steps 5-8 logged once, by the resumed run
     _assert_same_adapter(out / "adapter", ref_tensors, tol=1e-4)
     # checkpoint-8 was saved again, whole, and is what the next resume would use.
-    from executor import checkpoints
+    from loraplan.executor import checkpoints
 
     assert checkpoints.latest_complete_checkpoint(str(out)) == (8, str(out / "checkpoint-8"))
 

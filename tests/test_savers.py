@@ -14,17 +14,17 @@ from click.testing import CliRunner
 
 from conftest import build_plan, data_file, requires_run, write_plan
 from loraplan.cli import main
-from planner import decide as D
-from planner import memory as M
-from planner import savers as S
-from planner import throughput as TP
-from planner.api import PlanRequest, make_plan
-from planner.errors import InputError, PlanError
-from planner.placement import decide
-from planner.plan import Plan, Savers
-from planner.request import resolve
-from planner.saver_effects import saver_effects
-from tables import TABLES_DIR
+from loraplan.planner import decide as D
+from loraplan.planner import memory as M
+from loraplan.planner import savers as S
+from loraplan.planner import throughput as TP
+from loraplan.planner.api import PlanRequest, make_plan
+from loraplan.planner.errors import InputError, PlanError
+from loraplan.planner.placement import decide
+from loraplan.planner.plan import Plan, Savers
+from loraplan.planner.request import resolve
+from loraplan.planner.saver_effects import saver_effects
+from loraplan.tables import TABLES_DIR
 
 FIT = yaml.safe_load((TABLES_DIR / "memory.yaml").read_text())["fitted"]
 SAVER_TABLE = yaml.safe_load((TABLES_DIR / "savers.yaml").read_text())
@@ -223,7 +223,7 @@ def _cpu_plan(model_dir, out, **savers):
 
 @requires_run
 def test_each_saver_reaches_the_trainer_as_planned(tiny_model_dir, tmp_path):
-    from executor.train import Placement, checkpointing_kwargs, sft_config
+    from loraplan.executor.train import Placement, checkpointing_kwargs, sft_config
 
     place = Placement(1, 0, 0, False)
     plain = _cpu_plan(tiny_model_dir, tmp_path / "a")
@@ -246,9 +246,9 @@ def test_layer_checkpointing_checkpoints_every_nth_layer_in_the_trainer(tiny_mod
     """The trainer built from the plan's SFTConfig marks layers 0, 2, ... as checkpointed, the others not."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from executor.data import prepare_datasets
-    from executor.model import load_base_model, load_tokenizer, wrap_lora
-    from executor.train import Placement, _trainer_class, sft_config
+    from loraplan.executor.data import prepare_datasets
+    from loraplan.executor.model import load_base_model, load_tokenizer, wrap_lora
+    from loraplan.executor.train import Placement, _trainer_class, sft_config
 
     for every, expected in ((1, [True, True]), (2, [True, False])):
         plan = _cpu_plan(tiny_model_dir, tmp_path / f"out{every}", every_n_layers=every)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from loraplan.cli import main
-from planner.api import PlanRequest, make_plan
+from loraplan.planner.api import PlanRequest, make_plan
 
 MODEL = "llama-3.1-8b"
 

@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from loraplan.cli import main
-from planner import memory as M
-from planner.arch import from_config, select_targets, trainable_params
-from planner.communication import step_time
-from planner.loading import load_peak
-from planner.plan import Hardware
-from planner.strategies import STRATEGIES
+from loraplan.planner import memory as M
+from loraplan.planner.arch import from_config, select_targets, trainable_params
+from loraplan.planner.communication import step_time
+from loraplan.planner.loading import load_peak
+from loraplan.planner.plan import Hardware
+from loraplan.planner.strategies import STRATEGIES
 
 h, i, L, heads, kv_heads, V = 1024, 4096, 8, 16, 4, 32000
 kv = kv_heads * (h // heads)

@@ -17,7 +17,7 @@ import yaml
 
 from benchmarks.calibration import calibration_dir
 
-TABLES_DIR = Path(__file__).resolve().parents[1] / "tables"
+TABLES_DIR = Path(__file__).resolve().parents[1] / "loraplan" / "tables"
 CALIBRATION_CONFIGS = calibration_dir() / "configs"
 RECIPE_CARD = TABLES_DIR / "reference" / "lora-qlora-card.md"  # a copy of shared/reference/lora-qlora-card.md
 

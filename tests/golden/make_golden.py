@@ -36,7 +36,7 @@ def calibration_cases() -> list[dict]:
 
 
 def catalog_cases() -> list[dict]:
-    from planner.catalog import models
+    from loraplan.planner.catalog import models
 
     cases = []
     for name in models():
@@ -55,7 +55,7 @@ def catalog_cases() -> list[dict]:
 
 def request_of(case: dict):
     from benchmarks.calibration import calibration_dir
-    from planner.api import PlanRequest
+    from loraplan.planner.api import PlanRequest
 
     kw = {k: v for k, v in case.items() if k not in ("id", "calibration_config")}
     if "calibration_config" in case:
@@ -80,7 +80,7 @@ def numbers(result_json: dict) -> dict:
 
 
 def compute(case: dict) -> dict:
-    from planner.api import make_plan
+    from loraplan.planner.api import make_plan
 
     return numbers(make_plan(request_of(case)).to_json())
 

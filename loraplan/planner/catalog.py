@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tables import TABLES_DIR
+from loraplan.tables import TABLES_DIR
 
 from .arch import Architecture, from_config
 from .errors import ArchitectureError, InputError

@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from planner.dataset_reader import EXTENSIONS, FORMATS, read_dataset  # noqa: F401  (re-exported)
-from planner.datasets import INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT, instruction_prompt  # noqa: F401
-from planner.errors import InputError, first_line
+from loraplan.planner.dataset_reader import EXTENSIONS, FORMATS, read_dataset  # noqa: F401  (re-exported)
+from loraplan.planner.datasets import INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT, instruction_prompt  # noqa: F401
+from loraplan.planner.errors import InputError, first_line
 
 from .errors import RunError
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from planner.plan import Plan
+from loraplan.planner.plan import Plan
 
 from .errors import RunError
 
@@ -36,7 +36,7 @@ MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 def is_sharded(plan: Plan) -> bool:
     """The strategy table says the weights are sharded over the ranks (fsdp, fsdp-offload)."""
-    from planner.strategies import STRATEGIES
+    from loraplan.planner.strategies import STRATEGIES
 
     return STRATEGIES[plan.strategy].sharded
 
@@ -58,13 +58,13 @@ def refusal(plan: Plan) -> Optional[str]:
         return "strategy fsdp-offload needs distributed.offload_params: true (or strategy fsdp without offload)"
     if plan.strategy == "fsdp" and d.offload_params:
         return "strategy fsdp contradicts distributed.offload_params: true; the offloading strategy is fsdp-offload"
-    from planner.strategies import STRATEGIES, broken_combination
+    from loraplan.planner.strategies import STRATEGIES, broken_combination
 
     broken = broken_combination(STRATEGIES[plan.strategy], plan.method, t.optimizer)  # the planner's table
     if broken:
         return broken
     if plan.quantization.enabled:
-        from planner.options import DTYPES
+        from loraplan.planner.options import DTYPES
 
         storage = quant_storage(plan)
         if storage not in DTYPES:
@@ -171,10 +171,10 @@ def accelerate_config(plan: Plan, *, use_cuda: bool, layer_class: Optional[str],
 def write_accelerate_config(config: dict[str, Any], path: str, plan_path: str) -> None:
     import yaml
 
-    from planner.plan import atomic_write_text
+    from loraplan.planner.plan import atomic_write_text
 
     header = (f"# The accelerate config `loraplan run` generated from {plan_path} and launched this run with\n"
-              f"# (accelerate launch --config_file {path} -m executor.worker {plan_path}).\n"
+              f"# (accelerate launch --config_file {path} -m loraplan.executor.worker {plan_path}).\n"
               f"# The same settings for another script: accelerate launch --config_file {path} your_script.py\n")
     atomic_write_text(path, header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
 

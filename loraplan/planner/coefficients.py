@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from tables import TABLES_DIR
+from loraplan.tables import TABLES_DIR
 
 
 @dataclass(frozen=True)

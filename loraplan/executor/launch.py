@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from planner.plan import Plan
+from loraplan.planner.plan import Plan
 
 from . import outputs
 from .errors import RunError, TrainingFailed
@@ -152,12 +152,10 @@ def launch_command(plan: Plan, plan_path: str, resume_from: Optional[str], error
             cmd += ["--machine_rank", str(rdzv.machine_rank), "--main_process_ip", str(rdzv.main_process_ip),
                     "--same_network"]
     cmd += ["--num_cpu_threads_per_process", str(threads),
-            "-m", "executor.worker", plan_path, "--error-file", error_file]
+            "-m", "loraplan.executor.worker", plan_path, "--error-file", error_file]
     if resume_from:
         cmd += ["--resume-from", resume_from]
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so `-m executor.worker` imports this tree
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = dict(os.environ)  # the workers import the installed `loraplan`, the same package this process runs
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return cmd, env
 

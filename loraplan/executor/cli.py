@@ -9,9 +9,9 @@ from typing import Optional
 
 import click
 
-from planner.errors import PlanError
-from planner.plan import Plan
-from planner.strategies import STRATEGIES
+from loraplan.planner.errors import PlanError
+from loraplan.planner.plan import Plan
+from loraplan.planner.strategies import STRATEGIES
 
 from .errors import RunError
 

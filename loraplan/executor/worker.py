@@ -1,4 +1,4 @@
-"""One worker of a ddp or fsdp run: `accelerate launch ... -m executor.worker PLAN [--resume-from CKPT]`.
+"""One worker of a ddp or fsdp run: `accelerate launch ... -m loraplan.executor.worker PLAN [--resume-from CKPT]`.
 
 Rank 0 (on machine 0) shows progress and writes the run's files; every rank trains (and, under FSDP, writes its
 own checkpoint shards). A one-line error is written to the file named
@@ -14,14 +14,14 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="executor.worker")
+    parser = argparse.ArgumentParser(prog="loraplan.executor.worker")
     parser.add_argument("plan")
     parser.add_argument("--resume-from", default=None)
     parser.add_argument("--error-file", default=None)
     args = parser.parse_args(argv)
 
-    from planner.errors import PlanError
-    from planner.plan import Plan
+    from loraplan.planner.errors import PlanError
+    from loraplan.planner.plan import Plan
 
     from .errors import RunError
 
@@ -69,7 +69,7 @@ def _agree_across_machines(plan, resume_from):
     import torch.distributed as dist
     from accelerate import PartialState
 
-    from planner.plan import Plan
+    from loraplan.planner.plan import Plan
 
     from .errors import RunError
     from .outputs import training_differences

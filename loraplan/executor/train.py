@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from planner.options import OPTIMIZERS
-from planner.plan import Plan
+from loraplan.planner.options import OPTIMIZERS
+from loraplan.planner.plan import Plan
 
 from . import outputs
 

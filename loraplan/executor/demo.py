@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from planner.plan import Plan
+from loraplan.planner.plan import Plan
 
 from .errors import RunError
 
@@ -25,8 +25,8 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     num_processes > 1 plans the demo over that many CPU processes (the planner picks ddp: a replica this small fits
     anywhere); strategy fsdp or fsdp-offload asks the planner for a sharded plan instead (`--strategy` of `plan`),
     so its memory terms are the sharded ones."""
-    from planner.api import PlanRequest, make_plan
-    from planner.errors import InputError
+    from loraplan.planner.api import PlanRequest, make_plan
+    from loraplan.planner.errors import InputError
 
     strategy = strategy or ("cpu" if num_processes == 1 else "ddp")
     if strategy == "cpu" and num_processes > 1:

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 
-from planner.errors import first_line
+from loraplan.planner.errors import first_line
 
 from .errors import RunError, TrainingFailed, require_run_extra
 

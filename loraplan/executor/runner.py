@@ -6,8 +6,8 @@ import os
 import time
 from typing import Optional
 
-from planner.options import OPTIMIZERS
-from planner.plan import Plan
+from loraplan.planner.options import OPTIMIZERS
+from loraplan.planner.plan import Plan
 
 from . import outputs
 
@@ -35,7 +35,7 @@ def check_savers(plan: Plan) -> None:
     """Refuse, in one line, a plan whose memory savers this machine cannot apply (planner.savers)."""
     import importlib.util
 
-    from planner.savers import unmet_requirements
+    from loraplan.planner.savers import unmet_requirements
 
     names = plan.savers.names
     if not names:
@@ -128,7 +128,7 @@ def _announce(plan: Plan, resume_from, console, resume: bool) -> None:
 def launches_workers(plan: Plan) -> bool:
     """The strategy table's `launcher`: "accelerate" starts worker processes (a sharded plan always, so its FSDP
     config is accelerate's; ddp when there is more than one process), "in-process" trains here."""
-    from planner.strategies import STRATEGIES
+    from loraplan.planner.strategies import STRATEGIES
 
     s = STRATEGIES[plan.strategy]
     return s.launcher == "accelerate" and (s.sharded or plan.hardware.world_size > 1)

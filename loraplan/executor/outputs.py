@@ -28,9 +28,9 @@ import socket
 import time
 from typing import Any, Iterator, Optional
 
-from planner.errors import PlanError, first_line
-from planner.plan import Plan
-from planner.plan_io import atomic_write_text
+from loraplan.planner.errors import PlanError, first_line
+from loraplan.planner.plan import Plan
+from loraplan.planner.plan_io import atomic_write_text
 
 from .checkpoints import (COMPLETE_MARKER, CHECKPOINT_RE, checkpoints, file_sha256, latest_complete_checkpoint,
                           remove_incomplete_checkpoints)

@@ -11,8 +11,8 @@ import json
 import os
 from typing import Any, Optional
 
-from planner.catalog import find_in_hf_cache, has_weights
-from planner.errors import first_line
+from loraplan.planner.catalog import find_in_hf_cache, has_weights
+from loraplan.planner.errors import first_line
 
 from .errors import RunError
 from .fsdp import is_sharded, quant_storage
