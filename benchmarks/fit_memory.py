@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
 from loraplan.planner import memory as M  # noqa: E402
 from loraplan.planner import throughput as TP  # noqa: E402
-from loraplan.planner.catalog import gpus  # noqa: E402
+from loraplan.tables import gpus  # noqa: E402
 from loraplan.tables import TABLES_DIR  # noqa: E402
 
 GIB = 2**30

@@ -183,7 +183,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
 def models_command(as_json: bool) -> None:
     """List the model catalog."""
     from loraplan.planner.arch import from_config
-    from loraplan.planner.catalog import models
+    from loraplan.tables import models
 
     rows = []
     for key, e in models().items():
@@ -220,7 +220,7 @@ def models_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def gpus_command(as_json: bool) -> None:
     """List the GPU catalog."""
-    from loraplan.planner.catalog import gpus
+    from loraplan.tables import gpus
 
     if as_json:
         click.echo(json.dumps(gpus(), indent=2))

@@ -76,16 +76,14 @@ def _assumptions(r: Resolved, c: Choice) -> dict[str, str]:
 
 def _savers(r: Resolved, c: Choice) -> Savers:
     sv = c.savers
-    return Savers(every_n_layers=sv.every_n_layers, offload_checkpoints=sv.offload == "offload_checkpoints",
-                  offload_activations=sv.offload == "offload_activations", mlp_tiling=sv.mlp_tiling,
-                  padding_free=sv.padding_free, pinned_host_gib=round(c.host_gib, 4),
+    return Savers(on=list(sv.names), every_n_layers=sv.every_n_layers, pinned_host_gib=round(c.host_gib, 4),
                   host_memory_gib=round(r.host_memory_gib, 2) if r.uses_savers else None)
 
 
 def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[float], warnings: list[str]) -> Plan:
     c, ds = d.choice, r.dataset
     # padding-free packing: trl packs rows without padding and flash-attention's varlen kernel keeps them apart
-    attn = "flash_attention_2" if c.savers.padding_free else r.arch.attn_implementation
+    attn = "flash_attention_2" if "padding_free" in c.savers.on else r.arch.attn_implementation
     return Plan(
         model=r.model.ref,
         hardware=r.hardware,
@@ -97,7 +95,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
             seq_len=r.seq_len, micro_batch_size=c.micro_batch_size, grad_accum_steps=r.per_gpu_batch // c.micro_batch_size,
             global_batch_size=r.global_batch_size, grad_checkpointing=c.grad_checkpointing, optimizer=r.optimizer,
             loss=r.loss, learning_rate=r.learning_rate, num_epochs=r.epochs, max_steps=r.max_steps or -1,
-            logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing=c.savers.padding_free,
+            logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing="padding_free" in c.savers.on,
         ),
         prediction=Prediction(per_gpu_gib=round(M.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
                               margin=M.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),

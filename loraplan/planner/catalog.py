@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from loraplan.tables import TABLES_DIR
+from loraplan.tables import gpus, models, networks
 
 from .arch import Architecture, from_config
 from .errors import ArchitectureError, InputError
@@ -26,31 +26,6 @@ from .plan import Hardware, ModelRef
 
 GIB = 2**30
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
-
-
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-@functools.lru_cache(maxsize=None)
-def load_table(name: str) -> dict[str, Any]:
-    with open(TABLES_DIR / name, encoding="utf-8") as f:
-        return yaml.load(f, Loader=_Loader)
-
-
-def models() -> dict[str, dict]:
-    return load_table("models.yaml")
-
-
-def networks() -> dict[str, dict]:
-    return load_table("networks.yaml")
-
-
-def gpus() -> dict[str, dict]:
-    return load_table("gpus.yaml")
-
-
-def hyperparameters() -> dict[str, dict]:
-    return load_table("hyperparameters.yaml")
 
 
 def _lookup(table: dict[str, dict], name: str) -> Optional[str]:

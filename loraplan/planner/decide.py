@@ -176,7 +176,7 @@ def _fewer_checkpoints(r: Resolved, c: Choice) -> Choice:
     for n in sorted((int(x) for x in S.table()["savers"]["layer_checkpointing"]["every_n_layers"]), reverse=True):
         if n <= c.savers.every_n_layers or n >= r.arch.num_layers:
             continue
-        trial = candidate(r, c.method, c.micro_batch_size, True, dataclasses.replace(c.savers, every_n_layers=n))
+        trial = candidate(r, c.method, c.micro_batch_size, True, c.savers.every(n))
         if fits(r, trial):
             return trial
     return c

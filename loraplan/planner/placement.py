@@ -187,7 +187,7 @@ def _beyond_training(r: Resolved, best: StrategyOption) -> list[str]:
     """What would help when training fits and loading or the host does not: relaxing the training shape would
     not, so say what binds and what would hold the load (a card whose usable memory holds the load peak; more host
     memory)."""
-    from .catalog import gpus
+    from loraplan.tables import gpus
 
     out = [best.why_not or ""]
     margin = M.coefficients().decision.safety_margin

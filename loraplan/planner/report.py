@@ -6,7 +6,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .api import PlanResult
+from .result import PlanResult
+from .savers import SAVERS
 
 GIB = 2**30
 
@@ -92,11 +93,6 @@ def _host_and_strategies(res: PlanResult, console: Console) -> None:
                        f"{o.host_gib:.0f}", f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else "-", o.why_not or "")
         print_table(console, st)
 
-# short names for the fit table's savers column
-SAVER_SHORT = {"layer_checkpointing": "every-n", "offload_checkpoints": "offload", "offload_activations": "offload-trl",
-               "mlp_tiling": "tiled-mlp", "padding_free": "packed"}
-
-
 def _savers_tables(res: PlanResult, console: Console) -> None:
     """Pinned host memory, and what each saver of the plan buys (GPU GiB saved, host GiB, slowdown)."""
     effects = res.saver_effects()
@@ -117,8 +113,6 @@ def _savers_tables(res: PlanResult, console: Console) -> None:
         key_column(buys, col, justify="right")
     text_column(buys, "how `run` applies it (speed figure)")
     for e in effects:
-        from .savers import SAVERS
-
         how = e.speed_source.split(":", 1)[0]  # derived | cited: the sources are in --json and tables/savers.yaml
         buys.add_row(e.name, f"{e.gib_saved:.2f}", f"{e.host_gib:.2f}", f"{e.slowdown - 1:+.1%}",
                      f"{SAVERS[e.name].applied_short} ({how})")
@@ -307,7 +301,7 @@ def _fit_cells(row, margin: float) -> tuple[dict[str, str], bool]:
         "strategy": row.strategy or "-", "method": (row.method or "").upper() if ok else "-",
         "micro-\nbatch": str(row.micro_batch_size) if ok else "-",
         "grad\nckpt": ("on" if row.grad_checkpointing else "off") if ok else "-",
-        "savers": ("+".join(SAVER_SHORT[n] for n in row.savers or []) or "-") if ok else "-",
+        "savers": ("+".join(SAVERS[n].short for n in row.savers or []) or "-") if ok else "-",
         "host\nGiB": f"{row.host_gib:.1f}" if ok and row.host_gib else "-",
         "peak\nGiB": f"{row.per_gpu_gib:.1f}", "headroom\nGiB": room,
         "tokens/s": f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",

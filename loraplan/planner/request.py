@@ -173,8 +173,9 @@ def _savers(req: PlanRequest, arch: Architecture, hw: Hardware, seq_len_max: boo
         why = S.SAVERS[name].applies(arch, hw)
         if why:
             raise InputError(f"--savers {S.cli_name(name)}=on: {why}")
-    if all(n in on for n in S.OFFLOADS):
-        raise InputError("--savers: offload-checkpoints and offload-activations offload the same tensors; turn one on")
+    clash = S.conflict(on)
+    if clash:
+        raise InputError(f"--savers: {clash}")
     ckpt = [n for n in on if S.SAVERS[n].needs_checkpointing]
     if ckpt and req.grad_checkpointing == "off":
         raise InputError(f"--savers {S.cli_name(ckpt[0])}=on needs gradient checkpointing, which "
