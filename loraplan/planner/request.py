@@ -161,7 +161,6 @@ def validate(req: PlanRequest) -> None:
     O.check_choice("--grad-checkpointing", req.grad_checkpointing, O.CHECKPOINTING_CHOICES, InputError)
     O.check_choice("--optimizer", req.optimizer, tuple(O.OPTIMIZERS), InputError)
     O.check_choice("--loss", req.loss, O.LOSSES, InputError)
-    O.check_choice("--strategy", req.strategy, STRATEGY_CHOICES, InputError)
     O.parse_savers(req.savers, error=InputError)
 
 
@@ -220,6 +219,7 @@ def _adapter(arch: Architecture, req: PlanRequest) -> tuple[TargetSelection, int
 
 def _strategy(req: PlanRequest, hw: Hardware) -> Strategy:
     """The strategy asked for, checked against the topology; else the hardware's default."""
+    O.check_choice("--strategy", req.strategy, STRATEGY_CHOICES, InputError)  # the table's names: checked here
     if req.strategy == "auto":
         return strategy_for(hw)
     s = STRATEGIES[req.strategy]
