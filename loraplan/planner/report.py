@@ -308,6 +308,12 @@ def _fit_cells(row, margin: float) -> tuple[dict[str, str], bool]:
     }, short
 
 
+def _gpus(hw) -> str:
+    """The world the plan trains on, in words that match --json's world_size: "16 x H100 (2 nodes x 8)"."""
+    nodes = f" ({hw.num_nodes} nodes x {hw.num_gpus})" if hw.num_nodes > 1 else ""
+    return f"{hw.world_size} x {hw.gpu_name}{nodes}"
+
+
 def _verdict(res: PlanResult, console: Console) -> None:
     """The hardware note and warnings, then FITS (peak, headroom) or DOES NOT FIT with what would."""
     plan, t = res.plan, res.plan.training
@@ -322,7 +328,7 @@ def _verdict(res: PlanResult, console: Console) -> None:
         savers = (f", with {', '.join(plan.savers.names)}" if plan.savers.names else "")
         host = f" and {res.host_gib:.1f} GiB of pinned host memory" if res.host_terms else ""
         console.print(f"[bold green]FITS[/bold green]{': ' + longest.rstrip(', ') if longest else ''} on "
-                      f"{plan.hardware.num_gpus} x {plan.hardware.gpu_name}{savers}: {total:.1f} of "
+                      f"{_gpus(plan.hardware)}{savers}: {total:.1f} of "
                       f"{plan.hardware.memory_gib:.1f} GiB per GPU{host}, {head:.1f} GiB headroom")
     else:
         console.print(f"[bold red]DOES NOT FIT[/bold red] on {plan.hardware.gpu_name}. What would:")
