@@ -176,3 +176,49 @@ def test_catalog_commands_explain_json(command):
     res = cli(command, "--help")
     line = next(x for x in res.output.splitlines() if "--json" in x)
     assert "JSON" in line
+
+
+# 5. more GPUs that are slower: said, with one node's figure and what would help
+
+
+def test_two_nodes_slower_than_one_say_so_with_one_nodes_figure():
+    one = plan_json("mixtral-8x7b", "--gpu", "h100", "--num-gpus", "8")
+    two = plan_json("mixtral-8x7b", "--gpu", "h100", "--num-gpus", "8", "--num-nodes", "2")
+    assert two["estimate"]["tokens_per_s"] < one["estimate"]["tokens_per_s"]
+    warning = next(w for w in two["warnings"] if "fewer than" in w)
+    assert f"{one['estimate']['tokens_per_s']:,.0f} on one node" in warning  # the same estimate function
+    assert "--network ib-ndr-8x" in warning and "within a node" in warning
+    assert two["plan"]["warnings"] == two["warnings"]
+    text = cli("plan", "mixtral-8x7b", "--gpu", "h100", "--num-gpus", "8", "--num-nodes", "2", "--no-fit-table").output
+    assert "fewer than" in " ".join(text.split())
+    assert not any("fewer than" in w for w in one["warnings"])
+
+
+# 6. the strategy a practitioner would take: within the error band, the one that moves less
+
+
+def test_a_model_that_fits_one_card_trains_ddp_not_offload():
+    j = plan_json("llama-3.1-8b", "--gpu", "rtx-4090", "--num-gpus", "2")
+    opts = {o["strategy"]: o for o in j["strategies"]}
+    assert j["plan"]["strategy"] == "ddp"
+    assert opts["ddp"]["moved_gb_per_step"] < opts["fsdp-offload"]["moved_gb_per_step"]
+    reason = j["decision"]["reasons"]["strategy"]
+    assert "error band" in reason and "moves less" in reason
+    text = cli("plan", "llama-3.1-8b", "--gpu", "rtx-4090", "--num-gpus", "2", "--no-fit-table").output
+    assert "moved" in text and "GB/step" in text and "chosen" in text
+
+
+def test_offload_copies_and_collectives_add_up_and_only_their_excess_is_exposed():
+    from loraplan.planner.communication import StepTime
+
+    from loraplan.planner.api import PlanRequest, make_plan
+
+    res = make_plan(PlanRequest(model="llama-3.1-8b", gpu="rtx-4090", num_gpus=2, strategy="fsdp-offload",
+                                fit_table=False))
+    e = res.estimate
+    chain = e.collective_s_per_step + e.offload_s_per_step
+    layers = res.arch.num_layers
+    assert e.exposed_s_per_step == pytest.approx(chain / layers + max(0.0, chain * (1 - 1 / layers) - e.compute_s_per_step))
+    # DDP: only the last micro-step's backward hides the all-reduce
+    st = StepTime(10.0, 3.0, 0.0, "x", exposed_s=1.0)
+    assert st.step_s == 11.0

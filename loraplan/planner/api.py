@@ -28,6 +28,7 @@ from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantiza
 from .request import PlanRequest, Resolved, resolve, with_seq_len
 from .strategies import STRATEGIES
 from .result import PlanResult
+from .scaling import fewer_is_faster
 from .targets import trainable_params
 
 
@@ -127,7 +128,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
     d = place(r)
     r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
-    warnings = _warnings(r)
+    warnings = _warnings(r) + fewer_is_faster(r, est)  # more GPUs that are slower: say so (planner.scaling)
     plan = _plan(req, r, d, est.tokens_per_s, warnings)
     plan.validate()
     return PlanResult(
