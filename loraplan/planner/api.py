@@ -28,6 +28,7 @@ from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantiza
 from .request import PlanRequest, Resolved, resolve, with_seq_len
 from .strategies import STRATEGIES
 from .result import PlanResult
+from .scaling import fewer_is_faster
 from .targets import trainable_params
 
 
@@ -102,7 +103,8 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
         strategy=r.strategy.name,
         distributed=_distributed(r, d),
         dataset=Dataset(path=ds.path if ds else None, format=ds.format if ds else "auto", rows=ds.rows if ds else None,
-                        tokens_total=ds.tokens_total if ds else None, mean_tokens_per_row=ds.mean_tokens if ds else None),
+                        tokens_total=ds.tokens_total if ds else None, mean_tokens_per_row=ds.mean_tokens if ds else None,
+                        eval_path=r.eval_path, eval_fraction=r.eval_fraction),
         savers=_savers(r, c),
         output_dir=req.output_dir or "out",
         assumptions=_assumptions(r, c),
@@ -126,7 +128,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
     d = place(r)
     r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
-    warnings = _warnings(r)
+    warnings = _warnings(r) + fewer_is_faster(r, est)  # more GPUs that are slower: say so (planner.scaling)
     plan = _plan(req, r, d, est.tokens_per_s, warnings)
     plan.validate()
     return PlanResult(

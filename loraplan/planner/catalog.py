@@ -20,6 +20,7 @@ import yaml
 from loraplan.tables import gpus, models, networks
 
 from .arch import Architecture, from_config
+from .config_checks import check_config
 from .errors import ArchitectureError, InputError
 from .options import default
 from .plan import Hardware, ModelRef
@@ -104,6 +105,7 @@ def _read_config(path: Path) -> dict:
 
 
 def _arch(cfg: dict, where: str) -> Architecture:
+    check_config(cfg, where)  # what transformers would refuse, in one line (planner.config_checks)
     try:
         return from_config(cfg)
     except ArchitectureError as exc:

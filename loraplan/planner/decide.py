@@ -284,8 +284,12 @@ def reasons(r: Resolved, c: Choice, feasible: bool) -> dict[str, str]:
         "grad_checkpointing": _checkpointing_reason(r, c, feasible),
         "micro_batch_size": _micro_batch_reason(r, c, feasible),
         "grad_accum_steps": f"{accum} = global batch {r.global_batch_size} / (micro-batch {c.micro_batch_size} x "
-                            f"{hw.num_gpus if r.strategy.data_parallel else 1} GPU(s))",
+                            f"{hw.world_size if r.strategy.data_parallel else 1} GPU(s))",
     }
+    if "global_batch_size" in r.default_notes:  # the default global batch, fitted to the world size
+        out["grad_accum_steps"] += f"; {r.default_notes['global_batch_size']}"
+    if "seq_len" in r.default_notes:  # the default length, capped at the model's context
+        out["seq_len"] = r.default_notes["seq_len"]
     for k in ("learning_rate", "num_epochs", "rank", "alpha", "dropout", "warmup_ratio", "lr_scheduler"):
         out[k] = O.reason(k)
     if r.epochs_reason:

@@ -83,15 +83,30 @@ def _host_and_strategies(res: PlanResult, console: Console) -> None:
     if len(res.strategies) > 1:
         st = new_table("Strategies tried (same request)")
         for col in ("strategy", "fits", "method", "micro-\nbatch", "grad\nckpt", "peak\nGiB", "load\nGiB",
-                    "host\nGiB", "tokens/s"):
+                    "host\nGiB", "tokens/s", "moved\nGB/step"):
             key_column(st, col, justify="left" if col in ("strategy", "fits", "method") else "right")
-        text_column(st, "why not")
+        text_column(st, "why (not)")
+        chosen = next((o for o in res.strategies if o.strategy == res.plan.strategy), None)
         for o in res.strategies:
             c = o.choice
             st.add_row(o.strategy, "[green]yes" if o.fits else "[red]no", c.method.upper(), str(c.micro_batch_size),
                        "on" if c.grad_checkpointing else "off", f"{c.peak_gib:.1f}", f"{o.load.gpu_gib:.1f}",
-                       f"{o.host_gib:.0f}", f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else "-", o.why_not or "")
+                       f"{o.host_gib:.0f}", f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else "-",
+                       f"{o.moved_gb:,.1f}" if o.moved_gb is not None else "-", _why(o, chosen))
         print_table(console, st)
+
+def _why(o, chosen) -> str:
+    """One strategy's row: why it was chosen, or not."""
+    if not o.fits:
+        return o.why_not or ""
+    if o is chosen:
+        return "chosen (Decision, strategy)"
+    if chosen is None or not (o.tokens_per_s and chosen.tokens_per_s):
+        return "fits"
+    if o.tokens_per_s > chosen.tokens_per_s:
+        return f"faster by the estimate, but within its error band of {chosen.strategy}, which moves less"
+    return f"fits, slower than {chosen.strategy} by the estimate"
+
 
 def _savers_tables(res: PlanResult, console: Console) -> None:
     """Pinned host memory, and what each saver of the plan buys (GPU GiB saved, host GiB, slowdown)."""
@@ -308,6 +323,12 @@ def _fit_cells(row, margin: float) -> tuple[dict[str, str], bool]:
     }, short
 
 
+def _gpus(hw) -> str:
+    """The world the plan trains on, in words that match --json's world_size: "16 x H100 (2 nodes x 8)"."""
+    nodes = f" ({hw.num_nodes} nodes x {hw.num_gpus})" if hw.num_nodes > 1 else ""
+    return f"{hw.world_size} x {hw.gpu_name}{nodes}"
+
+
 def _verdict(res: PlanResult, console: Console) -> None:
     """The hardware note and warnings, then FITS (peak, headroom) or DOES NOT FIT with what would."""
     plan, t = res.plan, res.plan.training
@@ -322,7 +343,7 @@ def _verdict(res: PlanResult, console: Console) -> None:
         savers = (f", with {', '.join(plan.savers.names)}" if plan.savers.names else "")
         host = f" and {res.host_gib:.1f} GiB of pinned host memory" if res.host_terms else ""
         console.print(f"[bold green]FITS[/bold green]{': ' + longest.rstrip(', ') if longest else ''} on "
-                      f"{plan.hardware.num_gpus} x {plan.hardware.gpu_name}{savers}: {total:.1f} of "
+                      f"{_gpus(plan.hardware)}{savers}: {total:.1f} of "
                       f"{plan.hardware.memory_gib:.1f} GiB per GPU{host}, {head:.1f} GiB headroom")
     else:
         console.print(f"[bold red]DOES NOT FIT[/bold red] on {plan.hardware.gpu_name}. What would:")
