@@ -5,10 +5,10 @@ Two differences matter between the releases loraplan runs on (the main environme
 the Unsloth environment, capped by unsloth 2026.10.9: transformers 5.17, trl 1.15):
 - trl's SFTTrainer computes its loss through a fused, chunked LM head. In trl 1.15 that kernel is Triton only
   (trl/kernels/chunked_logprob.py; trl/trainer/utils.py `_fused_forward` calls it on any device), so on a CPU it
-  fails with "0 active drivers"; trl 1.16 added a torch path. Unsloth's CPU backend routes it to torch itself
+  fails with "0 active drivers"; trl 1.16 added a torch path (trl/kernels/chunked_logprob.py, "torch ops on devices without" Triton). Unsloth's CPU backend routes it to torch itself
   (unsloth_zoo/cpu/ops.py `patch_trl_fused_lm_head`).
-- transformers 5.18+ names checkpointing `activation_checkpointing` / `activation_checkpointing_kwargs` and keeps
-  `gradient_checkpointing*` as deprecated aliases (training_args.py); 5.17 has only `gradient_checkpointing*`
+- transformers 5.24 names checkpointing `activation_checkpointing` / `activation_checkpointing_kwargs` and keeps
+  `gradient_checkpointing*` as deprecated aliases (training_args.py:1538); 5.17 has only `gradient_checkpointing*`
   (which already takes every_n_layers and offload: trainer.py pops them before calling gradient_checkpointing_enable).
 """
 
@@ -19,7 +19,9 @@ import re
 from typing import Optional
 
 TRL_TORCH_FUSED_LOSS = (1, 16)  # first trl whose fused LM-head loss runs without Triton
-TRANSFORMERS_ACTIVATION_CHECKPOINTING = (5, 18)  # first transformers with activation_checkpointing*
+# 5.17 lacks activation_checkpointing*, 5.24 has it; the releases between were not checked (5.18 assumed). The
+# executor does not rely on this: executor/compat.py reads SFTConfig's own fields.
+TRANSFORMERS_ACTIVATION_CHECKPOINTING = (5, 18)
 
 
 def version(dist: str) -> Optional[str]:
