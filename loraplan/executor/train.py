@@ -338,7 +338,10 @@ def _trainer_class():
                     self.is_fsdp_enabled = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.plan_loss == "full":
+            from .compat import use_fused_loss
+
+            if self.plan_loss == "full" or not use_fused_loss(self.plan_loss, self.args.device.type):
+                # (trl 1.15's fused loss is Triton only: on a CPU the loss comes from the full logits; planner/installed.py)
                 inputs = {**inputs, "use_cache": False}
                 return Trainer.compute_loss(
                     self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
