@@ -39,7 +39,7 @@ NAMES = [
 
 
 def features(arch, shape) -> list[float]:
-    x = M.layer_activation_bytes_per_token(arch, shape.seq_len)
+    x = M.layer_activation_bytes_per_token(arch, shape.seq_len, shape)
     t, v, h, n_layers = shape.tokens, arch.vocab_size, arch.hidden_size, arch.num_layers
     full, gc = shape.loss == "full", shape.grad_checkpointing
     act = x * t * (1 if gc else n_layers)

@@ -70,7 +70,12 @@ def test_adapter_terms_by_hand():
 
 
 def _x():
-    return DER["act_bytes_per_hidden"] * h + DER["act_bytes_per_kv"] * kv + DER["act_bytes_per_intermediate"] * i
+    # two norms, sdpa's q, k, v, out, the MLP's gate, up, act(gate), and the seven adapted inputs' bf16 copies and
+    # dropout masks (q, k, v, o, gate, up: h wide; down: i wide) with lora_A's rank-r outputs
+    lora = (DER["lora_copy_bytes_per_input"] + DER["lora_dropout_bytes_per_input"]) * (6 * h + i)
+    return (2 * DER["norm_bytes_per_hidden"] * h + DER["attention_bytes_per_hidden"] * h
+            + DER["attention_bytes_per_kv"] * kv + DER["mlp_bytes_per_intermediate"] * i
+            + lora + 7 * DER["lora_bytes_per_rank"] * r)
 
 
 def test_activations_by_hand_without_and_with_checkpointing():

@@ -82,9 +82,9 @@ def test_mlp_tiling_replaces_the_mlp_share_of_the_working_set_by_one_tile():
     plain = terms(D.candidate(r, "qlora", 1, True))
     tiled = terms(D.candidate(r, "qlora", 1, True, S.SaverSet(mlp_tiling=True)))
     rho, s = FIT["reserve_share_of_activations"], FIT["fused_activation_scale"] + FIT["recompute_scale"]
-    assert plain["activations"] - tiled["activations"] == pytest.approx((1 - rho) * s * (2 * h + 11 * i) * 32768)
+    assert plain["activations"] - tiled["activations"] == pytest.approx((1 - rho) * s * (2 * h + 9 * i + 6 * 16) * 32768)
     tile_tokens = 32768 // 8  # shards = ceil(32768 / 4096) = 8 (Liger's default)
-    assert tiled["mlp_tile"] == pytest.approx(s * (6 * h + 11 * i) * tile_tokens)
+    assert tiled["mlp_tile"] == pytest.approx(s * (6 * h + 9 * i + 6 * 16) * tile_tokens)  # 6 i + LoRA of gate, up, down
 
 
 # ---------------------------------------------------------------------------------------------- decision

@@ -17,10 +17,13 @@ from loraplan.tables import TABLES_DIR
 class Derived:
     """Bytes per token per layer per unit of width, derived from the modeling code (not fitted)."""
 
-    act_bytes_per_hidden: float
-    act_bytes_per_kv: float
-    act_bytes_per_intermediate: float
-    act_bytes_per_extra_norm: float
+    norm_bytes_per_hidden: float
+    attention_bytes_per_hidden: float
+    attention_bytes_per_kv: float
+    mlp_bytes_per_intermediate: float
+    lora_copy_bytes_per_input: float
+    lora_dropout_bytes_per_input: float
+    lora_bytes_per_rank: float
     softcap_bytes_per_logit: float
     eager_attention_bytes_per_score: float
 

@@ -17,7 +17,7 @@ keep, the fused loss's buffers, the caching allocator's fragmentation) are fitte
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .architecture import Architecture
 from .coefficients import coefficients
@@ -107,26 +107,69 @@ def ddp_buckets_bytes(p: int, num_gpus: int) -> float:
 # activations and loss
 
 
-def layer_activation_bytes_per_token(arch: Architecture, seq_len: int) -> float:
-    """Bytes one decoder layer saves for backward, per token (bf16 autocast, sdpa/flash attention, LoRA with
-    dropout on every projection), before the fitted scale:
+MLP_KINDS = frozenset({"gate", "up", "down"})
 
-        a_h x h + a_kv x kv + a_i x i + a_norm x h x (norms per layer - 2) [+ a_eager x heads x seq_len]
 
-    with a_h, a_kv, a_i, a_norm from tables/memory.yaml (derived: two RMSNorm fp32 inputs 4h each, LoRA
-    dropout mask + bf16 copy 3 bytes per input element of each adapted projection, flash attention's q, k, v,
-    out; the MLP's gate, up, activation and product outputs, 2 bytes each; see docs/memory-model.md).
-    For MoE, i is experts_per_token x expert intermediate size: each token runs through its top-k experts.
-    Eager attention (Gemma 2) materializes the scores: a_eager bytes per score, heads x seq_len per token.
+def adapted_projections(arch: Architecture, shape: Optional[Shape] = None) -> list:
+    """The projections LoRA adapts: shape.targets (peft names), or every projection (the calibration's recipe)."""
+    names = None if shape is None else shape.targets
+    return [p for p in arch.projections if names is None or p.peft_name in names]
+
+
+def lora_activation_bytes_per_token(arch: Architecture, shape: Optional[Shape] = None,
+                                    kinds: Optional[frozenset] = None) -> float:
+    """What the LoRA path of the adapted projections saves per token in one layer (of those whose kinds meet
+    `kinds`, when given):
+
+        sum over adapted projections of  (c_copy + c_drop) x in_features + c_r x r
+
+    peft's lora.Linear casts the input to the fp32 LoRA dtype (`_cast_input_dtype`) and autocast casts it back to
+    bf16 for lora_A, which saves that copy: c_copy = 2 B per input element, also with dropout 0 (peft's
+    nn.Identity then; the copy is per projection, so q, k and v, which share an input, save three). With dropout
+    the mask of CUDA's fused dropout (bool): c_drop = 1 B, 0 without. lora_B saves lora_A's output: c_r = 2 B x r.
+    The frozen base layer saves nothing (its weight needs no gradient). Fused expert weights (peft
+    target_parameters, no dropout) see each token experts_per_token times. Counted on the CPU for q,v / MLP /
+    all seven, dropout 0 and 0.05, LoRA and QLoRA (benchmarks/saved_tensors.py, tests/test_saved_tensors.py)."""
+    c = coefficients().derived
+    dropout = True if shape is None else shape.lora_dropout
+    r = 16 if shape is None else shape.r
+    total = 0.0
+    for p in adapted_projections(arch, shape):
+        if kinds is not None and not set(p.kinds) & kinds:
+            continue
+        per_layer = p.count / arch.num_layers
+        if p.param:
+            total += per_layer * arch.experts_per_token * (c.lora_copy_bytes_per_input * p.in_features
+                                                           + c.lora_bytes_per_rank * r)
+        else:
+            per_input = c.lora_copy_bytes_per_input + (c.lora_dropout_bytes_per_input if dropout else 0.0)
+            total += per_layer * (per_input * p.in_features + c.lora_bytes_per_rank * r)
+    return total
+
+
+def layer_activation_bytes_per_token(arch: Architecture, seq_len: int, shape: Optional[Shape] = None) -> float:
+    """Bytes one decoder layer saves for backward, per token (bf16 autocast, sdpa/flash attention), before the
+    fitted scale:
+
+        X = a_norm x h x norms + a_att_h x h + a_att_kv x kv + a_mlp x i + LoRA [+ a_eager x heads x seq_len]
+
+    a_norm = 4 (each RMSNorm keeps its fp32 input), a_att_h = 4 and a_att_kv = 4 (sdpa keeps q and its output,
+    2 h each, and k and v, 2 kv each), a_mlp = 6 (gate, up and act(gate), 2 i each; act(gate) x up is kept only
+    as the LoRA copy of down's input), LoRA = lora_activation_bytes_per_token (the adapted projections' input
+    copies, dropout masks and rank-r outputs; all seven with dropout when `shape` is None, the calibration's
+    recipe). Coefficients in tables/memory.yaml (derived), each counted with saved-tensor hooks on the CPU
+    (benchmarks/saved_tensors.py). For MoE, i is experts_per_token x expert intermediate size: each token runs
+    through its top-k experts. Eager attention (Gemma 2) materializes the scores: a_eager bytes per score,
+    heads x seq_len per token.
     """
     c = coefficients().derived
     i = arch.experts_per_token * arch.moe_intermediate_size if arch.is_moe else arch.intermediate_size
-    extra_norms = max(arch.norms_per_layer - 2, 0)
     return (
-        c.act_bytes_per_hidden * arch.hidden_size
-        + c.act_bytes_per_kv * arch.kv_dim
-        + c.act_bytes_per_intermediate * i
-        + c.act_bytes_per_extra_norm * arch.hidden_size * extra_norms
+        c.norm_bytes_per_hidden * arch.hidden_size * arch.norms_per_layer
+        + c.attention_bytes_per_hidden * arch.hidden_size
+        + c.attention_bytes_per_kv * arch.kv_dim
+        + c.mlp_bytes_per_intermediate * i
+        + lora_activation_bytes_per_token(arch, shape)
         + (c.eager_attention_bytes_per_score * arch.num_heads * seq_len if arch.attn_implementation == "eager" else 0)
     )
 
@@ -161,12 +204,13 @@ def offload_resident_bytes(arch: Architecture, shape: Shape) -> float:
     return shape.offload_resident_inputs * DTYPE_BYTES[shape.dtype] * arch.hidden_size * shape.tokens
 
 
-def mlp_untiled_bytes_per_token(arch: Architecture) -> float:
+def mlp_untiled_bytes_per_token(arch: Architecture, shape: Optional[Shape] = None) -> float:
     """What one layer's MLP saves for backward per token, which MLP tiling no longer keeps for the whole
-    sequence: the LoRA dropout masks and bf16 copies of gate's and up's input (2 x 3 h) and the 11 i of the MLP
-    itself (tables/memory.yaml derived: gate, up, act(gate), act(gate) x up, down's LoRA mask and copy)."""
+    sequence: the MLP's own a_mlp x i (gate, up, act(gate)) and the LoRA path of the adapted gate, up and down
+    (their input copies and dropout masks: lora_activation_bytes_per_token over the MLP's kinds)."""
     c = coefficients().derived
-    return 6 * arch.hidden_size + c.act_bytes_per_intermediate * arch.intermediate_size
+    return (c.mlp_bytes_per_intermediate * arch.intermediate_size
+            + lora_activation_bytes_per_token(arch, shape, MLP_KINDS))
 
 
 def mlp_tiled_bytes_per_token(arch: Architecture) -> float:
@@ -178,20 +222,20 @@ def mlp_tiled_bytes_per_token(arch: Architecture) -> float:
 
 def mlp_tile_bytes(arch: Architecture, shape: Shape) -> float:
     """MLP tiling's working set: one tile's untiled MLP activations, recomputed in the backward:
-    (s + s_rc) x (6 h + 11 i) x tile_tokens, tile_tokens = micro-batch x ceil(seq / shards) with Liger's default
+    (s + s_rc) x M_mlp x tile_tokens (M_mlp = mlp_untiled_bytes_per_token), tile_tokens = micro-batch x ceil(seq / shards) with Liger's default
     shards = ceil(seq / h), so about micro-batch x h tokens (derived, not measured)."""
     if not shape.mlp_tile_tokens:
         return 0.0
     f = coefficients().fitted
     s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
-    return (s + f.recompute_scale) * mlp_untiled_bytes_per_token(arch) * shape.mlp_tile_tokens
+    return (s + f.recompute_scale) * mlp_untiled_bytes_per_token(arch, shape) * shape.mlp_tile_tokens
 
 
 def _activations_device_bytes(arch: Architecture, shape: Shape) -> float:
     f = coefficients().fitted
-    x = layer_activation_bytes_per_token(arch, shape.seq_len)
+    x = layer_activation_bytes_per_token(arch, shape.seq_len, shape)
     if shape.mlp_tile_tokens:
-        x += mlp_tiled_bytes_per_token(arch) - mlp_untiled_bytes_per_token(arch)
+        x += mlp_tiled_bytes_per_token(arch) - mlp_untiled_bytes_per_token(arch, shape)
     s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
     if shape.grad_checkpointing:
         kept = arch.num_layers - checkpointed_layers(arch, shape)  # layers that are not checkpointed keep theirs
@@ -222,7 +266,7 @@ def activations_bytes(arch: Architecture, shape: Shape) -> float:
     X = layer_activation_bytes_per_token; s = activation_scale, fitted (the fused recipe through trl has its
     own, fused_activation_scale: trl's collator and forward differ from a plain call); s_rc the backward's
     extra working set while a layer is recomputed, fitted. MLP tiling replaces the MLP's share of X,
-    6 h + 11 i, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
+    6 i + its LoRA path, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
     rho = coefficients().fitted.reserve_share_of_activations
     return (1 - rho) * _activations_device_bytes(arch, shape)
 
@@ -295,7 +339,7 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
     if shape.grad_checkpointing and checkpointed_layers(arch, shape) < arch.num_layers:
         act_formula += " + (1-rho) s x X x (L - ceil(L/n)) x T"
     if shape.mlp_tile_tokens:
-        act_formula += "; X less the MLP's 6h + 11i, plus 4h"
+        act_formula += "; X less the MLP's 6i + LoRA, plus 4h"
     terms += [Term("activations", activations_bytes(arch, shape), act_formula, "activations")]
     terms += list(saver_terms)
     terms += [
