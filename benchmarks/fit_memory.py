@@ -6,8 +6,9 @@
    of device_used - (predicted loaded weights + checkpointed bf16 inputs + LoRA gradients + AdamW states +
    CUDA context) against the shape-dependent features of planner/memory.py: [1, activations (plain recipe),
    activations (trl recipe), recompute, extra per checkpoint, T x V, T x V when tied, T x h, V].
-2. Split for the report: the caching allocator's share of the transients, fitted on reserved - allocated
-   against [loss, activations]; memory.py shows it as its own row (the total does not change).
+2. Split for the report: the caching allocator's share of the transients, fitted on reserved - allocated (less
+   c_ckpt's part, which is the allocator's too) against [loss, activations]; memory.py shows it as its own row
+   (the total does not change).
 The CUDA context is the median of device_used - peak_reserved.
 """
 
@@ -80,9 +81,11 @@ def fit(rows: list[dict]) -> dict:
     c, _ = nnls(X * w[:, None], y * w)
     fitted = {n: round(float(v), 4) for n, v in zip(NAMES, c)}
     # the allocator's share: reserved - allocated against the allocated transients (loss, activations)
-    loss_i, act_i = [5, 6, 7, 8], [1, 2, 3, 4]
+    # (c_ckpt, index 4, is itself the allocator's: refitted on peak allocated memory it is 0; memory.py puts it in
+    # allocator_reserve, so the shares are fitted on what remains of reserved - allocated)
+    loss_i, act_i = [5, 6, 7, 8], [1, 2, 3]
     X2 = np.array([[X[k][loss_i] @ c[loss_i] / 1.0, X[k][act_i] @ c[act_i]] for k in range(len(rows))])
-    y2 = np.array([(r["peak_reserved_gib"] - r["peak_alloc_gib"]) * GIB for r in rows])
+    y2 = np.array([(r["peak_reserved_gib"] - r["peak_alloc_gib"]) * GIB - X[k][4] * c[4] for k, r in enumerate(rows)])
     rho, _ = nnls(X2 * w[:, None], y2 * w)
     fitted["reserve_share_of_loss"] = round(float(min(rho[0], 0.9)), 4)
     fitted["reserve_share_of_activations"] = round(float(min(rho[1], 0.9)), 4)

@@ -157,15 +157,18 @@ def _cuda_dropout_class():
 class _Saved:
     """Storages saved through a pack hook: bytes per storage, parameters apart."""
 
-    def __init__(self, param_ptrs: set[int]):
+    def __init__(self, param_ptrs: set[int], keep: bool = False):
         self.param_ptrs = param_ptrs
         self.sizes: dict[int, int] = {}
         self.params: dict[int, int] = {}
+        self.kept: list = [] if keep else None  # hold the storages, so that no freed address is counted twice
 
     def add(self, t) -> None:
         s = t.untyped_storage()
         ptr = s.data_ptr()
         (self.params if ptr in self.param_ptrs else self.sizes)[ptr] = s.nbytes()
+        if self.kept is not None:
+            self.kept.append(s)
 
     @property
     def total(self) -> int:
@@ -181,7 +184,7 @@ def _recompute_frames(frames: list):
 
     def init(self, target_frame_ref, gid):
         original(self, target_frame_ref, gid)
-        saved = _Saved(set())
+        saved = _Saved(set(), keep=True)
         frames.append(saved)
         pack = self.pack_hook
 
@@ -198,8 +201,9 @@ def _recompute_frames(frames: list):
         C._recomputation_hook.__init__ = original
 
 
-def _measure(d: Dims, layers: int, tokens: tuple[int, int], case: Case) -> dict:
-    """Bytes saved in one forward (and the largest recompute frame in its backward) at batch x seq = tokens."""
+def _measure(d: Dims, layers: int, tokens: tuple[tuple[int, int], ...], case: Case) -> list[dict]:
+    """Bytes saved in one forward (and the largest recompute frame in its backward) at each batch x seq of
+    `tokens`, on one model."""
     import torch
     from torch.autograd.graph import saved_tensors_hooks
 
@@ -211,6 +215,13 @@ def _measure(d: Dims, layers: int, tokens: tuple[int, int], case: Case) -> dict:
             for v in vars(qs).values():
                 if torch.is_tensor(v):
                     params.add(v.untyped_storage().data_ptr())
+    return [_step(model, d, params, t, case) for t in tokens]
+
+
+def _step(model, d: Dims, params: set[int], tokens: tuple[int, int], case: Case) -> dict:
+    import torch
+    from torch.autograd.graph import saved_tensors_hooks
+
     batch, seq = tokens
     ids = torch.randint(3, d.vocab, (batch, seq))
     outer = _Saved(params)
@@ -251,19 +262,19 @@ def _measure(d: Dims, layers: int, tokens: tuple[int, int], case: Case) -> dict:
     return dict(saved=saved, moved=kept_moved, recompute=recompute, params=param_bytes)
 
 
-def _checkpointed_kept(d: Dims, layers: int, tokens: tuple[int, int], case: Case) -> int:
-    return _measure(d, layers, tokens, case)["saved"]
-
-
 def count(d: Dims, case: Case, layers: tuple[int, int] = (2, 4), tokens: tuple[tuple[int, int], tuple[int, int]]
           = ((2, 32), (2, 64))) -> Count:
     """What grows with the tokens, per token: per decoder layer and once per model (see `Count`).
 
-    With checkpointing `layer` is what a layer keeps across the forward (its checkpointed input), `kept` the same,
-    `recompute` the largest recompute frame per token, and `model` what is kept once."""
+    With checkpointing `layer` is what a layer keeps across the forward (its checkpointed input; with
+    layer_checkpointing the mean over checkpointed and plain layers), `kept` the same, `recompute` the largest
+    recompute frame per token, and `model` what is kept once."""
     (l1, l2), (t1, t2) = layers, tokens
     n1, n2 = t1[0] * t1[1], t2[0] * t2[1]
-    m = {(la, t): _measure(d, la, t, case) for la in layers for t in tokens}
+    m = {}
+    for la in layers:
+        a, b = _measure(d, la, (t1, t2), case)
+        m[(la, t1)], m[(la, t2)] = a, b
 
     def per_token(la: int, key: str) -> float:
         return (m[(la, t2)][key] - m[(la, t1)][key]) / (n2 - n1)
@@ -271,7 +282,7 @@ def count(d: Dims, case: Case, layers: tuple[int, int] = (2, 4), tokens: tuple[t
     layer = (per_token(l2, "saved") - per_token(l1, "saved")) / (l2 - l1)
     model = per_token(l1, "saved") - l1 * layer
     moved = (per_token(l2, "moved") - per_token(l1, "moved")) / (l2 - l1)
-    recompute = (m[(l1, t2)]["recompute"] - m[(l1, t1)]["recompute"]) / (n2 - n1)
+    recompute = per_token(l1, "recompute")
     return Count(layer=layer, model=model, kept=layer if case.checkpointing else 0.0, moved=moved,
                  recompute=recompute, params=float(m[(l1, t1)]["params"]))
 

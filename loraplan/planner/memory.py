@@ -183,16 +183,33 @@ def checkpointed_layers(arch: Architecture, shape: Shape) -> int:
 
 
 def checkpointed_inputs_bytes(arch: Architecture, shape: Shape) -> float:
-    """With gradient checkpointing each checkpointed layer keeps its input hidden states, bf16: 2 x Lc x h x T,
-    plus what is kept beside each checkpoint (c_ckpt x Lc x h x T, fitted); Lc = checkpointed_layers (L unless
-    layer_checkpointing). With an offload saver the 2 B x Lc x h x T inputs live in pinned host memory
-    (planner.savers); c_ckpt stays on the GPU: it is fitted, not derived, so nothing says it moves (the tensors
-    torch's checkpoint saves outside its region are exactly one dtype x h per token and layer, counted on the
-    CPU with saved-tensor hooks; docs/memory-model.md)."""
-    if not shape.grad_checkpointing:
+    """With gradient checkpointing each checkpointed layer keeps its input hidden states, bf16: dtype x Lc x h x T,
+    Lc = checkpointed_layers (L unless layer_checkpointing). That is all torch's non-reentrant checkpoint saves
+    outside its regions (counted with saved-tensor hooks on the CPU: dtype x h per token and checkpointed layer,
+    benchmarks/saved_tensors.py). With an offload saver these tensors are what save_on_cpu / trl's hooks take to
+    pinned host memory (the same count: everything kept per layer moves), so nothing of this term stays on the GPU
+    (planner.savers; the inputs brought back are offload_resident_bytes). The caching allocator's reserve around
+    the resident checkpoints is checkpoint_reserve_bytes, in allocator_reserve."""
+    if not shape.grad_checkpointing or shape.checkpoints_offloaded:
         return 0.0
-    per = (0 if shape.checkpoints_offloaded else DTYPE_BYTES[shape.dtype]) + coefficients().fitted.checkpoint_extra_bytes
-    return per * checkpointed_layers(arch, shape) * arch.hidden_size * shape.tokens
+    return DTYPE_BYTES[shape.dtype] * checkpointed_layers(arch, shape) * arch.hidden_size * shape.tokens
+
+
+def resident_checkpoints(arch: Architecture, shape: Shape) -> int:
+    """Checkpointed layer inputs on the GPU at the peak: Lc, or with an offload the k brought back / in flight."""
+    if not shape.grad_checkpointing:
+        return 0
+    return shape.offload_resident_inputs if shape.checkpoints_offloaded else checkpointed_layers(arch, shape)
+
+
+def checkpoint_reserve_bytes(arch: Architecture, shape: Shape) -> float:
+    """What the caching allocator reserves beyond the resident checkpointed inputs: c_ckpt x n x h x T, n =
+    resident_checkpoints (Lc; k under an offload). c_ckpt (fitted, about 0.8 B per hidden element and token) is no
+    tensor: refitted on the calibration rows' peak allocated memory it is 0, on peak reserved (and on what
+    nvidia-smi shows) 0.8: each checkpoint is a long-lived block allocated between the layer's transients, so the
+    segments they free cannot be handed to the backward's larger requests. An offload frees each checkpoint on the
+    GPU as soon as it is copied, so only the k resident inputs hold segments."""
+    return coefficients().fitted.checkpoint_extra_bytes * resident_checkpoints(arch, shape) * arch.hidden_size * shape.tokens
 
 
 def offload_resident_bytes(arch: Architecture, shape: Shape) -> float:
@@ -293,11 +310,13 @@ def misc_bytes() -> float:
 def allocator_reserve_bytes(arch: Architecture, shape: Shape) -> float:
     """The caching allocator holds more than it hands out: freed blocks of transient tensors that no later
     request fits (fragmentation). It grows with the size of the transients, so it is a share of each:
-        rho_loss x loss + rho_act x activations   (before the split; shares fitted on reserved - allocated)."""
+        rho_loss x loss + rho_act x activations   (before the split; shares fitted on reserved - allocated)
+    plus, with checkpointing, c_ckpt x resident checkpoints x h x T (checkpoint_reserve_bytes)."""
     f = coefficients().fitted
     return (
         f.reserve_share_of_loss * _loss_device_bytes(arch, shape)
         + f.reserve_share_of_activations * _activations_device_bytes(arch, shape)
+        + checkpoint_reserve_bytes(arch, shape)
     )
 
 
@@ -333,8 +352,8 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
     ]
     if shape.grad_checkpointing:
         layers = "L" if checkpointed_layers(arch, shape) == arch.num_layers else "ceil(L/n)"
-        per = "c_ckpt B" if shape.checkpoints_offloaded else f"({dt} + c_ckpt) B"
-        terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), f"{per} x {layers} x h x T", "activations"))
+        formula = "0: in pinned host memory" if shape.checkpoints_offloaded else f"{dt} B x {layers} x h x T"
+        terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), formula, "activations"))
     act_formula = "(1-rho) (s + s_rc) x X x T" if shape.grad_checkpointing else "(1-rho) s x X x L x T"
     if shape.grad_checkpointing and checkpointed_layers(arch, shape) < arch.num_layers:
         act_formula += " + (1-rho) s x X x (L - ceil(L/n)) x T"
@@ -353,7 +372,9 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
     ]
     if shape.device == "cuda":
         terms += [
-            Term("allocator_reserve", allocator_reserve_bytes(arch, shape), "rho_loss x loss + rho_act x activations", "runtime"),
+            Term("allocator_reserve", allocator_reserve_bytes(arch, shape),
+                 "rho_loss x loss + rho_act x activations" + (" + c_ckpt x resident ckpts x h x T" if shape.grad_checkpointing else ""),
+                 "runtime"),
             Term("cuda_context", cuda_context_bytes(), "context + library workspaces", "runtime"),
         ]
     return terms
