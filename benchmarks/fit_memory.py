@@ -5,7 +5,8 @@
 1. Device level: one non-negative least squares, weighted by 1 / measured (so it minimises relative error),
    of device_used - (predicted loaded weights + checkpointed bf16 inputs + LoRA gradients + AdamW states +
    CUDA context) against the shape-dependent features of planner/memory.py: [1, activations (plain recipe),
-   activations (trl recipe), recompute, extra per checkpoint, T x V, T x V when tied, T x h, V].
+   activations (trl recipe), recompute, extra per checkpoint, T x V, T x V when tied]; trl's fused loss is derived
+   (planner.memory.fused_loss_bytes) and subtracted with the other fixed terms.
 2. Split for the report: the caching allocator's share of the transients, fitted on reserved - allocated (less
    c_ckpt's part, which is the allocator's too) against [loss, activations]; memory.py shows it as its own row
    (the total does not change).
@@ -34,8 +35,7 @@ from loraplan.tables import TABLES_DIR  # noqa: E402
 GIB = 2**30
 NAMES = [
     "misc_bytes", "activation_scale", "fused_activation_scale", "recompute_scale", "checkpoint_extra_bytes",
-    "full_loss_bytes_per_logit", "full_loss_tied_extra_bytes_per_logit", "fused_loss_bytes_per_token_hidden",
-    "fused_loss_chunk_bytes_per_vocab",
+    "full_loss_bytes_per_logit", "full_loss_tied_extra_bytes_per_logit",
 ]
 
 
@@ -52,8 +52,6 @@ def features(arch, shape) -> list[float]:
         n_layers * h * t if gc else 0.0,
         t * v if full else 0.0,
         t * v if full and arch.tie_word_embeddings else 0.0,
-        0.0 if full else t * h,
-        0.0 if full else float(v),
     ]
 
 
@@ -71,6 +69,7 @@ def fit(rows: list[dict]) -> dict:
             + M.DTYPE_BYTES[shape.dtype] * (arch.num_layers * arch.hidden_size * shape.tokens if shape.grad_checkpointing else 0)
             + M.lora_gradients_bytes(p)
             + M.optimizer_states_bytes(p, shape.optimizer)
+            + (0.0 if shape.loss == "full" else M.fused_loss_bytes(arch, shape))  # derived from trl's source
             + context * GIB
         )
         loaded_err.append(M.loaded_bytes(arch, sel, shape) / GIB - row["loaded_alloc_gib"])
@@ -83,8 +82,9 @@ def fit(rows: list[dict]) -> dict:
     # the allocator's share: reserved - allocated against the allocated transients (loss, activations)
     # (c_ckpt, index 4, is itself the allocator's: refitted on peak allocated memory it is 0; memory.py puts it in
     # allocator_reserve, so the shares are fitted on what remains of reserved - allocated)
-    loss_i, act_i = [5, 6, 7, 8], [1, 2, 3]
-    X2 = np.array([[X[k][loss_i] @ c[loss_i] / 1.0, X[k][act_i] @ c[act_i]] for k in range(len(rows))])
+    loss_i, act_i = [5, 6], [1, 2, 3]
+    fused = [0.0 if s.loss == "full" else M.fused_loss_bytes(a, s) for a, _, s in (row_inputs(r) for r in rows)]
+    X2 = np.array([[X[k][loss_i] @ c[loss_i] + fused[k], X[k][act_i] @ c[act_i]] for k in range(len(rows))])
     y2 = np.array([(r["peak_reserved_gib"] - r["peak_alloc_gib"]) * GIB - X[k][4] * c[4] for k, r in enumerate(rows)])
     rho, _ = nnls(X2 * w[:, None], y2 * w)
     fitted["reserve_share_of_loss"] = round(float(min(rho[0], 0.9)), 4)

@@ -98,7 +98,7 @@ def test_loss_terms_by_hand():
     rho = FIT["reserve_share_of_loss"]
     fused = terms(shape())["fused_loss"]
     assert fused == pytest.approx(
-        (1 - rho) * (FIT["fused_loss_bytes_per_token_hidden"] * T * h + FIT["fused_loss_chunk_bytes_per_vocab"] * V))
+        (1 - rho) * (DER["fused_loss_bytes_per_token_hidden"] * T * h + 2 * min(T, 4096) * min(V, 32768)))
     full = terms(shape(loss="full"))["logits"]
     assert full == pytest.approx((1 - rho) * FIT["full_loss_bytes_per_logit"] * T * V)
 

@@ -270,7 +270,32 @@ def _loss_device_bytes(arch: Architecture, shape: Shape) -> float:
         if arch.config.get("final_logit_softcapping"):
             per += coefficients().derived.softcap_bytes_per_logit
         return per * t * v
-    return f.fused_loss_bytes_per_token_hidden * t * arch.hidden_size + f.fused_loss_chunk_bytes_per_vocab * v
+    return fused_loss_bytes(arch, shape)
+
+
+def fused_loss_bytes(arch: Architecture, shape: Shape) -> float:
+    """trl's fused LM head + cross-entropy (trl 1.16 `add_fused_lm_head`, kernels/chunked_logprob.py
+    `ChunkedLogProbFunction`), at its peak in the loss's backward, derived from the source (not fitted):
+
+        c_tok x h x T + dtype x min(T, 4096) x min(V, 32768)
+
+    c_tok = 12 B: the final RMSNorm's fp32 input (4 h, saved), the bf16 `hidden_states[mask]` copy the function
+    saves (2 h), the fp32 `grad_hidden` it accumulates the tiles' gradient GEMMs into (4 h) and its cast back to
+    bf16 on return (2 h). The tile buffer `mm_buf` is TOKEN_CHUNK_SIZE (4096) tokens x chunk_size (32768)
+    vocabulary entries in the compute dtype, one at a time (the forward's is freed before the backward's). The
+    per-token statistics for the loss and the metrics trl logs (log_z, entropy, is_top1: `outputs=("log_probs",
+    "entropy", "is_top1")`) are fp32 scalars per token, and `num_tokens` is a Python int: left out.
+    With torch < 2.8 (no `addmm(out_dtype=float32)`) the backward upcasts each tile and weight chunk to fp32:
+    + 4 x (tile + 32768 x h); the plan reads torch's version (planner.versions) and says which it assumed."""
+    from . import versions
+
+    c = coefficients().derived
+    t, v, h = shape.tokens, arch.vocab_size, arch.hidden_size
+    tile_t, tile_v = min(t, c.fused_loss_tile_tokens), min(v, c.fused_loss_tile_vocab)
+    total = c.fused_loss_bytes_per_token_hidden * h * t + DTYPE_BYTES[shape.dtype] * tile_t * tile_v
+    if not versions.torch_has_mm_out_dtype():
+        total += 4 * (tile_t * tile_v + tile_v * h)
+    return total
 
 
 def activations_bytes(arch: Architecture, shape: Shape) -> float:
@@ -295,8 +320,8 @@ def logits_bytes(arch: Architecture, shape: Shape) -> float:
     c_full fitted (the derivation gives 10-14 B: 2 + 4 + 4 (+ 4) depending on what is freed before the peak;
     tied embeddings measure slightly more, c_tied); final-logit softcapping (Gemma 2) adds the tanh's saved
     output and bf16 copies: + c_softcap x T x V (derived).
-    fused (trl's chunked LM head + cross-entropy): the logits never exist; what remains is the per-token
-    work, c_tok x T x h, and one tile of logits, c_chunk x V (fitted)."""
+    fused (trl's chunked LM head + cross-entropy): the logits never exist; what remains is derived from trl's
+    source: c_tok x h x T + one tile buffer (fused_loss_bytes)."""
     rho = coefficients().fitted.reserve_share_of_loss
     return (1 - rho) * _loss_device_bytes(arch, shape)
 
@@ -365,7 +390,7 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
         Term(
             "logits" if shape.loss == "full" else "fused_loss",
             logits_bytes(arch, shape),
-            "(1-rho) c_full x T x V" if shape.loss == "full" else "(1-rho) (c_tok x T x h + c_chunk x V)",
+            "(1-rho) c_full x T x V" if shape.loss == "full" else "(1-rho) (12 B x h x T + dt x min(T,4096) x min(V,32768))",
             "loss",
         ),
         Term("misc", misc_bytes(), "constant", "runtime"),
