@@ -74,7 +74,8 @@ def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, 
                    grad_checkpointing=grad_checkpointing, loss=r.loss, optimizer=optimizer or r.optimizer,
                    dtype=r.dtype, double_quant=bool(O.default("double_quantization")),
                    blocksize=int(O.default("quant_blocksize")), num_gpus=hw.num_gpus,
-                   device="cpu" if hw.gpu == "cpu" else "cuda")
+                   device="cpu" if hw.gpu == "cpu" else "cuda",
+                   targets=tuple(p.peft_name for p in r.selection.projections), lora_dropout=r.dropout > 0)
     return S.apply(base, r.arch, savers)
 
 

@@ -147,7 +147,7 @@ def _offload_terms(arch: Architecture, shape: M.Shape) -> list[M.Term]:
 
 
 def _mlp_tile_terms(arch: Architecture, shape: M.Shape) -> list[M.Term]:
-    return [M.Term("mlp_tile", M.mlp_tile_bytes(arch, shape), "(s + s_rc) x (6h + 11i) x tile tokens", "activations")]
+    return [M.Term("mlp_tile", M.mlp_tile_bytes(arch, shape), "(s + s_rc) x (6i + MLP LoRA) x tile tokens", "activations")]
 
 
 def _no_terms(arch: Architecture, shape: M.Shape) -> list[M.Term]:
