@@ -19,12 +19,10 @@ from typing import Optional
 from . import decide as D
 from . import memory as M
 from . import suggest
-from . import throughput as TP
-from .communication import step_time
+from .estimate import rate
 from .loading import LoadPeak, load_peak
 from .request import Resolved
 from .strategies import STRATEGIES, Strategy, broken_combination
-from .targets import trainable_params
 
 AUTO_SHARDING = ("ddp", "fsdp", "fsdp-offload")
 
@@ -64,14 +62,9 @@ def host_needed_gib(r: Resolved, c: D.Choice, load: LoadPeak) -> float:
 
 
 def tokens_per_s(r: Resolved, c: D.Choice) -> Optional[float]:
-    hw = r.hardware
-    s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
-    compute = TP.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
-    if not compute:
-        return None
-    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name,
-                   max(r.per_gpu_batch // c.micro_batch_size, 1), compute)
-    return compute * st.compute_s / st.step_s * hw.world_size
+    """Over all GPUs: the estimate's figure (planner.estimate.rate, savers and communication included)."""
+    tps, _ = rate(r, c)
+    return tps * r.hardware.world_size if tps else None
 
 
 def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
