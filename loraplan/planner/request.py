@@ -182,10 +182,11 @@ def _savers(req: PlanRequest, arch: Architecture, hw: Hardware, seq_len_max: boo
     return modes
 
 
-def with_seq_len(r: Resolved, seq_len: int) -> Resolved:
-    """The resolved request at another sequence length (the dataset's statistics recounted at that cap)."""
+def with_seq_len(r: Resolved, seq_len: int, recount: bool = True) -> Resolved:
+    """The resolved request at another sequence length (the dataset's statistics recounted at that cap, unless
+    `recount` is False: the fit table, whose rows read none of them)."""
     ds = r.dataset
-    if ds is not None:
+    if ds is not None and recount:
         ds = dataset_stats(ds.path, seq_len, tokenizer_dir=r.model.ref.path)
     return dataclasses.replace(r, seq_len=seq_len, dataset=ds)
 
@@ -247,10 +248,12 @@ def _epochs(req: PlanRequest, ds: Optional[DatasetStats]) -> tuple[float, Option
     return float(O.default("num_epochs")), None
 
 
-def resolve(req: PlanRequest) -> Resolved:
-    """Check the request and resolve the model, card, adapter, batch and dataset (InputError on bad input)."""
+def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
+    """Check the request and resolve the model, card, adapter, batch and dataset (InputError on bad input).
+    `known`: the same request already resolved on another card (planner.fit_table); its model and dataset
+    statistics are taken as they are rather than read again."""
     validate(req)
-    model = resolve_model(req.model, req.trust_remote_code)
+    model = known.model if known is not None else resolve_model(req.model, req.trust_remote_code)
     hw, hw_note = resolve_hardware(req.gpu, req.gpu_memory, req.num_gpus)
     if hw.memory_gib <= 0:
         raise InputError("--gpu custom needs --gpu-memory (e.g. --gpu-memory 24GiB)")
@@ -276,7 +279,10 @@ def resolve(req: PlanRequest) -> Resolved:
     savers = _savers(req, model.arch, hw, seq_len_max)
     dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
     # the model's own tokenizer.json counts the tokens when the model is a local folder (else 4 chars per token)
-    ds = dataset_stats(dataset, seq_len, tokenizer_dir=model.ref.path) if dataset else None
+    if known is not None and known.seq_len == seq_len:
+        ds = known.dataset
+    else:
+        ds = dataset_stats(dataset, seq_len, tokenizer_dir=model.ref.path) if dataset else None
     epochs, epochs_reason = _epochs(req, ds)
     return Resolved(
         model=model, selection=sel, hardware=hw, hardware_note="; ".join(notes), strategy=strategy,
