@@ -96,7 +96,6 @@ class Resolved:
     dataset: Optional[DatasetStats]
     # memory savers (planner/savers.py): each saver's mode (auto | on | off), and the host they may pin memory on
     savers: dict[str, str] = field(default_factory=lambda: O.saver_defaults())
-    host_memory_gib: float = 0.0
     host_note: str = ""
     seq_len_max: bool = False  # --seq-len max: seq_len is the longest that fits (planner.context_length.longest_seq_len)
     seq_len_limit: int = MAX_SEQ_LEN  # the longest --seq-len max considers: the model's context when known
@@ -111,6 +110,11 @@ class Resolved:
         from .memory import coefficients
 
         return self.hardware.memory_gib * (1 - coefficients().decision.safety_margin)
+
+    @property
+    def host_memory_gib(self) -> float:
+        """RAM per node: the hardware's, read there (no copy that a change of card would leave stale)."""
+        return self.hardware.host_memory_gib or 0.0
 
     @property
     def usable_host_gib(self) -> float:
@@ -293,7 +297,7 @@ def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
         batch_size=req.batch_size, optimizer=req.optimizer, loss=req.loss,
         learning_rate=req.learning_rate if req.learning_rate is not None else float(O.default("learning_rate")),
         epochs=epochs, epochs_reason=epochs_reason, max_steps=req.max_steps, train_tokens=req.train_tokens,
-        dataset=ds, savers=savers, host_memory_gib=hw.host_memory_gib or 0.0, host_note=topology.host_note,
+        dataset=ds, savers=savers, host_note=topology.host_note,
         seq_len_max=seq_len_max,
         seq_len_limit=limit,
     )
