@@ -32,15 +32,14 @@ from .targets import trainable_params
 
 
 def _logging_steps(r: Resolved) -> int:
-    """Log about ten times over a short run (never less than once a step), at most every `logging_steps`."""
-    every = int(O.default("logging_steps"))
+    """planner.options.logging_interval over the run's optimizer steps, when they are known."""
     if r.max_steps:
         steps = r.max_steps
     elif r.dataset is not None:
         steps = math.ceil(math.ceil(r.dataset.rows / r.global_batch_size) * r.epochs)
     else:
-        return every
-    return max(1, min(every, steps // 10))
+        return int(O.default("logging_steps"))
+    return O.logging_interval(steps)
 
 
 def _warnings(r: Resolved) -> list[str]:

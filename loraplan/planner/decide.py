@@ -284,7 +284,7 @@ def reasons(r: Resolved, c: Choice, feasible: bool) -> dict[str, str]:
         "grad_checkpointing": _checkpointing_reason(r, c, feasible),
         "micro_batch_size": _micro_batch_reason(r, c, feasible),
         "grad_accum_steps": f"{accum} = global batch {r.global_batch_size} / (micro-batch {c.micro_batch_size} x "
-                            f"{hw.num_gpus if r.strategy.data_parallel else 1} GPU(s))",
+                            f"{r.strategy.batch_ways(hw)} GPU(s))",
     }
     for k in ("learning_rate", "num_epochs", "rank", "alpha", "dropout", "warmup_ratio", "lr_scheduler"):
         out[k] = O.reason(k)

@@ -181,16 +181,13 @@ def _beyond_training(r: Resolved, best: StrategyOption) -> list[str]:
     """What would help when training fits and loading or the host does not: relaxing the training shape would
     not, so say what binds and what would hold the load (a card whose usable memory holds the load peak; more host
     memory)."""
-    from .catalog import gpus
-
     out = [best.why_not or ""]
     margin = M.coefficients().decision.safety_margin
     if best.load.gpu_gib > r.usable_gib:
         need = max(best.load.gpu_gib, best.choice.peak_gib)
-        cards = sorted((e["memory_gib"], k) for k, e in gpus().items()
-                       if e["memory_gib"] * (1 - margin) >= need and e["memory_gib"] > r.hardware.memory_gib)
+        cards = suggest.larger_cards(r, need)
         if cards:
-            out.append(f"a card that holds the {need:.1f} GiB load: " + ", ".join(k for _, k in cards[:4]))
+            out.append(f"a card that holds the {need:.1f} GiB load: " + ", ".join(cards))
         if best.choice.method == "qlora" and r.method == "auto":
             out.append("LoRA, whose bf16 weights load sharded (cpu_ram_efficient_loading): --method lora")
     elif best.host_gib > (r.hardware.host_memory_gib or 0) * (1 - margin):
@@ -209,10 +206,12 @@ def more_gpus(r: Resolved) -> list[str]:
     for gpus, nodes in shapes:
         network = hw.network_gbs or (parse_network_gbs(DEFAULT_NETWORK)[0] if nodes > 1 else None)
         big = dataclasses.replace(hw, num_gpus=gpus, num_nodes=nodes, network_gbs=network)
-        per_gpu = max(r.global_batch_size // big.world_size, 1)
-        rb = dataclasses.replace(r, hardware=big, per_gpu_batch=per_gpu, global_batch_size=per_gpu * big.world_size)
         for name in ("fsdp", "fsdp-offload"):
-            o = evaluate(rb, STRATEGIES[name])
+            s = STRATEGIES[name]
+            per_gpu = max(s.per_gpu_batch(r.global_batch_size, big), 1)  # the global batch rounded to the world
+            rb = dataclasses.replace(r, hardware=big, per_gpu_batch=per_gpu,
+                                     global_batch_size=per_gpu * s.batch_ways(big))
+            o = evaluate(rb, s)
             if o.fits:
                 flags = f"--num-gpus {gpus}" + (f" --num-nodes {nodes}" if nodes > 1 else "")
                 return [f"sharded over {nodes} x {gpus} GPUs ({name}) it fits at {o.choice.peak_gib:.1f} GiB per GPU "

@@ -23,9 +23,7 @@ from .plan import Hardware
 from .strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, broken_combination, strategy_for
 from .targets import TargetSelection, select_targets
 
-# Longest sequence a request may name: beyond any model's context and any card's memory, but still arithmetic
-# that prints readable numbers (2**24 = 16.8M tokens).
-MAX_SEQ_LEN = 2**24
+MAX_SEQ_LEN = O.MAX_SEQ_LEN  # planner.options: the one definition
 
 
 @dataclass
@@ -268,10 +266,9 @@ def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
     sel, r, alpha, dropout = _adapter(model.arch, req)
     strategy = _strategy(req, hw)
     gbs = req.global_batch_size if req.global_batch_size is not None else int(O.default("global_batch_size"))
-    ways = hw.world_size if strategy.data_parallel else 1
-    if gbs % ways:
+    if gbs % strategy.batch_ways(hw):
         raise InputError(f"--global-batch-size {gbs} is not divisible by {hw.world_size} GPUs")
-    per_gpu_batch = gbs // ways
+    per_gpu_batch = strategy.per_gpu_batch(gbs, hw)
     if req.batch_size and per_gpu_batch % req.batch_size:
         raise InputError(f"--batch-size {req.batch_size} does not divide the per-GPU batch {per_gpu_batch} "
                          f"(global batch {gbs} over {hw.num_gpus} GPU(s))")

@@ -31,6 +31,14 @@ class Strategy:
     budget: Budget  # the single-GPU terms -> one rank's terms, given trainable params P
     describe: Callable[[Hardware], str]  # the reason shown in the plan
 
+    def batch_ways(self, hw: Hardware) -> int:
+        """How many processes the global batch divides over: the world under data parallelism, else one."""
+        return hw.world_size if self.data_parallel else 1
+
+    def per_gpu_batch(self, global_batch: int, hw: Hardware) -> int:
+        """Sequences one process takes per optimizer step (planner.request checks that the division is exact)."""
+        return global_batch // self.batch_ways(hw)
+
 
 def _as_is(terms, arch, p, shape, hw) -> list[Term]:
     return list(terms)
