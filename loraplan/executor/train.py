@@ -302,8 +302,10 @@ def _callbacks():
 
 
 def effective_logging_steps(plan_logging_steps: int, max_steps: int) -> int:
-    """At least ~10 logs over a short run, the plan's interval on a long one."""
-    return max(1, min(plan_logging_steps, max_steps // 10))
+    """At least ~10 logs over a short run, the plan's interval on a long one: the planner's rule."""
+    from loraplan.planner import options  # the planner's one definition (kept in this function while train.py splits)
+
+    return options.logging_interval(max_steps, plan_logging_steps)
 
 
 def _trainer_class():

@@ -18,14 +18,14 @@ from typing import Optional
 
 from . import memory as M
 from . import options as O
-from .context_length import longest_seq_len
+from .context_length import at_planned_length
 from .decide import Choice, Decision
 from .errors import InputError
 from .estimate import estimate
 from .fit_table import fit_table
 from .placement import place
 from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Savers, Training
-from .request import PlanRequest, Resolved, resolve, with_seq_len
+from .request import PlanRequest, Resolved, resolve
 from .strategies import STRATEGIES
 from .result import PlanResult
 from .scaling import fewer_is_faster
@@ -33,15 +33,14 @@ from .targets import trainable_params
 
 
 def _logging_steps(r: Resolved) -> int:
-    """Log about ten times over a short run (never less than once a step), at most every `logging_steps`."""
-    every = int(O.default("logging_steps"))
+    """planner.options.logging_interval over the run's optimizer steps, when they are known."""
     if r.max_steps:
         steps = r.max_steps
     elif r.dataset is not None:
         steps = math.ceil(math.ceil(r.dataset.rows / r.global_batch_size) * r.epochs)
     else:
-        return every
-    return max(1, min(every, steps // 10))
+        return int(O.default("logging_steps"))
+    return O.logging_interval(steps)
 
 
 def _warnings(r: Resolved) -> list[str]:
@@ -122,9 +121,8 @@ def _distributed(r: Resolved, d: Decision) -> Distributed:
 
 
 def make_plan(req: PlanRequest) -> PlanResult:
-    r = resolve(req)
-    if r.seq_len_max:  # the longest that fits, or the shortest tried when nothing does
-        r = with_seq_len(r, longest_seq_len(r) or O.SEQ_LEN_STEP)
+    asked = resolve(req)
+    r, _ = at_planned_length(asked)  # --seq-len max: the longest that fits, or the shortest tried when nothing does
     d = place(r)
     r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
@@ -134,7 +132,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
     return PlanResult(
         plan=plan, model=r.model, selection=r.selection, trainable_params=trainable_params(r.selection, r.rank),
         terms=list(d.choice.terms), feasible=d.feasible, usable_gib=r.usable_gib, hardware_note=r.hardware_note,
-        suggestions=d.suggestions, fit_table=fit_table(r) if req.fit_table else [], dataset=r.dataset, estimate=est,
+        suggestions=d.suggestions, fit_table=fit_table(req, asked) if req.fit_table else [], dataset=r.dataset, estimate=est,
         warnings=warnings, strategies=d.options, load=d.load, host_terms=list(d.choice.host_terms), resolved=r,
         choice=d.choice,
     )

@@ -7,15 +7,13 @@ Reads tables/*.yaml. Never downloads anything and never imports torch, except to
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import yaml
 
 from loraplan.tables import gpus, models, networks
 

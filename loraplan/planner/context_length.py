@@ -8,7 +8,7 @@ from typing import Optional
 
 from . import options as O
 from .decide import fits_at
-from .request import Resolved
+from .request import Resolved, with_seq_len
 
 
 def longest_seq_len(r: Resolved) -> Optional[int]:
@@ -28,3 +28,13 @@ def longest_seq_len(r: Resolved) -> Optional[int]:
         else:
             hi = mid
     return lo * step
+
+
+def at_planned_length(r: Resolved, recount: bool = True) -> tuple[Resolved, Optional[int]]:
+    """(the request at the length it is planned at, the longest context or None): under --seq-len max the longest
+    that fits, or the shortest tried (SEQ_LEN_STEP) when none does; else as asked. The one step planner.api and
+    planner.fit_table share; `recount`: planner.request.with_seq_len."""
+    if not r.seq_len_max:
+        return r, None
+    longest = longest_seq_len(r)
+    return with_seq_len(r, longest or O.SEQ_LEN_STEP, recount), longest

@@ -285,7 +285,7 @@ def reasons(r: Resolved, c: Choice, feasible: bool) -> dict[str, str]:
         "grad_checkpointing": _checkpointing_reason(r, c, feasible),
         "micro_batch_size": _micro_batch_reason(r, c, feasible),
         "grad_accum_steps": f"{accum} = global batch {r.global_batch_size} / (micro-batch {c.micro_batch_size} x "
-                            f"{hw.world_size if r.strategy.data_parallel else 1} GPU(s))",
+                            f"{r.strategy.batch_ways(hw)} GPU(s))",
     }
     if "global_batch_size" in r.default_notes:  # the default global batch, fitted to the world size
         out["grad_accum_steps"] += f"; {r.default_notes['global_batch_size']}"
@@ -342,7 +342,7 @@ def _seq_len_reason(r: Resolved) -> str:
     if r.seq_len >= r.seq_len_limit:
         return f"{head}; capped at the model's context (max_position_embeddings {r.seq_len_limit:,})"
     nxt = dataclasses.replace(r, seq_len=r.seq_len + O.SEQ_LEN_STEP)
-    gpu_only = dataclasses.replace(nxt, host_memory_gib=float("inf"))
+    gpu_only = dataclasses.replace(nxt, hardware=dataclasses.replace(nxt.hardware, host_memory_gib=float("inf")))
     if fits_at(gpu_only, nxt.seq_len):
         return (f"{head}; {nxt.seq_len:,} would fit the card but not the host: its pinned memory would pass the "
                 f"{r.usable_host_gib:.1f} GiB usable ({r.host_note}, {S.host_pinned_share():.0%} of it; --host-memory)")

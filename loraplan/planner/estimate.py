@@ -11,7 +11,7 @@ from typing import Any, Optional
 from . import memory as M
 from . import savers as S
 from . import throughput as TP
-from .communication import step_time
+from .communication import StepTime, step_time
 from .decide import Choice, shape
 from .request import Resolved
 from .targets import trainable_params
@@ -38,15 +38,25 @@ class Estimate:
         return dataclasses.asdict(self)
 
 
+def rate(r: Resolved, c: Choice) -> tuple[Optional[float], Optional[StepTime]]:
+    """(expected tokens/s of one GPU, its optimizer step's time) for choice `c` under r.strategy: the savers' FLOPs
+    and copies (planner.savers) and the communication that does not hide behind compute (planner.communication).
+    (None, None) on the CPU or a card without a known peak. The one figure the estimate line and the strategies'
+    ranking (planner.placement) both use."""
+    hw = r.hardware
+    s = shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers)
+    compute_tps = S.tokens_per_second(r.arch, s, c.savers, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
+    if not compute_tps:
+        return None, None
+    accum = max(r.per_gpu_batch // c.micro_batch_size, 1)
+    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy, accum, compute_tps)
+    return compute_tps * st.compute_s / st.step_s, st
+
+
 def estimate(r: Resolved, c: Choice, tokens_per_epoch: Optional[int] = None) -> Estimate:
     hw = r.hardware
-    s = shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers)  # the savers' FLOPs and copies
-    compute_tps = S.tokens_per_second(r.arch, s, c.savers, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
-    tps = st = None
-    if compute_tps:
-        accum = max(r.per_gpu_batch // c.micro_batch_size, 1)
-        st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy, accum, compute_tps)
-        tps = compute_tps * st.compute_s / st.step_s
+    s = shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers)
+    tps, st = rate(r, c)
     total_tps = tps * hw.world_size if tps else None
     tokens = r.train_tokens if r.train_tokens else (int(tokens_per_epoch * r.epochs) if tokens_per_epoch else None)
     have = bool(tokens and total_tps)

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from loraplan.tables import gpus
-
-from .catalog import hardware_from_entry, host_memory_rule
-from .context_length import longest_seq_len
+from .context_length import at_planned_length
 from .estimate import estimate
 from .placement import best_option
-from .request import Resolved
-from .strategies import STRATEGIES, strategy_for
+from .request import PlanRequest, Resolved, resolve
+from .strategies import STRATEGIES
 
 
 @dataclass
@@ -44,32 +42,35 @@ class FitRow:
         return d
 
 
-def fit_table(r: Resolved) -> list[FitRow]:
+def on_card(req: PlanRequest, key: str) -> PlanRequest:
+    """The same request with catalog card `key` in place of the card asked for (`--gpu key`). `--strategy cpu`
+    names the CPU's own strategy, not a choice a GPU could make: on a card it is the card's default (auto)."""
+    return dataclasses.replace(req, gpu=key, gpu_memory=None, fit_table=False,
+                               strategy="auto" if req.strategy == "cpu" else req.strategy)
+
+
+def fit_table(req: PlanRequest, asked: Resolved) -> list[FitRow]:
+    """One row per catalog card, each what `plan --gpu <card>` decides: the request resolved on that card (its own
+    host memory, dtype, strategy and batch split: planner.request.resolve), at its planned length
+    (planner.context_length.at_planned_length), under the strategy the decision picks (planner.placement.best_option,
+    the choice planner.placement.place makes), with the estimate's tokens/s. `asked`: the request resolved on the
+    card asked for, whose model and dataset statistics are reused."""
     rows = []
-    per_gpu = max(r.global_batch_size // r.hardware.world_size, 1)
     for key, entry in gpus().items():
-        hw = hardware_from_entry(key, entry, r.hardware.num_gpus)
-        hw.num_nodes, hw.network_gbs = r.hardware.num_nodes, r.hardware.network_gbs
-        hw.host_memory_gib = (host_memory_rule(hw) if r.host_memory_assumed else r.hardware.host_memory_gib)
-        on_card = dataclasses.replace(r, hardware=hw, strategy=strategy_for(hw), per_gpu_batch=per_gpu,
-                                      dtype="bfloat16" if hw.bf16 else "float16")
-        longest = None
-        if r.seq_len_max:  # each card's own longest context
-            longest = longest_seq_len(on_card) or 0
-            on_card = dataclasses.replace(on_card, seq_len=longest or r.seq_len)
-        best, options = best_option(on_card)
-        ok = best.fits
-        c = best.choice  # the fitting choice, or the closest (planner.placement.best_option)
-        on_card = dataclasses.replace(on_card, strategy=STRATEGIES[best.strategy])
+        r, longest = at_planned_length(resolve(on_card(req, key), known=asked), recount=False)
+        best, _ = best_option(r)
+        ok, c = best.fits, best.choice  # the fitting choice, or the closest (planner.placement.best_option)
+        r = dataclasses.replace(r, strategy=STRATEGIES[best.strategy])
+        hw = r.hardware
         rows.append(FitRow(
             gpu=key, name=entry["name"], memory_gib=hw.memory_gib, fits=ok,
             method=c.method if ok else None, micro_batch_size=c.micro_batch_size if ok else None,
             grad_checkpointing=c.grad_checkpointing if ok else None, per_gpu_gib=c.peak_gib,
             headroom_gib=hw.memory_gib - c.peak_gib,
-            tokens_per_s=estimate(on_card, c).tokens_per_s if ok else None, strategy=best.strategy if ok else None,
+            tokens_per_s=estimate(r, c).tokens_per_s if ok else None, strategy=best.strategy if ok else None,
             binds=None if ok else best.binds,
             savers=list(c.savers.names) if r.uses_savers and ok else None,
-            host_gib=c.host_gib if r.uses_savers and ok else None, longest_seq_len=longest,
+            host_gib=c.host_gib if r.uses_savers and ok else None,
+            longest_seq_len=(longest or 0) if r.seq_len_max else None,
         ))
     return rows
-

@@ -34,6 +34,9 @@ SAVER_MODES: tuple[str, ...] = get_args(SaverMode)
 SAVERS: tuple[str, ...] = tuple(savers_table()["savers"])
 # `--seq-len max`: the planner's answer is a multiple of this many tokens.
 SEQ_LEN_STEP = 256
+# The longest sequence a request or a plan may name: beyond any model's context and any card's memory (a larger
+# number is a typo, not a plan), but still arithmetic that prints readable numbers (2**24 = 16.8M tokens).
+MAX_SEQ_LEN = 2**24
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -78,6 +81,14 @@ def setting(name: str, key: str) -> Any:
 
 def reason(name: str) -> str:
     return _table()[name]["reason"]
+
+
+def logging_interval(optimizer_steps: int, every: Optional[int] = None) -> int:
+    """Steps between logs: about ten logs over a short run (never less than once a step), at most every `every`
+    steps (the plan's logging_steps; by default tables/hyperparameters.yaml's). The plan (planner.api) and the run
+    (executor.train, once the trainer knows its real number of optimizer steps) both take it from here."""
+    every = int(default("logging_steps")) if every is None else every
+    return max(1, min(every, optimizer_steps // 10))
 
 
 def choices_text(values) -> str:

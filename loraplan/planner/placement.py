@@ -19,8 +19,8 @@ from typing import Optional
 from . import decide as D
 from . import memory as M
 from . import suggest
-from . import throughput as TP
-from .communication import overlap, step_bytes, step_time
+from .communication import overlap, step_bytes
+from .estimate import rate
 from .loading import LoadPeak, load_peak
 from .request import Resolved
 from .strategies import STRATEGIES, Strategy, auto_candidates, sharded_strategies
@@ -67,14 +67,9 @@ def host_needed_gib(r: Resolved, c: D.Choice, load: LoadPeak) -> float:
 
 
 def tokens_per_s(r: Resolved, c: D.Choice) -> Optional[float]:
-    hw = r.hardware
-    s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
-    compute = TP.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
-    if not compute:
-        return None
-    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy,
-                   max(r.per_gpu_batch // c.micro_batch_size, 1), compute)
-    return compute * st.compute_s / st.step_s * hw.world_size
+    """Over all GPUs: the estimate's figure (planner.estimate.rate, savers and communication included)."""
+    tps, _ = rate(r, c)
+    return tps * r.hardware.world_size if tps else None
 
 
 def moved_gb(r: Resolved, c: D.Choice) -> float:
@@ -209,16 +204,13 @@ def _beyond_training(r: Resolved, best: StrategyOption) -> list[str]:
     """What would help when training fits and loading or the host does not: relaxing the training shape would
     not, so say what binds and what would hold the load (a card whose usable memory holds the load peak; more host
     memory)."""
-    from loraplan.tables import gpus
-
     out = [best.why_not or ""]
     margin = M.coefficients().decision.safety_margin
     if best.load.gpu_gib > r.usable_gib:
         need = max(best.load.gpu_gib, best.choice.peak_gib)
-        cards = sorted((e["memory_gib"], k) for k, e in gpus().items()
-                       if e["memory_gib"] * (1 - margin) >= need and e["memory_gib"] > r.hardware.memory_gib)
+        cards = suggest.larger_cards(r, need)
         if cards:
-            out.append(f"a card that holds the {need:.1f} GiB load: " + ", ".join(k for _, k in cards[:4]))
+            out.append(f"a card that holds the {need:.1f} GiB load: " + ", ".join(cards))
         if best.choice.method == "qlora" and r.method == "auto":
             out.append("LoRA, whose bf16 weights load sharded (cpu_ram_efficient_loading): --method lora")
     elif best.host_gib > (r.hardware.host_memory_gib or 0) * (1 - margin):
@@ -237,9 +229,10 @@ def more_gpus(r: Resolved) -> list[str]:
     for gpus, nodes in shapes:
         network = hw.network_gbs or (parse_network_gbs(DEFAULT_NETWORK)[0] if nodes > 1 else None)
         big = dataclasses.replace(hw, num_gpus=gpus, num_nodes=nodes, network_gbs=network)
-        per_gpu = max(r.global_batch_size // big.world_size, 1)
-        rb = dataclasses.replace(r, hardware=big, per_gpu_batch=per_gpu, global_batch_size=per_gpu * big.world_size)
         for strategy in sharded_strategies():
+            per_gpu = max(strategy.per_gpu_batch(r.global_batch_size, big), 1)  # the global batch rounded to the world
+            rb = dataclasses.replace(r, hardware=big, per_gpu_batch=per_gpu,
+                                     global_batch_size=per_gpu * strategy.batch_ways(big))
             o = evaluate(rb, strategy)
             if o.fits:
                 name = strategy.name

@@ -23,7 +23,7 @@ from .plan_io import atomic_write_text, build_dataclass, numbers_in, read_plan_f
 
 PLAN_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
-MAX_SEQ_LEN = 2**24  # far above any model's context; a larger number is a typo, not a plan
+MAX_SEQ_LEN = O.MAX_SEQ_LEN  # planner.options: the one definition
 
 
 @dataclass
@@ -235,7 +235,7 @@ class Plan:
             raise PlanError(f"hardware.num_nodes must be at least 1, got {self.hardware.num_nodes}")
         if self.hardware.num_nodes > 1 and not STRATEGIES[self.strategy].multi_node:
             raise PlanError(f"strategy {self.strategy} runs on one node; hardware.num_nodes is {self.hardware.num_nodes}")
-        data_parallel = self.hardware.world_size if STRATEGIES[self.strategy].data_parallel else 1
+        data_parallel = STRATEGIES[self.strategy].batch_ways(self.hardware)
         if t.micro_batch_size * t.grad_accum_steps * data_parallel != t.global_batch_size:
             raise PlanError(
                 f"training.global_batch_size {t.global_batch_size} != micro_batch_size {t.micro_batch_size}"

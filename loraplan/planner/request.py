@@ -24,9 +24,7 @@ from .plan import Hardware
 from .strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, strategy_for
 from .targets import TargetSelection, select_targets
 
-# Longest sequence a request may name: beyond any model's context and any card's memory, but still arithmetic
-# that prints readable numbers (2**24 = 16.8M tokens).
-MAX_SEQ_LEN = 2**24
+MAX_SEQ_LEN = O.MAX_SEQ_LEN  # planner.options: the one definition
 
 
 @dataclass
@@ -99,7 +97,6 @@ class Resolved:
     dataset: Optional[DatasetStats]
     # memory savers (planner/savers.py): each saver's mode (auto | on | off), and the host they may pin memory on
     savers: dict[str, str] = field(default_factory=lambda: O.saver_defaults())
-    host_memory_gib: float = 0.0
     host_note: str = ""
     seq_len_max: bool = False  # --seq-len max: seq_len is the longest that fits (planner.context_length.longest_seq_len)
     seq_len_limit: int = MAX_SEQ_LEN  # the longest --seq-len max considers: the model's context when known
@@ -117,6 +114,11 @@ class Resolved:
         from .memory import coefficients
 
         return self.hardware.memory_gib * (1 - coefficients().decision.safety_margin)
+
+    @property
+    def host_memory_gib(self) -> float:
+        """RAM per node: the hardware's, read there (no copy that a change of card would leave stale)."""
+        return self.hardware.host_memory_gib or 0.0
 
     @property
     def usable_host_gib(self) -> float:
@@ -188,10 +190,11 @@ def _savers(req: PlanRequest, arch: Architecture, hw: Hardware, seq_len_max: boo
     return modes
 
 
-def with_seq_len(r: Resolved, seq_len: int) -> Resolved:
-    """The resolved request at another sequence length (the dataset's statistics recounted at that cap)."""
+def with_seq_len(r: Resolved, seq_len: int, recount: bool = True) -> Resolved:
+    """The resolved request at another sequence length (the dataset's statistics recounted at that cap, unless
+    `recount` is False: the fit table, whose rows read none of them)."""
     ds = r.dataset
-    if ds is not None:
+    if ds is not None and recount:
         ds = dataset_stats(ds.path, seq_len, tokenizer_dir=r.model.ref.path)
     return dataclasses.replace(r, seq_len=seq_len, dataset=ds)
 
@@ -249,10 +252,12 @@ def _epochs(req: PlanRequest, ds: Optional[DatasetStats]) -> tuple[float, Option
     return float(O.default("num_epochs")), None
 
 
-def resolve(req: PlanRequest) -> Resolved:
-    """Check the request and resolve the model, card, adapter, batch and dataset (InputError on bad input)."""
+def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
+    """Check the request and resolve the model, card, adapter, batch and dataset (InputError on bad input).
+    `known`: the same request already resolved on another card (planner.fit_table); its model and dataset
+    statistics are taken as they are rather than read again."""
     validate(req)
-    model = resolve_model(req.model, req.trust_remote_code)
+    model = known.model if known is not None else resolve_model(req.model, req.trust_remote_code)
     hw, hw_note = resolve_hardware(req.gpu, req.gpu_memory, req.num_gpus)
     if hw.memory_gib <= 0:
         raise InputError("--gpu custom needs --gpu-memory (e.g. --gpu-memory 24GiB)")
@@ -262,7 +267,7 @@ def resolve(req: PlanRequest) -> Resolved:
     notes += topology.notes
     sel, r, alpha, dropout = _adapter(model.arch, req)
     strategy = _strategy(req, hw)
-    ways = hw.world_size if strategy.data_parallel else 1
+    ways = strategy.batch_ways(hw)
     defaults: dict[str, str] = {}  # defaults fitted to the request, with why
     gbs = req.global_batch_size
     if gbs is None:  # the default, rounded up to a multiple of the world so that it divides
@@ -273,7 +278,7 @@ def resolve(req: PlanRequest) -> Resolved:
                                               f"the {ways} GPUs (--global-batch-size)")
     if gbs % ways:
         raise InputError(f"--global-batch-size {gbs} is not divisible by {hw.world_size} GPUs")
-    per_gpu_batch = gbs // ways
+    per_gpu_batch = strategy.per_gpu_batch(gbs, hw)
     if req.batch_size and per_gpu_batch % req.batch_size:
         raise InputError(f"--batch-size {req.batch_size} does not divide the per-GPU batch {per_gpu_batch} "
                          f"(global batch {gbs} over {ways} GPU(s))")
@@ -291,7 +296,10 @@ def resolve(req: PlanRequest) -> Resolved:
     savers = _savers(req, model.arch, hw, seq_len_max)
     dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
     # the model's own tokenizer.json counts the tokens when the model is a local folder (else 4 chars per token)
-    ds = dataset_stats(dataset, seq_len, tokenizer_dir=model.ref.path) if dataset else None
+    if known is not None and known.seq_len == seq_len:
+        ds = known.dataset
+    else:
+        ds = dataset_stats(dataset, seq_len, tokenizer_dir=model.ref.path) if dataset else None
     epochs, epochs_reason = _epochs(req, ds)
     eval_path, eval_fraction = check_eval_set(req.eval_path, req.eval_fraction, ds.format if ds else None)
     return Resolved(
@@ -303,7 +311,7 @@ def resolve(req: PlanRequest) -> Resolved:
         batch_size=req.batch_size, optimizer=req.optimizer, loss=req.loss,
         learning_rate=req.learning_rate if req.learning_rate is not None else float(O.default("learning_rate")),
         epochs=epochs, epochs_reason=epochs_reason, max_steps=req.max_steps, train_tokens=req.train_tokens,
-        dataset=ds, savers=savers, host_memory_gib=hw.host_memory_gib or 0.0, host_note=topology.host_note,
+        dataset=ds, savers=savers, host_note=topology.host_note,
         seq_len_max=seq_len_max,
         seq_len_limit=limit, default_notes=defaults, eval_path=eval_path, eval_fraction=eval_fraction,
     )

@@ -56,6 +56,13 @@ class Strategy:
     def refuses(self, method: str, optimizer: str) -> Optional[str]:
         """Why the stack cannot run this method and optimizer under this strategy (a known break), or None."""
         return BROKEN.get((self.sharded, method, optimizer))
+    def batch_ways(self, hw: Hardware) -> int:
+        """How many processes the global batch divides over: the world under data parallelism, else one."""
+        return hw.world_size if self.data_parallel else 1
+
+    def per_gpu_batch(self, global_batch: int, hw: Hardware) -> int:
+        """Sequences one process takes per optimizer step (planner.request checks that the division is exact)."""
+        return global_batch // self.batch_ways(hw)
 
 
 def _as_is(terms, arch, p, shape, hw) -> list[Term]:

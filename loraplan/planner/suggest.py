@@ -138,11 +138,18 @@ def suggestions(r: Resolved, smallest: Choice) -> list[str]:
     return out
 
 
-def _larger_cards(r: Resolved, need_gib: float) -> str:
+def larger_cards(r: Resolved, need_gib: float, most: int = 4) -> list[str]:
+    """Catalog cards larger than r's whose usable memory (less the safety margin) holds `need_gib`, smallest first,
+    at most `most` (this module's advice and planner.placement's when loading binds)."""
     margin = M.coefficients().decision.safety_margin
     bigger = sorted((e["memory_gib"], k) for k, e in gpus().items()
                     if e["memory_gib"] * (1 - margin) >= need_gib and e["memory_gib"] > r.hardware.memory_gib)
+    return [k for _, k in bigger[:most]]
+
+
+def _larger_cards(r: Resolved, need_gib: float) -> str:
+    bigger = larger_cards(r, need_gib)
     if bigger:
-        return "a larger card: " + ", ".join(k for _, k in bigger[:4])
+        return "a larger card: " + ", ".join(bigger)
     return ("no single card in the catalog holds a replica: data-parallel training copies the model to every GPU, "
             "so only sharding it (FSDP) over more GPUs helps")
