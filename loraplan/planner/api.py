@@ -117,7 +117,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
 def _distributed(r: Resolved, d: Decision) -> Distributed:
     if not r.strategy.sharded:
         return Distributed()
-    return Distributed(offload_params=r.strategy.name == "fsdp-offload",
+    return Distributed(offload_params=r.strategy.offload_params,
                        cpu_ram_efficient_loading=bool(d.load and d.load.cpu_ram_efficient_loading),
                        quant_storage=r.dtype if d.choice.method == "qlora" else None)
 

@@ -19,7 +19,7 @@ share per GPU (--network, GB/s per node / GPUs per node).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 from . import memory as M
 from .architecture import Architecture
@@ -53,23 +53,30 @@ def link_gbs(hw: Hardware) -> tuple[Optional[float], str]:
     return intra, f"GPU interconnect {intra:g} GB/s per GPU"
 
 
-def step_time(arch: Architecture, p: int, shape: M.Shape, hw: Hardware, strategy: str, accum: int,
+class Collectives(Protocol):
+    """What a strategy moves (planner.strategies.Strategy's fields): its collective and whether it offloads."""
+
+    collective: str  # "none" | "all-reduce" | "all-gather+reduce-scatter"
+    offload_params: bool
+
+
+def step_time(arch: Architecture, p: int, shape: M.Shape, hw: Hardware, strategy: Collectives, accum: int,
               tokens_per_s_compute: float) -> StepTime:
-    """One optimizer step of one rank under `strategy` (a key of planner.strategies.STRATEGIES)."""
+    """One optimizer step of one rank under `strategy` (an entry of planner.strategies.STRATEGIES)."""
     n = hw.world_size
     compute = accum * shape.tokens / tokens_per_s_compute
-    if n == 1 or strategy in ("single", "cpu"):
+    if n == 1 or strategy.collective == "none":
         return StepTime(compute, 0.0, 0.0, "none (one process)")
     bw, link = link_gbs(hw)
     ring = (n - 1) / n
     w = weights_bytes(arch, shape)
-    if strategy == "ddp":
+    if strategy.collective == "all-reduce":  # the trainable gradients, fp32, reduce-scatter + all-gather
         volume = 2 * 4.0 * p * ring
     else:
         volume = accum * (2 * w + 4.0 * p) * ring
     collective = volume / (bw * GB) if bw else 0.0
     offload = 0.0
-    if strategy == "fsdp-offload":
+    if strategy.offload_params:
         host = hw.host_link_gbs or 0
         offload = accum * (2 * w + 4.0 * p) / n / (host * GB) if host else 0.0
     return StepTime(compute, collective, offload, link)

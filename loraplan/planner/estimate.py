@@ -44,7 +44,7 @@ def estimate(r: Resolved, c: Choice, tokens_per_epoch: Optional[int] = None) -> 
     tps = st = None
     if compute_tps:
         accum = max(r.per_gpu_batch // c.micro_batch_size, 1)
-        st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name, accum, compute_tps)
+        st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy, accum, compute_tps)
         tps = compute_tps * st.compute_s / st.step_s
     total_tps = tps * hw.world_size if tps else None
     tokens = r.train_tokens if r.train_tokens else (int(tokens_per_epoch * r.epochs) if tokens_per_epoch else None)

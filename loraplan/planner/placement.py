@@ -23,10 +23,9 @@ from . import throughput as TP
 from .communication import step_time
 from .loading import LoadPeak, load_peak
 from .request import Resolved
-from .strategies import STRATEGIES, Strategy, broken_combination
+from .strategies import STRATEGIES, Strategy, auto_candidates, sharded_strategies
 from .targets import trainable_params
 
-AUTO_SHARDING = ("ddp", "fsdp", "fsdp-offload")
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def _runtime_gib(terms) -> float:
 
 def _load(r: Resolved, c: D.Choice) -> LoadPeak:
     s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
-    return load_peak(r.arch, s, r.strategy.sharded, r.strategy.name == "fsdp-offload", r.hardware.world_size,
+    return load_peak(r.arch, s, r.strategy.sharded, r.strategy.offload_params, r.hardware.world_size,
                      _runtime_gib(c.terms))
 
 
@@ -69,7 +68,7 @@ def tokens_per_s(r: Resolved, c: D.Choice) -> Optional[float]:
     compute = TP.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
     if not compute:
         return None
-    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name,
+    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy,
                    max(r.per_gpu_batch // c.micro_batch_size, 1), compute)
     return compute * st.compute_s / st.step_s * hw.world_size
 
@@ -86,7 +85,7 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
         choice, small = D.choose(rm)
         if smallest is None or small.peak_gib < smallest[0].peak_gib:
             smallest = (small, rm)
-        broken = broken_combination(strategy, method, r.optimizer)
+        broken = strategy.refuses(method, r.optimizer)
         if broken:
             reasons.append(f"{method}: {broken}")
             continue
@@ -120,7 +119,7 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
 def strategies_to_try(r: Resolved) -> list[Strategy]:
     if r.strategy_choice != "auto" or r.hardware.world_size == 1 or r.hardware.gpu == "cpu":
         return [r.strategy]
-    return [STRATEGIES[name] for name in AUTO_SHARDING]
+    return auto_candidates()
 
 
 def _strategy_reason(r: Resolved, best: StrategyOption, options: list[StrategyOption]) -> str:
@@ -218,9 +217,10 @@ def more_gpus(r: Resolved) -> list[str]:
         big = dataclasses.replace(hw, num_gpus=gpus, num_nodes=nodes, network_gbs=network)
         per_gpu = max(r.global_batch_size // big.world_size, 1)
         rb = dataclasses.replace(r, hardware=big, per_gpu_batch=per_gpu, global_batch_size=per_gpu * big.world_size)
-        for name in ("fsdp", "fsdp-offload"):
-            o = evaluate(rb, STRATEGIES[name])
+        for strategy in sharded_strategies():
+            o = evaluate(rb, strategy)
             if o.fits:
+                name = strategy.name
                 flags = f"--num-gpus {gpus}" + (f" --num-nodes {nodes}" if nodes > 1 else "")
                 return [f"sharded over {nodes} x {gpus} GPUs ({name}) it fits at {o.choice.peak_gib:.1f} GiB per GPU "
                         f"({o.choice.method}): {flags}"]

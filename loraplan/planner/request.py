@@ -20,7 +20,7 @@ from .catalog import ResolvedModel, resolve_hardware, resolve_model, resolve_top
 from .datasets import DatasetStats, dataset_stats
 from .errors import ArchitectureError, InputError
 from .plan import Hardware
-from .strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, broken_combination, strategy_for
+from .strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, strategy_for
 from .targets import TargetSelection, select_targets
 
 # Longest sequence a request may name: beyond any model's context and any card's memory, but still arithmetic
@@ -224,16 +224,11 @@ def _strategy(req: PlanRequest, hw: Hardware) -> Strategy:
     if req.strategy == "auto":
         return strategy_for(hw)
     s = STRATEGIES[req.strategy]
-    if s.name == "cpu" and hw.gpu != "cpu":
-        raise InputError("--strategy cpu is for --gpu cpu")
-    if s.name in ("single", "cpu") and hw.world_size > 1:
-        raise InputError(f"--strategy {s.name} trains in one process; this plan has {hw.world_size} GPUs")
-    if s.name == "ddp" and hw.world_size == 1:
-        raise InputError("--strategy ddp needs --num-gpus 2 or more")
-    if s.sharded and hw.gpu == "cpu" and hw.world_size == 1:
-        raise InputError(f"--strategy {s.name} on the CPU needs --num-gpus 2 or more (processes)")
+    unusable = s.unusable_on(hw)
+    if unusable:
+        raise InputError(unusable)
     methods = O.METHODS if req.method == "auto" else (req.method,)
-    broken = [broken_combination(s, m, req.optimizer) for m in methods]
+    broken = [s.refuses(m, req.optimizer) for m in methods]
     if all(broken):  # every method the request allows is a combination the stack breaks
         raise InputError(broken[-1])
     return s
