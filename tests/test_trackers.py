@@ -107,3 +107,63 @@ def _plan_dict():
     from loraplan.planner.api import PlanRequest, make_plan
 
     return make_plan(PlanRequest(model="llama-3.1-8b", gpu="rtx-4090", fit_table=False)).plan.to_dict()
+
+
+def _cut_back_to_step_6(out):
+    """As if the run had been killed after its step-6 checkpoint: the later checkpoint and the adapter gone."""
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-12")
+    shutil.rmtree(out / "adapter")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_tensorboard_resume_appends_without_doubling_steps(tiny_model_dir, tmp_path, cli_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import build_plan, data_file, write_plan
+
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=12, save_steps=6,
+                      logging_steps=2, eval_fraction=0.25, report_to="tensorboard")
+    path = write_plan(plan, tmp_path / "plan.yaml")
+    assert cli_run(path).exit_code == 0
+    first = _train_losses(out)
+    _cut_back_to_step_6(out)
+    result = cli_run(path, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resumed at 6" in result.stdout
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 12  # one curve, each step once
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert losses == pytest.approx(_train_losses(out), rel=1e-5)
+    assert {s: v for s, v in losses.items() if s <= 6} == pytest.approx({s: v for s, v in first.items() if s <= 6})
+    assert "eval/loss" in events.Tags()["scalars"]  # the eval set's loss, in the same run
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs mlflow")
+def test_mlflow_resume_reattaches_to_the_same_run(tiny_model_dir, tmp_path, cli_run, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import build_plan, data_file, write_plan
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=12, save_steps=6,
+                      logging_steps=2, eval_fraction=0.25, report_to="mlflow")
+    path = write_plan(plan, tmp_path / "plan.yaml")
+    assert cli_run(path).exit_code == 0
+    run_id = json.loads((out / "tracker.json").read_text())["mlflow_run_id"]
+    _cut_back_to_step_6(out)
+    assert cli_run(path, "--resume").exit_code == 0
+    assert json.loads((out / "tracker.json").read_text())["mlflow_run_id"] == run_id
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri="file:" + str(out / "mlruns"))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run_id]  # one run: the resume and the final eval went into it
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert set(steps) == set(_train_losses(out)) and max(steps) == 12  # MLflow keeps the retrained steps' old points too
+    assert client.get_metric_history(run_id, "eval_loss")

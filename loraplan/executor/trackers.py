@@ -145,7 +145,7 @@ class Tracking:
 
         fields, config = _callbacks()
         integration = trainer.pop_callback(INTEGRATION_TO_CALLBACK[self.tracker.name])
-        trainer.add_callback(fields(self.plan, self.meter))
+        trainer.add_callback(fields(self.plan, self.meter, self._reattach))
         if integration is None:  # transformers did not build it (it should have: report_to names it)
             raise RunError(f"transformers built no {self.tracker.name} callback for report_to={self.tracker.name}")
         if self.tracker.name == "tensorboard" and self.is_main and self.resumed_step is not None:
@@ -156,7 +156,28 @@ class Tracking:
         trainer.add_callback(integration)
         trainer.add_callback(config(self.plan, integration))
 
+    def _reattach(self) -> None:
+        """MLflow ends its run at the end of training; the final evaluation's log would start another run: reopen
+        the run instead (ended again by close)."""
+        if self.tracker.name != "mlflow":
+            return
+        import mlflow
+
+        run_id = identity(self.plan.output_dir).get("mlflow_run_id")
+        if run_id and mlflow.active_run() is None:
+            mlflow.start_run(run_id=run_id)
+            self._reopened = True
+
     def close(self) -> None:
+        if getattr(self, "_reopened", False):
+            import mlflow
+
+            mlflow.end_run()
+            self._reopened = False
+        if "MLFLOW_TRACKING_URI" in self._saved:  # MLflowCallback set our file store as mlflow's global URI
+            import mlflow
+
+            mlflow.set_tracking_uri(None)
         for key, value in self._saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -173,15 +194,18 @@ def _callbacks():
         """Adds to each training log what the trainer does not: tokens/s over the interval, the memory meter's
         readings and the plan's predicted peak (the same names as metrics.jsonl's)."""
 
-        def __init__(self, plan, meter):
-            self.plan, self.meter = plan, meter
+        def __init__(self, plan, meter, reattach):
+            self.plan, self.meter, self.reattach = plan, meter, reattach
             self.t_last, self.tokens_last = time.perf_counter(), 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t_last, self.tokens_last = time.perf_counter(), state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not state.is_world_process_zero or not logs:
+                return
+            self.reattach()
+            if "loss" not in logs:
                 return
             now, tokens = time.perf_counter(), state.num_input_tokens_seen
             logs["tokens_per_s"] = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
