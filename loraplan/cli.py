@@ -163,6 +163,10 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers, report_to=report_to,
     )
     try:
+        if plot:
+            from loraplan.planner.plot import check_plot_path
+
+            check_plot_path(plot)  # before any work: a wrong extension or no matplotlib is one line
         res = make_plan(req)
         if output:
             res.plan.save(output)
@@ -175,6 +179,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
     if as_json:
         data = res.to_json()
         data["plan_file"] = output
+        data["plot_file"] = plot
         click.echo(json.dumps(data, indent=2))
     else:
         from loraplan.planner.report import render
@@ -184,6 +189,8 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         if output:
             console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
                           + (f"; run it with: loraplan run {output}" if res.feasible else ""))
+        if plot:
+            console.print(f"Memory plot written to {plot}")
     sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)
 
 

@@ -54,17 +54,23 @@ def longest_fitting(res, limit: int) -> int:
     return lo * step
 
 
+def check_plot_path(path: str) -> None:
+    """One line for a file that is neither .png nor .svg, or when matplotlib is not installed."""
+    import importlib.util
+
+    if os.path.splitext(path)[1].lower() not in FORMATS:
+        raise InputError(f"--plot {path}: the file must end in .png or .svg")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}")
+
+
 def plot_memory(res, path: str) -> str:
     """Draw the picture into PATH (.png or .svg); returns PATH. InputError on another extension or no matplotlib."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FORMATS:
-        raise InputError(f"--plot {path}: the file must end in .png or .svg")
+    check_plot_path(path)
     if res.resolved is None or res.choice is None:
         raise InputError("--plot needs a plan made in this process (a PlanResult from make_plan)")
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}") from None
+    import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
