@@ -88,6 +88,8 @@ def plot_memory_check(terms: dict[str, float], observed: list[float], card_gib: 
             bottom += gib
         xs = list(range(1, len(observed) + 1))
         ax.bar(xs, observed, color="0.35", width=0.6, label="observed peak")
+        for x, v in zip([0, *xs], [bottom, *observed]):  # each bar's total above it
+            ax.text(x, v, f"{v:.2f} GiB", ha="center", va="bottom", fontsize=8)
         ax.axhline(card_gib, color="black", linewidth=1, label=f"card {card_gib:.1f} GiB")
         ax.axhline(card_gib * (1 - margin), color="red", linestyle="--", linewidth=1,
                    label=f"usable {card_gib * (1 - margin):.1f} GiB")
