@@ -138,40 +138,54 @@ def main() -> None:
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
 @click.option("--train-tokens", type=int, default=None, help="Training tokens for the time estimate (without --dataset).")
 @click.option("--trust-remote-code", is_flag=True, help="Let `run` execute the model repository's own code.")
+@click.option("--report-to", type=click.Choice(O.TRACKERS), default=O.default("report_to"), show_default=True,
+              help="The experiment tracker `run` logs to, offline into the output dir unless your environment says "
+                   "otherwise (docs/running.md, Trackers); needs that tracker's package.")
+@click.option("--plot", type=str, default=None, metavar="FILE.png|FILE.svg",
+              help="Draw the plan's peak memory against sequence length, stacked by term, with the card's usable "
+                   "memory (matplotlib: pip install 'loraplan[plot]').")
 @click.option("--no-fit-table", is_flag=True, help="Skip the table across catalog cards.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every fact (docs/plan-json.md).")
 def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank,
                  alpha, dropout, targets, seq_len, batch_size, global_batch_size, grad_checkpointing, optimizer, savers,
-                 loss, dataset, eval_path, eval_fraction, output, output_dir, learning_rate, epochs, max_steps, train_tokens, trust_remote_code,
-                 no_fit_table, as_json) -> None:
+                 loss, dataset, eval_path, eval_fraction, output, output_dir, learning_rate, epochs, max_steps,
+                 train_tokens, trust_remote_code, report_to, plot, no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
     in the local Hugging Face cache.
 
     Exit status: 0 when it fits, 1 when it does not (the output says what would), 2 on bad input.
     """
-    from loraplan.planner.api import PlanRequest, make_plan
+    from loraplan.api import plan_request
+    from loraplan.planner.api import make_plan
     from loraplan.planner.errors import InputError
 
-    req = PlanRequest(
-        model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
+    req = plan_request(
+        model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
         host_memory=host_memory, strategy=strategy, method=method, rank=rank, alpha=alpha,
         dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
         grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, eval_path=eval_path,
         eval_fraction=eval_fraction, output_dir=output_dir,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
-        trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers,
+        trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers, report_to=report_to,
     )
     try:
+        if plot:
+            from loraplan.planner.plot import check_plot_path
+
+            check_plot_path(plot)  # before any work: a wrong extension or no matplotlib is one line
         res = make_plan(req)
         if output:
             res.plan.save(output)
+        if plot:
+            res.plot(plot)
     except InputError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot write {output}: {exc.strerror or exc}")
+        _fail(f"cannot write {exc.filename or output}: {exc.strerror or exc}")
     if as_json:
         data = res.to_json()
         data["plan_file"] = output
+        data["plot_file"] = plot
         click.echo(json.dumps(data, indent=2))
     else:
         from loraplan.planner.report import render
@@ -181,6 +195,8 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         if output:
             console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
                           + (f"; run it with: loraplan run {output}" if res.feasible else ""))
+        if plot:
+            console.print(f"Memory plot written to {plot}")
     sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)
 
 

@@ -9,8 +9,8 @@ from typing import Optional
 
 import click
 
+from loraplan.planner import options as O
 from loraplan.planner.errors import PlanError
-from loraplan.planner.plan import Plan
 from loraplan.planner.strategies import STRATEGIES
 
 from .errors import RunError
@@ -41,6 +41,9 @@ def _console():
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (recorded in the run's plan.yaml).")
 @click.option("--force", is_flag=True, help="Run a plan even though its prediction does not fit its card.")
+@click.option("--report-to", type=click.Choice(O.TRACKERS), default=None,
+              help="Log to this experiment tracker instead of the plan's training.report_to (recorded in the run's "
+              "plan.yaml); offline, into the output dir, unless your environment says otherwise.")
 @click.option("--machine-rank", type=click.IntRange(min=0), default=None,
               help="Multi-node plans: this machine's rank, 0 to hardware.num_nodes - 1 (default: NODE_RANK or "
               "SLURM_NODEID from the environment).")
@@ -56,7 +59,8 @@ def _console():
 @click.option("--num-processes", type=click.IntRange(min=1), default=None,
               help="--demo only: train the demo over this many CPU processes (default 1).")
 def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_existing_dir: bool, demo: bool,
-                output_dir: Optional[str], max_steps: Optional[int], force: bool, machine_rank: Optional[int],
+                output_dir: Optional[str], max_steps: Optional[int], force: bool, report_to: Optional[str],
+                machine_rank: Optional[int],
                 main_process_ip: Optional[str], main_process_port: Optional[int], demo_strategy: Optional[str],
                 num_processes: Optional[int]) -> None:
     """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
@@ -71,57 +75,23 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
     unless --use-existing-dir. Exit status: 0 done, 1 failed (e.g. out of memory, disk full), 2 bad input,
     130 interrupted.
     """  # long: click's command, its checks of the flags and its one-line errors read best in one place
-    from . import outputs
+    from loraplan import api
+
     from . import library_log
 
     library_log.quiet_library_logs()  # before anything imports bitsandbytes, which speaks at import
     command = " ".join(["loraplan run"] + ([plan_file] if plan_file else ["--demo"] if demo else [])
                        + [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on])
     try:
-        if resume and overwrite:
-            raise RunError("give --resume or --overwrite, not both")
-        if (demo_strategy or num_processes) and not demo:
-            raise RunError("--strategy and --num-processes are for --demo; a plan file's strategy and processes come "
-                           "from `loraplan plan`")
-        if demo:
-            if plan_file:
-                raise RunError("give either PLAN or --demo, not both")
-            from .errors import require_run_extra
-
-            require_run_extra()
-            from .demo import prepare_demo
-
-            out = output_dir or "loraplan-demo"
-            outputs.check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
-            with outputs.lock_output_dir(out, command):  # held from before the demo builds its model
-                outputs.claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
-                plan = prepare_demo(out, max_steps=max_steps or 60, strategy=demo_strategy,
-                                    num_processes=num_processes or 1)
-                # The demo replaces its own earlier run unless asked to resume it.
-                summary = _execute(plan, resume, overwrite or not resume, use_existing_dir, None, command, None)
-        else:
-            if not plan_file:
-                raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
-            plan = Plan.load(plan_file)
-            if output_dir:
-                plan.output_dir = output_dir
-            if max_steps:
-                plan.training.max_steps = max_steps
-            plan.validate()
-            if not plan.fits() and not force:
-                raise RunError(
-                    f"this plan does not fit: it predicts {plan.prediction.per_gpu_gib:.1f} GiB per GPU and "
-                    f"{plan.hardware.gpu_name} allows {plan.hardware.memory_gib * (1 - plan.prediction.margin):.1f} GiB; "
-                    "plan again (`loraplan plan` says what would fit) or pass --force"
-                )
-            from .launch import resolve_rendezvous
-
-            rendezvous = resolve_rendezvous(plan, machine_rank, main_process_ip, main_process_port)
-            summary = _execute(plan, resume, overwrite, use_existing_dir, plan_file, command, rendezvous)
-            if not rendezvous.is_main_machine and summary.steps is None:
-                _console().print(f"machine {rendezvous.machine_rank}: its processes finished; machine 0 holds the "
-                                 "report and the adapter", soft_wrap=True)
-                return
+        summary = api.run(plan_file, demo=demo, output_dir=output_dir, max_steps=max_steps, report_to=report_to,
+                          resume=resume, overwrite=overwrite, use_existing_dir=use_existing_dir, force=force,
+                          machine_rank=machine_rank, main_process_ip=main_process_ip,
+                          main_process_port=main_process_port, strategy=demo_strategy, num_processes=num_processes,
+                          console=_console(), command=command)
+        if summary.machine_rank and summary.steps is None:  # another machine of a multi-node plan: machine 0 reports
+            _console().print(f"machine {summary.machine_rank}: its processes finished; machine 0 holds the "
+                             "report and the adapter", soft_wrap=True)
+            return
         from .report import print_report
 
         print_report(summary, _console())
@@ -131,14 +101,6 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
         _fail(exc.message, exc.exit_code)
     except KeyboardInterrupt:  # outside training (imports, checks, loading): nothing new was saved
         _fail("interrupted; nothing new was saved (a run's last complete checkpoint, if any, is intact)", 130)
-
-
-def _execute(plan: Plan, resume: bool, overwrite: bool, use_existing_dir: bool, plan_file: Optional[str],
-             command: str, rendezvous) -> dict:
-    from .runner import execute
-
-    return execute(plan, resume=resume, overwrite=overwrite, console=_console(), use_existing_dir=use_existing_dir,
-                   plan_file=plan_file, command=command, rendezvous=rendezvous)
 
 
 @click.command("merge")

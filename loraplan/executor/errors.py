@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from loraplan.errors import LoraplanError
 
-class RunError(Exception):
+
+class RunError(LoraplanError):
     """Bad input (plan, model, dataset, output folder, missing extra): exit 2 with one line."""
 
     exit_code = 2

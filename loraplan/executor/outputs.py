@@ -35,6 +35,8 @@ from loraplan.planner.plan_io import atomic_write_text
 from .checkpoints import (COMPLETE_MARKER, CHECKPOINT_RE, checkpoints, file_sha256, latest_complete_checkpoint,
                           remove_incomplete_checkpoints)
 from .errors import RunError
+from .plots import RUN_NAMES as PLOT_NAMES
+from .trackers import RUN_NAMES as TRACKER_NAMES
 
 PLAN_FILE = "plan.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -46,7 +48,8 @@ MARKER_FILE = ".loraplan-run.json"
 LOCK_FILE = ".loraplan.lock"
 # What a run writes at the top of its folder, checkpoint-N/ aside (launch.log and .worker-error.json: ddp only).
 RUN_NAMES = (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, ADAPTER_DIR + ".tmp", ADAPTER_DIR + ".old",
-             RUN_LOG, "launch.log", ".worker-error.json", "dataset_fingerprint.json", "accelerate_config.yaml")
+             RUN_LOG, "launch.log", ".worker-error.json", "dataset_fingerprint.json", "accelerate_config.yaml",
+             *TRACKER_NAMES, *PLOT_NAMES)
 # ... and, on a multi-node run, per machine K: its launcher's log and the transient marker that proves the folder
 # is shared (executor/launch.py, executor/worker.py)
 RUN_NAME_PATTERNS = (re.compile(r"^launch-machine-\d+\.log$"), re.compile(r"^\.machine-\d+\."))
@@ -71,6 +74,7 @@ IGNORED_FOR_RESUME = (
     "training.logging_steps",
     "training.save_steps",
     "training.save_total_limit",
+    "training.report_to",
 )
 
 

@@ -53,7 +53,8 @@ def print_report(s: RunSummary, console) -> None:
             f"the prediction was wrong for this run; leave more headroom or report it.[/bold red]"
         )
     saved = [("adapter", s.adapter_dir), ("last checkpoint", s.last_checkpoint), ("plan", s.plan_file),
-             ("metrics", s.metrics_file), ("summary", os.path.join(s.output_dir, "summary.json") if s.output_dir else None)]
+             ("metrics", s.metrics_file), ("loss plot", s.loss_plot), ("memory plot", s.memory_plot),
+             ("summary", os.path.join(s.output_dir, "summary.json") if s.output_dir else None)]
     for label, path in saved:
         if path:
             console.print(f"{label:>16}: {path}")

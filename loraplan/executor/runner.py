@@ -17,6 +17,8 @@ from . import library_log
 from .errors import RunError, TrainingFailed, require_run_extra
 from .model import stay_offline
 from .summary import RunSummary
+from .plots import write_run_plots
+from .trackers import check_installed
 
 
 def check_inputs(plan: Plan) -> None:
@@ -26,6 +28,7 @@ def check_inputs(plan: Plan) -> None:
 
     plan_model_dir(plan)
     check_savers(plan)
+    check_installed(plan.training.report_to)
     load_rows(plan.dataset.path, plan.dataset.format)
     if plan.dataset.eval_path:
         load_rows(plan.dataset.eval_path, plan.dataset.format, what="eval dataset")
@@ -99,6 +102,7 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
                 summary = _launch(plan, resume_from[1] if resume_from else None, console, rdzv)
             # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
             summary.wall_s = time.perf_counter() - t0
+            write_run_plots(plan, summary)  # loss.png (and memory.png on a GPU) beside metrics.jsonl
             outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary.to_dict())
         except OSError as exc:  # plan.yaml or summary.json on a full disk (training's own saves say so in train.py)
             if not outputs.is_disk_full(exc):

@@ -65,6 +65,8 @@ class RunSummary:
     last_checkpoint: Optional[str] = None
     plan_file: Optional[str] = None
     metrics_file: Optional[str] = None
+    loss_plot: Optional[str] = None  # loss.png (executor/plots.py; needs matplotlib)
+    memory_plot: Optional[str] = None  # memory.png: predicted vs observed, on a GPU
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from loraplan.planner.plan import Plan
 from . import outputs
 
 from . import checkpoints
+from . import trackers
 from .errors import Interrupted, RunError, TrainingFailed
 from .saver_settings import apply_model_patches, checkpointing_settings, sft_config_settings
 from .summary import RunSummary
@@ -409,7 +410,7 @@ def sft_config(plan: Plan, place: Placement, has_eval: bool):
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.save_steps if has_eval else None,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        **trackers.trainer_settings(plan),  # report_to, run_name (executor/trackers.py)
         disable_tqdm=True,
         use_cpu=not place.use_cuda,
         ddp_find_unused_parameters=False if place.world_size > 1 else None,
@@ -534,6 +535,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     if progress is not None:
         callbacks.append(progress)
 
+    tracking = trackers.Tracking(plan, place.is_main, meter, start_step if resume_from else None)  # env, before the trainer
     args = sft_config(plan, place, has_eval=eval_ds is not None)
     PlanTrainer = _trainer_class()
     trainer = PlanTrainer(
@@ -548,6 +550,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         sharded=is_sharded(plan),
     )
     trainer.remove_callback(PrinterCallback)
+    tracking.attach(trainer)
     if plan.quantization.enabled and t.dtype != "bfloat16":
         # trl casts a quantized model's adapters to bf16 (QLoRA paper); on fp16/fp32 plans keep them fp32 so
         # the fp16 grad scaler and cards without bf16 work.
@@ -571,6 +574,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         raise TrainingFailed(outputs.disk_full_message(out, trainer.state.global_step)) from None
     finally:
         flag.restore()
+        tracking.close()
         if progress is not None:
             progress.close()  # a failed step skips on_train_end; leave the terminal clean for the error line
 

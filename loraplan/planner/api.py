@@ -96,6 +96,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
             global_batch_size=r.global_batch_size, grad_checkpointing=c.grad_checkpointing, optimizer=r.optimizer,
             loss=r.loss, learning_rate=r.learning_rate, num_epochs=r.epochs, max_steps=r.max_steps or -1,
             logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing="padding_free" in c.savers.on,
+            report_to=req.report_to,
         ),
         prediction=Prediction(per_gpu_gib=round(M.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
                               margin=M.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),

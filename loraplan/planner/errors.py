@@ -5,16 +5,18 @@
 
 from __future__ import annotations
 
+from loraplan.errors import LoraplanError
 
-class InputError(ValueError):
+
+class InputError(LoraplanError, ValueError):
     """Bad input to `plan` (a model, card, option or dataset that cannot be used): exit 2 with one line."""
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(LoraplanError, ValueError):
     """A config the planner cannot count (unknown model_type, missing field, no adaptable layer)."""
 
 
-class PlanError(ValueError):
+class PlanError(LoraplanError, ValueError):
     """A plan file that is missing, malformed, of an unknown version or inconsistent."""
 
 

@@ -21,6 +21,9 @@ Loss = Literal["fused", "full"]
 Dtype = Literal["bfloat16", "float16", "float32"]
 DatasetFormat = Literal["auto", "instruction", "chat", "text"]
 SaverMode = Literal["auto", "on", "off"]
+# `--report-to`: the experiment tracker `run` logs to (transformers' integration of the same name); executor/trackers.py
+# holds each one's package, install command and offline settings.
+Tracker = Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 METHOD_CHOICES: tuple[str, ...] = get_args(MethodChoice)
@@ -29,6 +32,7 @@ LOSSES: tuple[str, ...] = get_args(Loss)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 DATASET_FORMATS: tuple[str, ...] = get_args(DatasetFormat)
 SAVER_MODES: tuple[str, ...] = get_args(SaverMode)
+TRACKERS: tuple[str, ...] = get_args(Tracker)
 # The memory savers, in the order the report lists them: tables/savers.yaml names them (with their facts and
 # default modes), planner/savers.py holds one table entry for each.
 SAVERS: tuple[str, ...] = tuple(savers_table()["savers"])

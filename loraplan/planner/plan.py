@@ -5,7 +5,8 @@ YAML and JSON (`Plan.from_dict(plan.to_dict()) == plan`). This module holds the 
 typed rebuilding and atomic writing of files are planner.plan_io.
 
 Version history:
-- 1: first schema (the `savers` section came later, with defaults: files without it load unchanged).
+- 1: first schema (the `savers` section and `training.report_to` came later, with defaults: files without them
+  load unchanged).
 - 2: `savers.on` lists the savers on by name, instead of one boolean per saver; a version-1 file loads, its
   booleans read as names (Savers.upgrade).
 """
@@ -108,6 +109,7 @@ class Training:
     packing: bool = False
     dtype: str = field(default_factory=lambda: O.default("compute_dtype"))  # compute dtype of the base model: bfloat16, or float16 on cards without bf16
     attn_implementation: str = "sdpa"
+    report_to: str = field(default_factory=lambda: O.default("report_to"))  # options.TRACKERS; older plans: none
 
 
 @dataclass
@@ -251,6 +253,7 @@ class Plan:
         O.check_choice("training.loss", t.loss, O.LOSSES, PlanError)
         O.check_choice("training.dtype", t.dtype, O.DTYPES, PlanError)
         O.check_choice("dataset.format", self.dataset.format, O.DATASET_FORMATS, PlanError)
+        O.check_choice("training.report_to", t.report_to, O.TRACKERS, PlanError)
         if self.quantization.enabled and self.quantization.compute_dtype != t.dtype:
             raise PlanError(
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"

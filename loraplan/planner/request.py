@@ -61,6 +61,7 @@ class PlanRequest:
     trust_remote_code: bool = False
     fit_table: bool = True
     savers: Optional[str] = None  # --savers: options.parse_savers; None: the defaults
+    report_to: str = field(default_factory=lambda: O.default("report_to"))  # options.TRACKERS
 
 
 SEQ_LEN_MAX = "max"
@@ -169,6 +170,7 @@ def validate(req: PlanRequest) -> None:
     O.check_choice("--grad-checkpointing", req.grad_checkpointing, O.CHECKPOINTING_CHOICES, InputError)
     O.check_choice("--optimizer", req.optimizer, tuple(O.OPTIMIZERS), InputError)
     O.check_choice("--loss", req.loss, O.LOSSES, InputError)
+    O.check_choice("--report-to", req.report_to, O.TRACKERS, InputError)
     O.parse_savers(req.savers, error=InputError)
 
 

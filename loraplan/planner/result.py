@@ -40,6 +40,23 @@ class PlanResult:
     resolved: Optional[Any] = None  # planner.request.Resolved, for the savers' effects
     choice: Optional[Any] = None  # planner.decide.Choice
 
+    def __repr__(self) -> str:
+        from .notebook import short_repr
+
+        return short_repr(self)
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the report `loraplan plan` prints (planner.notebook)."""
+        from .notebook import report_html
+
+        return report_html(self)
+
+    def plot(self, path: str) -> str:
+        """`plan --plot PATH`: peak memory against sequence length (planner.plot; needs matplotlib)."""
+        from .plot import plot_memory
+
+        return plot_memory(self, path)
+
     @property
     def host_gib(self) -> float:
         return M.Term.sum_gib(self.host_terms)
