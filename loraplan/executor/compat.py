@@ -1,4 +1,4 @@
-"""The training config held to what the installed trl and transformers accept (planner/installed.py says which
+"""The training config held to what the installed trl and transformers accept (planner/versions.py says which
 releases differ and how). Both backends build their SFTConfig keyword arguments, then pass them through here."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from loraplan.planner import installed
+from loraplan.planner import versions
 
 # name in the newer transformers -> the older name it replaced (transformers 5.17 knows only the latter)
 RENAMED = {"activation_checkpointing": "gradient_checkpointing",
@@ -28,8 +28,8 @@ def sft_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         elif {v: k for k, v in RENAMED.items()}.get(key) in fields:
             out[{v: k for k, v in RENAMED.items()}[key]] = value
         else:
-            raise TypeError(f"the installed trl {installed.version('trl')} / transformers "
-                            f"{installed.version('transformers')} has no training setting {key!r}")
+            raise TypeError(f"the installed trl {versions.installed_version('trl')} / transformers "
+                            f"{versions.installed_version('transformers')} has no training setting {key!r}")
     return out
 
 
@@ -40,4 +40,4 @@ def use_fused_loss(plan_loss: str, device: str) -> bool:
 
     if plan_loss != "fused":
         return False
-    return installed.trl_fused_loss_runs_on(device) or "unsloth" in sys.modules
+    return versions.trl_fused_loss_runs_on(device) or "unsloth" in sys.modules

@@ -344,7 +344,7 @@ def _trainer_class():
             from .compat import use_fused_loss
 
             if self.plan_loss == "full" or not use_fused_loss(self.plan_loss, self.args.device.type):
-                # (trl 1.15's fused loss is Triton only: on a CPU the loss comes from the full logits; planner/installed.py)
+                # (trl 1.15's fused loss is Triton only: on a CPU the loss comes from the full logits; planner/versions.py)
                 inputs = {**inputs, "use_cache": False}
                 return Trainer.compute_loss(
                     self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
