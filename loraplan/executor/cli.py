@@ -14,6 +14,7 @@ from loraplan.planner.plan import Plan
 from loraplan.planner.strategies import STRATEGIES
 
 from .errors import RunError
+from .summary import RunSummary
 
 
 def _fail(message: str, code: int) -> None:
@@ -50,7 +51,7 @@ def _console():
 @click.option("--main-process-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="The rendezvous port on machine 0 (default: MASTER_PORT, else 29500 on several nodes and a free "
               "port on one).")
-@click.option("--strategy", "demo_strategy", type=click.Choice([n for n in STRATEGIES if n != "single"]), default=None,
+@click.option("--strategy", "demo_strategy", type=click.Choice([n for n, s in STRATEGIES.items() if "cpu" in s.devices]), default=None,
               help="--demo only: how the demo spreads over --num-processes CPU processes (default: cpu for one, ddp "
               "for more).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=None,
@@ -71,8 +72,9 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
     unless --use-existing-dir. Exit status: 0 done, 1 failed (e.g. out of memory, disk full), 2 bad input,
     130 interrupted.
     """  # long: click's command, its checks of the flags and its one-line errors read best in one place
-    from . import outputs
     from . import library_log
+    from .claim import check_claim, claim_output_dir
+    from .folder_lock import lock_output_dir
 
     library_log.quiet_library_logs()  # before anything imports bitsandbytes, which speaks at import
     command = " ".join(["loraplan run"] + ([plan_file] if plan_file else ["--demo"] if demo else [])
@@ -92,9 +94,9 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
             from .demo import prepare_demo
 
             out = output_dir or "loraplan-demo"
-            outputs.check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
-            with outputs.lock_output_dir(out, command):  # held from before the demo builds its model
-                outputs.claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
+            check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
+            with lock_output_dir(out, command):  # held from before the demo builds its model
+                claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
                 plan = prepare_demo(out, max_steps=max_steps or 60, strategy=demo_strategy,
                                     num_processes=num_processes or 1)
                 # The demo replaces its own earlier run unless asked to resume it.
@@ -134,7 +136,7 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
 
 
 def _execute(plan: Plan, resume: bool, overwrite: bool, use_existing_dir: bool, plan_file: Optional[str],
-             command: str, rendezvous) -> dict:
+             command: str, rendezvous) -> RunSummary:
     from .runner import execute
 
     return execute(plan, resume=resume, overwrite=overwrite, console=_console(), use_existing_dir=use_existing_dir,
