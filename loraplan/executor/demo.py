@@ -32,7 +32,7 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
 
     chosen = STRATEGIES[strategy] if strategy else None  # None: the planner's default for the process count
     if chosen and chosen.max_world_size is not None and num_processes > chosen.max_world_size:
-        others = [n for n, s in STRATEGIES.items() if "cpu" in s.devices and s.max_world_size is None]
+        others = [n for n, s in STRATEGIES.items() if s.max_world_size is None]
         raise RunError(f"--strategy {strategy} trains in one process; for --num-processes {num_processes} choose "
                        f"{', '.join(others[:-1])} or {others[-1]}")
     if chosen and num_processes < chosen.min_world_size:

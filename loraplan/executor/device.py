@@ -15,12 +15,12 @@ GIB = 2**30
 
 
 def uses_cuda(plan: Plan) -> bool:
-    """The strategy trains on GPUs (its table entry's `devices`) and this machine has one."""
+    """The strategy may train on a GPU (its table entry's `device` is not "cpu") and this machine has one."""
     import torch
 
     from loraplan.planner.strategies import STRATEGIES
 
-    return "cuda" in STRATEGIES[plan.strategy].devices and torch.cuda.is_available()
+    return STRATEGIES[plan.strategy].device != "cpu" and torch.cuda.is_available()
 
 
 @dataclass
