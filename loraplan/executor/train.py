@@ -88,8 +88,8 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     quiet_libraries()
     place = placement_for(plan)
     state = RunState(plan=plan, backend=backend, place=place, meter=MemoryMeter(place.use_cuda),
-                     sharded=is_sharded(plan), t0=t0, metrics_path=os.path.join(plan.output_dir, run_files.METRICS_FILE),
-                     resume_from=resume_from)
+                     sharded=is_sharded(plan), t0=t0, resume_from=resume_from,
+                     metrics_path=os.path.join(plan.output_dir, run_files.METRICS_FILE))
     out = plan.output_dir
     t = plan.training
 
