@@ -64,7 +64,8 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
     output_dir, max_steps and report_to override the plan's and are recorded in the run's plan.yaml. console:
     "auto" prints progress and messages with rich, None is silent, or a rich Console. Raises loraplan.LoraplanError:
     RunError (exit_code 2: bad input; TrainingFailed 1: e.g. out of memory; Interrupted 130) or PlanError."""
-    from loraplan.executor import outputs
+    from loraplan.executor.claim import check_claim, claim_output_dir
+    from loraplan.executor.folder_lock import lock_output_dir
     from loraplan.executor.errors import RunError, require_run_extra
     from loraplan.executor.trackers import check_installed
     from loraplan.planner.plan import Plan
@@ -95,9 +96,9 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
         from loraplan.executor.demo import prepare_demo
 
         out = output_dir or "loraplan-demo"
-        outputs.check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
-        with outputs.lock_output_dir(out, command):  # held from before the demo builds its model
-            outputs.claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
+        check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
+        with lock_output_dir(out, command):  # held from before the demo builds its model
+            claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
             p = prepare_demo(out, max_steps=max_steps or 60, strategy=strategy, num_processes=num_processes or 1)
             _override(p, None, None, report_to)
             # The demo replaces its own earlier run unless asked to resume it.

@@ -14,7 +14,7 @@ from loraplan.planner.strategies import Strategy
 
 
 def test_the_logging_interval_of_plan_and_run_is_the_planners(monkeypatch):
-    from loraplan.executor.train import effective_logging_steps
+    from loraplan.executor.trainer_settings import effective_logging_steps
 
     assert O.logging_interval(1000, 10) == 10 and O.logging_interval(30, 10) == 3 and O.logging_interval(5, 10) == 1
     assert effective_logging_steps(10, 30) == 3

@@ -153,7 +153,7 @@ def test_qlora_loads_nf4_and_upcasts_nothing(tiny_model_dir, tmp_path):
     import bitsandbytes as bnb
     import torch
 
-    from loraplan.executor.model import load_base_model, wrap_lora
+    from loraplan.executor.backends.hf import load_base_model, wrap_lora
 
     plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(tmp_path), method="qlora", dtype="bfloat16")
     model = wrap_lora(plan, load_base_model(plan, tiny_model_dir))
@@ -168,14 +168,16 @@ def test_qlora_loads_nf4_and_upcasts_nothing(tiny_model_dir, tmp_path):
 
     # Still so once SFTTrainer has the model (it would upcast if given a peft_config with a 4-bit model).
     from loraplan.executor.data import prepare_datasets
-    from loraplan.executor.model import load_tokenizer
-    from loraplan.executor.train import Placement, _trainer_class, sft_config
+    from loraplan.executor.backends.hf import load_tokenizer
+    from loraplan.executor.device import Placement
+    from loraplan.executor.plan_trainer import PlanTrainer
+    from loraplan.executor.trainer_settings import sft_config
 
     tokenizer = load_tokenizer(tiny_model_dir, False)
     train_ds = prepare_datasets(plan, tokenizer)[0]
-    trainer = _trainer_class()(model=model, args=sft_config(plan, Placement(1, 0, 0, False), has_eval=False),
-                               train_dataset=train_ds, processing_class=tokenizer, plan_loss="fused",
-                               keep_checkpoints=1)
+    trainer = PlanTrainer(model=model, args=sft_config(plan, Placement(1, 0, 0, False), has_eval=False),
+                          train_dataset=train_ds, processing_class=tokenizer, plan_loss="fused",
+                          keep_checkpoints=1)
     for name, p in trainer.model.named_parameters():
         if "embed" in name or "norm" in name or "lm_head" in name or "lora_" in name:
             assert p.dtype == torch.bfloat16, name  # trl keeps QLoRA adapters in bf16 on bf16 plans

@@ -249,7 +249,7 @@ def test_qlora_under_fsdp_shards_the_4bit_weights(fsdp_run, tiny_model_dir, tmp_
     checkpointing (use_reentrant False) and never FSDP's own; eval at each checkpoint."""
     import torch
 
-    from loraplan.executor.model import quantization_config
+    from loraplan.executor.backends.hf import quantization_config
 
     ref_out, _ = fsdp_run
     out = tmp_path / "out"

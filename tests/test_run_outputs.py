@@ -99,12 +99,12 @@ def test_a_run_writes_no_model_card_and_an_empty_folder_is_free(tiny_model_dir, 
     result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
     assert result.exit_code == 0, result.output
     # Only the run's own names at the top (trl's README.md model card is not written; peft's stays in adapter/).
-    from loraplan.executor import outputs
+    from loraplan.executor import run_files
 
     names = set(os.listdir(out))
     assert "README.md" not in names
-    assert names <= set(outputs.RUN_NAMES) | {outputs.MARKER_FILE, "checkpoint-2", "checkpoint-4"}, names
-    assert {outputs.MARKER_FILE, "adapter", "checkpoint-2", "checkpoint-4", "plan.yaml", "summary.json"} <= names
+    assert names <= set(run_files.RUN_NAMES) | {run_files.MARKER_FILE, "checkpoint-2", "checkpoint-4"}, names
+    assert {run_files.MARKER_FILE, "adapter", "checkpoint-2", "checkpoint-4", "plan.yaml", "summary.json"} <= names
     assert (out / "adapter" / "adapter_config.json").exists()
     # A README.md the user adds later survives --overwrite.
     (out / "README.md").write_text("mine\n")

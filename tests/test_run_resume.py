@@ -71,8 +71,8 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_d
 
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
-    from loraplan.executor import outputs
     from loraplan.executor import checkpoints
+    from loraplan.executor.resume import prepare_output_dir
 
     plan = build_plan("m", data_file("text.jsonl"), str(tmp_path))
     plan.save(str(tmp_path / "plan.yaml"))
@@ -81,7 +81,7 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     checkpoints.mark_complete(str(tmp_path / "checkpoint-4"), 4)
     checkpoints.mark_complete(str(tmp_path / "checkpoint-8"), 8)
     # checkpoint-12: a save cut short (no COMPLETE marker)
-    assert outputs.prepare_output_dir(plan, resume=True, overwrite=False) == (8, str(tmp_path / "checkpoint-8"))
+    assert prepare_output_dir(plan, resume=True, overwrite=False) == (8, str(tmp_path / "checkpoint-8"))
     assert not os.path.exists(tmp_path / "checkpoint-12")
 
 

@@ -238,7 +238,8 @@ def _cpu_plan(model_dir, out, **savers):
 
 @requires_run
 def test_each_saver_reaches_the_trainer_as_planned(tiny_model_dir, tmp_path):
-    from loraplan.executor.train import Placement, checkpointing_kwargs, sft_config
+    from loraplan.executor.device import Placement
+    from loraplan.executor.trainer_settings import checkpointing_kwargs, sft_config
 
     place = Placement(1, 0, 0, False)
     plain = _cpu_plan(tiny_model_dir, tmp_path / "a")
@@ -262,8 +263,10 @@ def test_layer_checkpointing_checkpoints_every_nth_layer_in_the_trainer(tiny_mod
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from loraplan.executor.data import prepare_datasets
-    from loraplan.executor.model import load_base_model, load_tokenizer, wrap_lora
-    from loraplan.executor.train import Placement, _trainer_class, sft_config
+    from loraplan.executor.backends.hf import load_base_model, load_tokenizer, wrap_lora
+    from loraplan.executor.device import Placement
+    from loraplan.executor.plan_trainer import PlanTrainer
+    from loraplan.executor.trainer_settings import sft_config
 
     for every, expected in ((1, [True, True]), (2, [True, False])):
         plan = _cpu_plan(tiny_model_dir, tmp_path / f"out{every}", every_n_layers=every)
@@ -271,8 +274,8 @@ def test_layer_checkpointing_checkpoints_every_nth_layer_in_the_trainer(tiny_mod
         tok = load_tokenizer(tiny_model_dir, False)
         train_ds, _, _, _ = prepare_datasets(plan, tok)
         model = wrap_lora(plan, load_base_model(plan, tiny_model_dir))
-        trainer = _trainer_class()(model=model, args=sft_config(plan, Placement(1, 0, 0, False), False),
-                                   train_dataset=train_ds, processing_class=tok, plan_loss="fused", keep_checkpoints=2)
+        trainer = PlanTrainer(model=model, args=sft_config(plan, Placement(1, 0, 0, False), False),
+                              train_dataset=train_ds, processing_class=tok, plan_loss="fused", keep_checkpoints=2)
         trainer.train()
         flags = [m.gradient_checkpointing for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
         assert flags == expected

@@ -142,7 +142,7 @@ def load_tokenizer(model, model_dir: Optional[str] = None):
     if tok is None:
         if model_dir is None:
             raise RunError("unsloth loaded no tokenizer with the model")
-        from .model import load_tokenizer as hf_load_tokenizer
+        from .backends.hf import load_tokenizer as hf_load_tokenizer
 
         return hf_load_tokenizer(model_dir, False)
     if tok.pad_token is None:

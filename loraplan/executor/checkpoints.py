@@ -1,5 +1,6 @@
 """Checkpoints of a run: which exist, which are whole (the COMPLETE manifest of every file's size and sha256),
-which one a resume continues from, and their rotation. executor/outputs.py holds the rest of the folder's rules."""
+which one a resume continues from, and their rotation. executor/run_files.py names the folder's other
+files; resume.py, claim.py, folder_lock.py and disk.py hold its rules."""
 
 from __future__ import annotations
 

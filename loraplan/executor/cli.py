@@ -53,7 +53,9 @@ def _console():
 @click.option("--main-process-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="The rendezvous port on machine 0 (default: MASTER_PORT, else 29500 on several nodes and a free "
               "port on one).")
-@click.option("--strategy", "demo_strategy", type=click.Choice([n for n in STRATEGIES if n != "single"]), default=None,
+@click.option("--strategy", "demo_strategy", default=None,
+              # the CPU's own strategy, and those that take several (CPU) processes
+              type=click.Choice([n for n, s in STRATEGIES.items() if s.device == "cpu" or s.max_world_size is None]),
               help="--demo only: how the demo spreads over --num-processes CPU processes (default: cpu for one, ddp "
               "for more).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=None,

@@ -28,19 +28,22 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     from loraplan.planner.api import PlanRequest, make_plan
     from loraplan.planner.errors import InputError
 
-    strategy = strategy or ("cpu" if num_processes == 1 else "ddp")
-    if strategy == "cpu" and num_processes > 1:
-        raise RunError(f"--strategy cpu trains in one process; for --num-processes {num_processes} choose ddp, fsdp "
-                       f"or fsdp-offload")
-    if strategy == "ddp" and num_processes == 1:
-        raise RunError("--strategy ddp needs --num-processes 2 or more")
+    from loraplan.planner.strategies import STRATEGIES
+
+    chosen = STRATEGIES[strategy] if strategy else None  # None: the planner's default for the process count
+    if chosen and chosen.max_world_size is not None and num_processes > chosen.max_world_size:
+        others = [n for n, s in STRATEGIES.items() if s.max_world_size is None]
+        raise RunError(f"--strategy {strategy} trains in one process; for --num-processes {num_processes} choose "
+                       f"{', '.join(others[:-1])} or {others[-1]}")
+    if chosen and num_processes < chosen.min_world_size:
+        raise RunError(f"--strategy {strategy} needs --num-processes {chosen.min_world_size} or more")
     per_process = max(1, round(DEMO_BATCH / num_processes))
     try:
         result = make_plan(PlanRequest(
             model=model_dir, gpu="cpu", num_gpus=num_processes, method="lora", rank=8, alpha=16, dropout=0.0,
             seq_len=128, batch_size=per_process, global_batch_size=per_process * num_processes, learning_rate=3e-3,
             max_steps=max_steps, dataset=data_path, output_dir=output_dir, fit_table=False,
-            strategy="auto" if strategy in ("cpu", "ddp") else strategy,
+            strategy=strategy if chosen and chosen.sharded else "auto",  # the default picks cpu or ddp
         ))
     except InputError as exc:
         raise RunError(str(exc)) from None
@@ -55,7 +58,7 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
 
 def prepare_demo(output_dir: str, max_steps: int = 60, strategy: Optional[str] = None, num_processes: int = 1) -> Plan:
     """Build the demo model under OUTPUT_DIR/model (once) and return the demo plan."""
-    from .outputs import PLAN_FILE
+    from .run_files import PLAN_FILE
     from .tiny import build_tiny_model, demo_data_path
 
     saved = os.path.join(output_dir, PLAN_FILE)

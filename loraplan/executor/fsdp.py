@@ -27,7 +27,6 @@ from loraplan.planner.plan import Plan
 
 from .errors import RunError
 
-CONFIG_FILE = "accelerate_config.yaml"
 # FSDP2 keeps checkpoints sharded: every rank writes its part through torch.distributed.checkpoint.
 STATE_DICT_TYPE = "SHARDED_STATE_DICT"
 MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}

@@ -29,12 +29,10 @@ from typing import Mapping, Optional
 
 from loraplan.planner.plan import Plan
 
-from . import outputs
+from . import run_files
 from .errors import RunError, TrainingFailed
 from .summary import RunSummary
 
-LAUNCH_LOG = "launch.log"
-ERROR_FILE = ".worker-error.json"
 DEFAULT_PORT = 29500  # torchrun's and accelerate's default rendezvous port
 
 
@@ -182,26 +180,26 @@ def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: R
     from . import fsdp
 
     out = plan.output_dir
-    summary_path = os.path.join(out, outputs.SUMMARY_FILE)
+    summary_path = os.path.join(out, run_files.SUMMARY_FILE)
     if rdzv.is_main_machine:
         private = None
-        plan_path = os.path.abspath(os.path.join(out, outputs.PLAN_FILE))
-        log_path = os.path.join(out, LAUNCH_LOG)
-        error_file = os.path.abspath(os.path.join(out, ERROR_FILE))
+        plan_path = os.path.abspath(os.path.join(out, run_files.PLAN_FILE))
+        log_path = os.path.join(out, run_files.LAUNCH_LOG)
+        error_file = os.path.abspath(os.path.join(out, run_files.WORKER_ERROR_FILE))
         for stale in (error_file, summary_path):
             if os.path.exists(stale):
                 os.unlink(stale)
     else:
         private = tempfile.mkdtemp(prefix=f"loraplan-machine-{rdzv.machine_rank}-")
-        plan_path = os.path.join(private, outputs.PLAN_FILE)
+        plan_path = os.path.join(private, run_files.PLAN_FILE)
         plan.save(plan_path)
         os.makedirs(out, exist_ok=True)
-        log_path = os.path.join(out, f"launch-machine-{rdzv.machine_rank}.log")
-        error_file = os.path.join(private, ERROR_FILE)
+        log_path = os.path.join(out, run_files.machine_log(rdzv.machine_rank))
+        error_file = os.path.join(private, run_files.WORKER_ERROR_FILE)
     config_path = None
     if fsdp.is_sharded(plan):
         config_dir = out if rdzv.is_main_machine else private
-        config_path = os.path.abspath(os.path.join(config_dir, fsdp.CONFIG_FILE))
+        config_path = os.path.abspath(os.path.join(config_dir, run_files.ACCELERATE_CONFIG_FILE))
         write_fsdp_config(plan, config_path, plan_path, rdzv)
     cmd, env = launch_command(plan, plan_path, resume_from, error_file, rdzv, config_path)
     if console is not None:
@@ -245,7 +243,7 @@ def _run_launcher(cmd: list[str], env: dict, log_path: str) -> tuple[int, list[i
 
 
 def _outcome(code: int, forwarded: list[int], error_file: str, summary_path: str, log_path: str, rdzv: Rendezvous,
-             plan: Plan) -> dict:
+             plan: Plan) -> RunSummary:
     from .errors import Interrupted
 
     if os.path.exists(error_file):

@@ -51,8 +51,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
     Everything that can be checked is, before the base model is loaded: the adapter, the base, and that the
     output folder can be made and written (it is created and held with loraplan's lock, and the model is written
     to OUTPUT_DIR.tmp beside it, then swapped in, so a merge cut short leaves no half-written model)."""
-    from . import outputs
     from . import library_log
+    from .folder_lock import lock_output_dir, make_output_dir
+    from .run_files import LOCK_FILE
     from .model import load_error, resolve_model_dir, stay_offline
 
     library_log.quiet_library_logs()
@@ -76,17 +77,17 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
     check_adapter_weights(adapter_dir)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise RunError(f"output dir {output_dir} exists and is not a directory")
-    if os.path.isdir(output_dir) and [e for e in os.listdir(output_dir) if e != outputs.LOCK_FILE]:
+    if os.path.isdir(output_dir) and [e for e in os.listdir(output_dir) if e != LOCK_FILE]:
         raise RunError(f"output dir {output_dir} is not empty")  # before the lock: nothing new in the user's folder
     created = not os.path.exists(output_dir)
     tmp = os.path.normpath(output_dir) + ".tmp"
     done = False
     try:
-        with outputs.lock_output_dir(output_dir, f"loraplan merge {adapter_dir}", flag="--output"):
-            if [e for e in os.listdir(output_dir) if e != outputs.LOCK_FILE]:
+        with lock_output_dir(output_dir, f"loraplan merge {adapter_dir}", flag="--output"):
+            if [e for e in os.listdir(output_dir) if e != LOCK_FILE]:
                 raise RunError(f"output dir {output_dir} is not empty")
             shutil.rmtree(tmp, ignore_errors=True)
-            outputs.make_output_dir(tmp, "merge folder")  # the parent must take the temporary folder too
+            make_output_dir(tmp, "merge folder")  # the parent must take the temporary folder too
             with library_log.library_log_file(os.path.join(tmp, "merge.log")):
                 _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, PeftModel,
                             AutoModelForCausalLM, AutoTokenizer, torch_dtype, load_error)
@@ -102,7 +103,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
 
 def _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, PeftModel, AutoModelForCausalLM,
                 AutoTokenizer, torch_dtype, load_error) -> None:
-    from . import outputs
+    from .disk import format_bytes, is_disk_full
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -127,9 +128,9 @@ def _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, Pef
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code,
                                       local_files_only=True).save_pretrained(tmp)
     except Exception as exc:
-        if not outputs.is_disk_full(exc):
+        if not is_disk_full(exc):
             raise
-        free = outputs.format_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free)
+        free = format_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free)
         raise TrainingFailed(f"the disk is full: saving the merged model to {tmp} failed ({free} free); "
                              f"nothing was written to the output folder") from None
 
@@ -137,17 +138,17 @@ def _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, Pef
 def _swap_in(tmp: str, output_dir: str) -> None:
     """OUTPUT_DIR (empty but for the held lock file) becomes TMP. The lock file moves with the folder, so the
     lock is held until the merged model is in place."""
-    from . import outputs
+    from .run_files import LOCK_FILE
 
-    lock = os.path.join(output_dir, outputs.LOCK_FILE)
+    lock = os.path.join(output_dir, LOCK_FILE)
     moved = os.path.exists(lock)
     if moved:
-        os.replace(lock, os.path.join(tmp, outputs.LOCK_FILE))
+        os.replace(lock, os.path.join(tmp, LOCK_FILE))
     try:
         os.rmdir(output_dir)
     except OSError:
         if moved:
-            os.replace(os.path.join(tmp, outputs.LOCK_FILE), lock)
+            os.replace(os.path.join(tmp, LOCK_FILE), lock)
         raise RunError(f"output dir {output_dir} is no longer empty (something wrote to it during the merge); "
                        f"the merged model is in {tmp}") from None
     os.replace(tmp, output_dir)

@@ -1,21 +1,17 @@
-"""Load the base model exactly as the plan says, and wrap it with the plan's LoRA adapter.
-
-QLoRA follows the recipe the memory model was calibrated on: every linear layer but the LM head in NF4 with
-double quantization, compute in the plan's dtype, and nothing upcast to fp32 (no prepare_model_for_kbit_training),
-wrapped with get_peft_model here so SFTTrainer never sees a peft_config (it would upcast).
-"""
+"""The base model's files: where the plan's weights are (a folder, or the local Hugging Face cache), that they are
+whole before anything loads them, the one-line error of a model that fails to load, and the dtype names. Loading
+and wrapping the model is the training backend's (executor/backends/hf.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 from loraplan.planner.catalog import find_in_hf_cache, has_weights
 from loraplan.planner.errors import first_line
 
 from .errors import RunError
-from .fsdp import is_sharded, quant_storage
 
 
 def torch_dtype(name: str):
@@ -27,7 +23,7 @@ def torch_dtype(name: str):
 def stay_offline() -> None:
     """Nothing is downloaded: every from_pretrained here is local_files_only, and peft's adapter loader, which
     goes to the Hub when a local file is missing, reads huggingface_hub's offline switch at call time."""
-    os.environ["HF_HUB_OFFLINE"] = "1"  # for processes started from here (ddp workers) and later imports
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for processes started from here (launcher workers) and later imports
     import sys
 
     constants = sys.modules.get("huggingface_hub.constants")
@@ -120,96 +116,3 @@ def resolve_model_dir(path: Optional[str], hub_id: Optional[str] = None, what: s
 
 def plan_model_dir(plan) -> str:
     return resolve_model_dir(plan.model.path, plan.model.hub_id)
-
-
-def load_tokenizer(model_dir: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
-    except Exception as exc:
-        first = first_line(exc)
-        raise RunError(f"cannot load a tokenizer from {model_dir}: {first}") from None
-    if tok.pad_token is None:  # batches need padding; the EOS token is the usual stand-in
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def quantization_config(plan):
-    """bitsandbytes 4-bit config from plan.quantization (blocksize is bitsandbytes' fixed 64)."""
-    from transformers import BitsAndBytesConfig
-
-    q = plan.quantization
-    if q.blocksize != 64:  # transformers' bitsandbytes integration has no blocksize setting: it is always 64
-        raise RunError(f"quantization.blocksize {q.blocksize} cannot be run: bitsandbytes through transformers "
-                       f"quantizes in blocks of 64")
-    extra = {}
-    if is_sharded(plan):  # packed in a floating dtype so that FSDP shards the 4-bit weights (executor/fsdp.py)
-        extra["bnb_4bit_quant_storage"] = torch_dtype(quant_storage(plan))
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
-        **extra,
-    )
-
-
-def load_dtype(plan) -> str:
-    """The dtype the weights load in: training.dtype; for QLoRA under FSDP the 4-bit storage dtype, so that every
-    parameter of an FSDP unit (packed 4-bit weights, norms, embeddings) has one dtype (peft's FSDP + QLoRA recipe:
-    `dtype` = `bnb_4bit_quant_storage`)."""
-    if plan.quantization.enabled and is_sharded(plan):
-        return quant_storage(plan)
-    return plan.training.dtype
-
-
-def load_base_model(plan, model_dir: str, device_map: Optional[dict] = None):
-    """The base model in the plan's dtype, 4-bit when the plan says qlora. Nothing is upcast."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = dict(
-        dtype=torch_dtype(load_dtype(plan)),
-        trust_remote_code=plan.model.trust_remote_code,
-        local_files_only=True,
-        attn_implementation=plan.training.attn_implementation,
-    )
-    if plan.quantization.enabled:
-        kwargs["quantization_config"] = quantization_config(plan)
-        kwargs["device_map"] = device_map or {"": "cpu"}
-    elif device_map is not None:
-        kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except Exception as exc:
-        error = load_error(exc, model_dir)
-        if error is None:
-            raise
-        raise error from None
-    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    return model
-
-
-def lora_config(plan):
-    from peft import LoraConfig
-
-    lo = plan.lora
-    return LoraConfig(
-        r=lo.r,
-        lora_alpha=lo.lora_alpha,
-        lora_dropout=lo.lora_dropout,
-        target_modules=list(lo.target_modules) or None,
-        target_parameters=list(lo.target_parameters) or None,
-        bias=lo.bias,
-        task_type=lo.task_type,
-    )
-
-
-def wrap_lora(plan, model):
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, lora_config(plan))
-    except ValueError as exc:
-        first = first_line(exc)
-        raise RunError(f"cannot add the plan's LoRA adapter: {first}") from None

@@ -36,9 +36,9 @@ def write_run_plots(plan, summary) -> None:
     plt = pyplot()
     if plt is None:
         return
-    from . import outputs
+    from .disk import read_jsonl
 
-    rows = outputs.read_jsonl(summary.metrics_file)
+    rows = read_jsonl(summary.metrics_file)
     if any(r.get("kind") == "train" for r in rows):
         summary.loss_plot = plot_loss(rows, os.path.join(summary.output_dir, LOSS_PLOT), title=plan.model.name)
     if summary.observed_peak_gib_per_gpu:

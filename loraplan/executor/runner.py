@@ -6,16 +6,16 @@ import os
 import time
 from typing import Optional
 
-from loraplan.planner.options import OPTIMIZERS
 from loraplan.planner.plan import Plan
+from loraplan.planner.strategies import STRATEGIES
 
-from . import outputs
-
-from . import checkpoints
-
-from . import library_log
-from .errors import RunError, TrainingFailed, require_run_extra
+from . import checkpoints, library_log, run_files
+from .claim import check_claim, claim_output_dir, save_plan
+from .disk import disk_full_message, is_disk_full, write_json
+from .errors import RunError, TrainingFailed
+from .folder_lock import lock_output_dir
 from .model import stay_offline
+from .resume import check_and_record_datasets, prepare_output_dir
 from .summary import RunSummary
 from .plots import write_run_plots
 from .trackers import check_installed
@@ -40,19 +40,14 @@ def check_savers(plan: Plan) -> None:
 
     from loraplan.planner.savers import unmet_requirements
 
+    from .device import uses_cuda
+
     names = plan.savers.names
     if not names:
         return
-    import torch
-
-    cuda = plan.strategy != "cpu" and torch.cuda.is_available()
-    why = unmet_requirements(names, cuda, lambda module: importlib.util.find_spec(module) is not None)
+    why = unmet_requirements(names, uses_cuda(plan), lambda module: importlib.util.find_spec(module) is not None)
     if why:
         raise RunError(why)
-
-
-def needs_bitsandbytes(plan: Plan) -> bool:
-    return plan.quantization.enabled or OPTIMIZERS[plan.training.optimizer].needs_bitsandbytes
 
 
 def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, console=None,
@@ -68,17 +63,21 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
     checks, locks and writes the output folder (plan copy, fingerprints, summary); another machine checks its
     inputs, launches its processes, and takes the checkpoint to resume from from machine 0 (executor/worker.py)."""
     from . import fsdp
+    from .backends import backend_for
     from .launch import Rendezvous
 
     t0 = time.perf_counter()
     rdzv = rendezvous or Rendezvous()
     library_log.quiet_library_logs()  # before the training stack is imported: bitsandbytes speaks at import
     stay_offline()
-    require_run_extra(("bitsandbytes",) if needs_bitsandbytes(plan) else ())
-    if fsdp.is_sharded(plan):
+    backend = backend_for(plan)
+    backend.prepare_process()  # first in this process, before the training stack is imported
+    backend.check_installed(plan)
+    sharded = fsdp.is_sharded(plan)
+    if sharded:
         fsdp.check_runnable(plan)
     check_inputs(plan)  # first: --overwrite must not delete a run for a plan that cannot start
-    if fsdp.is_sharded(plan):
+    if sharded:
         from .model import plan_model_dir
 
         fsdp.wrap_class(plan, plan_model_dir(plan))  # a layer class the model lacks is refused before anything is written
@@ -90,24 +89,24 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
         return _launch(plan, None, console, rdzv)
     out = plan.output_dir
     claim = dict(use_existing=use_existing_dir, plan_file=plan_file, plan_text=plan.to_yaml())
-    outputs.check_claim(out, **claim)  # a folder that is not loraplan's is refused before the lock file is made
-    with outputs.lock_output_dir(out, command):
-        outputs.claim_output_dir(out, **claim)
-        resume_from = outputs.prepare_output_dir(plan, resume=resume, overwrite=overwrite)
+    check_claim(out, **claim)  # a folder that is not loraplan's is refused before the lock file is made
+    with lock_output_dir(out, command):
+        claim_output_dir(out, **claim)
+        resume_from = prepare_output_dir(plan, resume=resume, overwrite=overwrite)
         try:
-            outputs.check_and_record_datasets(plan, resuming=resume_from is not None)
-            outputs.save_plan(plan, os.path.join(out, outputs.PLAN_FILE))
-            with library_log.library_log_file(os.path.join(out, outputs.RUN_LOG)):
+            check_and_record_datasets(plan, resuming=resume_from is not None)
+            save_plan(plan, os.path.join(out, run_files.PLAN_FILE))
+            with library_log.library_log_file(os.path.join(out, run_files.RUN_LOG)):
                 _announce(plan, resume_from, console, resume)
                 summary = _launch(plan, resume_from[1] if resume_from else None, console, rdzv)
             # Wall time as the user lived it: imports, checks, process launch, loading, training, saving.
             summary.wall_s = time.perf_counter() - t0
             write_run_plots(plan, summary)  # loss.png (and memory.png on a GPU) beside metrics.jsonl
-            outputs.write_json(os.path.join(out, outputs.SUMMARY_FILE), summary.to_dict())
+            write_json(os.path.join(out, run_files.SUMMARY_FILE), summary.to_dict())
         except OSError as exc:  # plan.yaml or summary.json on a full disk (training's own saves say so in train.py)
-            if not outputs.is_disk_full(exc):
+            if not is_disk_full(exc):
                 raise
-            raise TrainingFailed(outputs.disk_full_message(out, step=-1)) from None
+            raise TrainingFailed(disk_full_message(out, step=-1)) from None
     return summary
 
 
@@ -129,20 +128,28 @@ def _announce(plan: Plan, resume_from, console, resume: bool) -> None:
                           f"(slowly; its memory prediction does not apply)[/yellow]")
 
 
-def launches_workers(plan: Plan) -> bool:
-    """The strategy table's `launcher`: "accelerate" starts worker processes (a sharded plan always, so its FSDP
-    config is accelerate's; ddp when there is more than one process), "in-process" trains here."""
-    from loraplan.planner.strategies import STRATEGIES
-
-    s = STRATEGIES[plan.strategy]
-    return s.launcher == "accelerate" and (s.sharded or plan.hardware.world_size > 1)
-
-
-def _launch(plan: Plan, resume_from: Optional[str], console, rdzv) -> RunSummary:
-    if launches_workers(plan):
-        from .launch import launch_workers
-
-        return launch_workers(plan, resume_from, console, rdzv)
+def _train_here(plan: Plan, resume_from: Optional[str], console, rdzv) -> RunSummary:
+    """This process trains (strategies whose launcher is "in-process")."""
     from .train import train_plan
 
     return train_plan(plan, resume_from, console=console, foreground=True)
+
+
+def _accelerate(plan: Plan, resume_from: Optional[str], console, rdzv) -> RunSummary:
+    """accelerate's launcher starts this machine's worker processes: a sharded plan always (its FSDP config is
+    accelerate's), a data-parallel one when it has more than one process (one process trains here)."""
+    from .fsdp import is_sharded
+
+    if not is_sharded(plan) and plan.hardware.world_size == 1:
+        return _train_here(plan, resume_from, console, rdzv)
+    from .launch import launch_workers
+
+    return launch_workers(plan, resume_from, console, rdzv)
+
+
+# The strategy table's `launcher` (planner/strategies.py) -> how this machine starts training.
+LAUNCHERS = {"in-process": _train_here, "accelerate": _accelerate}
+
+
+def _launch(plan: Plan, resume_from: Optional[str], console, rdzv) -> RunSummary:
+    return LAUNCHERS[STRATEGIES[plan.strategy].launcher](plan, resume_from, console, rdzv)

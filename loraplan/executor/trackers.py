@@ -59,7 +59,7 @@ TRACKERS: dict[str, Tracker] = {t.name: t for t in (
 )}
 assert set(TRACKERS) == set(O.TRACKERS) - {"none"}, "options.TRACKERS and executor/trackers.py disagree"
 
-# What trackers write at the top of a run's folder (outputs.clear_run removes them with the run).
+# What trackers write at the top of a run's folder (resume.clear_run removes them with the run).
 RUN_NAMES = (TRACKER_FILE, *(t.folder for t in TRACKERS.values() if t.folder))
 
 
@@ -246,8 +246,8 @@ def _callbacks():
 
 
 def _record(output_dir: str, **fields) -> None:
-    from . import outputs
+    from .disk import write_json
 
     ident = identity(output_dir)
     if any(ident.get(k) != v for k, v in fields.items()):
-        outputs.write_json(os.path.join(output_dir, TRACKER_FILE), {**ident, **fields})
+        write_json(os.path.join(output_dir, TRACKER_FILE), {**ident, **fields})

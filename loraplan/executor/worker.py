@@ -27,11 +27,15 @@ def main(argv=None) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     try:
+        from .backends import backend_for
+
+        plan = Plan.load(args.plan)
+        backend_for(plan).prepare_process()  # first, before the training stack is imported
+
         from rich.console import Console
 
         from .train import train_plan
 
-        plan = Plan.load(args.plan)
         resume_from = args.resume_from
         if plan.hardware.num_nodes > 1:
             resume_from = _agree_across_machines(plan, resume_from)
@@ -72,7 +76,8 @@ def _agree_across_machines(plan, resume_from):
     from loraplan.planner.plan import Plan
 
     from .errors import RunError
-    from .outputs import training_differences
+    from .resume import training_differences
+    from .run_files import machine_marker
 
     # The process group the Trainer would create (TrainingArguments' PartialState, ddp_timeout 1800 s), made early.
     PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=1800))
@@ -86,7 +91,7 @@ def _agree_across_machines(plan, resume_from):
         problems.append(f"machine {machine} runs another plan than machine 0 ({'; '.join(diffs[:3])}); start the "
                         f"same plan file on every machine")
     out = plan.output_dir
-    marker = os.path.join(out, f".machine-{machine}.{token}")
+    marker = os.path.join(out, machine_marker(machine, token))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         os.makedirs(out, exist_ok=True)
         with open(marker, "w", encoding="utf-8") as f:
@@ -94,7 +99,7 @@ def _agree_across_machines(plan, resume_from):
     dist.barrier()
     if not problems:
         missing = [k for k in range(plan.hardware.num_nodes)
-                   if not os.path.exists(os.path.join(out, f".machine-{k}.{token}"))]
+                   if not os.path.exists(os.path.join(out, machine_marker(k, token)))]
         if missing:
             problems.append(f"the output dir {out} is not shared between the machines: machine {machine} does not see "
                             f"machine {', '.join(map(str, missing))}'s files in it; a multi-node run needs its output "

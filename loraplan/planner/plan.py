@@ -5,8 +5,8 @@ YAML and JSON (`Plan.from_dict(plan.to_dict()) == plan`). This module holds the 
 typed rebuilding and atomic writing of files are planner.plan_io.
 
 Version history:
-- 1: first schema (the `savers` section and `training.report_to` came later, with defaults: files without them
-  load unchanged).
+- 1: first schema (the `savers` section, `training.report_to` and `training.backend` came later, with defaults:
+  files without them load unchanged; without `training.backend` a plan trains with "hf", planner.backends).
 - 2: `savers.on` lists the savers on by name, instead of one boolean per saver; a version-1 file loads, its
   booleans read as names (Savers.upgrade).
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import options as O
+from .backends import DEFAULT_BACKEND
 from .errors import PlanError
 from .plan_io import atomic_write_text, build_dataclass, numbers_in, read_plan_file
 
@@ -110,6 +111,7 @@ class Training:
     dtype: str = field(default_factory=lambda: O.default("compute_dtype"))  # compute dtype of the base model: bfloat16, or float16 on cards without bf16
     attn_implementation: str = "sdpa"
     report_to: str = field(default_factory=lambda: O.default("report_to"))  # options.TRACKERS; older plans: none
+    backend: str = DEFAULT_BACKEND  # the training backend (planner.backends.BACKENDS; executor/backends/<name>.py)
 
 
 @dataclass
@@ -254,12 +256,21 @@ class Plan:
         O.check_choice("training.dtype", t.dtype, O.DTYPES, PlanError)
         O.check_choice("dataset.format", self.dataset.format, O.DATASET_FORMATS, PlanError)
         O.check_choice("training.report_to", t.report_to, O.TRACKERS, PlanError)
+        self._check_backend()
         if self.quantization.enabled and self.quantization.compute_dtype != t.dtype:
             raise PlanError(
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"
             )
         self._check_savers()
         self._check_numbers()
+
+    def _check_backend(self) -> None:
+        from .backends import BACKENDS, backend_refusal
+
+        O.check_choice("training.backend", self.training.backend, tuple(BACKENDS), PlanError)
+        why = backend_refusal(self.training.backend, self.strategy, self.method, self.savers.names)
+        if why:
+            raise PlanError(why)
 
     def _check_savers(self) -> None:
         from .savers import SAVERS, conflict  # lazy: savers -> memory -> ... -> plan
