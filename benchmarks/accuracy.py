@@ -28,8 +28,8 @@ from typing import Iterator, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
-from loraplan.planner import memory as M  # noqa: E402
-from loraplan.planner.coefficients import Coefficients  # noqa: E402
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.memory.coefficients import Coefficients
 
 GIB = 2**30
 # the widely quoted table: params (billions) -> (LoRA GB, QLoRA GB)
@@ -53,7 +53,7 @@ def evaluate(rows: Optional[list[dict]] = None) -> list[dict]:
     out = []
     for row in load_rows() if rows is None else rows:
         arch, sel, shape = row_inputs(row)
-        pred = M.peak_bytes(arch, sel, shape) / GIB
+        pred = memory.peak_bytes(arch, sel, shape) / GIB
         meas = row["device_used_gib_end"]
         params_b = arch.total_params / 1e9
         out.append(
@@ -73,15 +73,15 @@ def evaluate(rows: Optional[list[dict]] = None) -> list[dict]:
 def coefficients_from(fitted: dict) -> Iterator[None]:
     """Predict with these `fitted` and `measured` sections instead of tables/memory.yaml's (the rest of the
     table, the derived coefficients, unchanged); the file is neither read again nor written."""
-    data = dataclasses.asdict(M.coefficients())
+    data = dataclasses.asdict(memory.coefficients())
     data.update(copy.deepcopy(fitted))
     table = Coefficients.from_dict(data)
-    original = M.coefficients
-    M.coefficients = lambda: table  # memory.py looks the function up by name on every call
+    original = memory.coefficients
+    memory.coefficients = lambda: table  # memory.py looks the function up by name on every call
     try:
         yield
     finally:
-        M.coefficients = original
+        memory.coefficients = original
 
 
 def held_out() -> list[dict]:

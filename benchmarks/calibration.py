@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from loraplan.planner import arch as A
-from loraplan.planner.memory import Shape
+from loraplan.planner.architecture import families
+from loraplan.planner.memory.terms import MicroStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +42,10 @@ def row_config(row: dict) -> dict:
         return json.load(f)
 
 
-def row_inputs(row: dict) -> tuple[A.Architecture, A.TargetSelection, Shape]:
-    arch = A.from_config(row_config(row))
-    sel = A.select_targets(arch, None)  # q,k,v,o,gate,up,down as measured
-    shape = Shape(
+def row_inputs(row: dict) -> tuple[families.Architecture, families.TargetSelection, MicroStep]:
+    arch = families.from_config(row_config(row))
+    sel = families.select_targets(arch, None)  # q,k,v,o,gate,up,down as measured
+    shape = MicroStep(
         method=row["method"],
         r=row["r"],
         micro_batch_size=row["batch"],

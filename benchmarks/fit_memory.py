@@ -4,9 +4,9 @@
 
 1. Device level: one non-negative least squares, weighted by 1 / measured (so it minimises relative error),
    of device_used - (predicted loaded weights + checkpointed bf16 inputs + LoRA gradients + AdamW states +
-   CUDA context) against the shape-dependent features of planner/memory.py: [1, activations (plain recipe),
+   CUDA context) against the shape-dependent features of planner/memory/terms.py: [1, activations (plain recipe),
    activations (trl recipe), recompute, extra per checkpoint, T x V, T x V when tied]; trl's fused loss is derived
-   (planner.memory.fused_loss_bytes) and subtracted with the other fixed terms.
+   (planner.memory.terms.fused_loss_bytes) and subtracted with the other fixed terms.
 2. Split for the report: the caching allocator's share of the transients, fitted on reserved - allocated (less
    c_ckpt's part, which is the allocator's too) against [loss, activations]; memory.py shows it as its own row
    (the total does not change).
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
-from loraplan.planner import memory as M  # noqa: E402
-from loraplan.planner import throughput as TP  # noqa: E402
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.speed import throughput
 from loraplan.tables import gpus  # noqa: E402
 from loraplan.tables import TABLES_DIR  # noqa: E402
 
@@ -40,7 +40,7 @@ NAMES = [
 
 
 def features(arch, shape) -> list[float]:
-    x = M.layer_activation_bytes_per_token(arch, shape.seq_len, shape)
+    x = memory.layer_activation_bytes_per_token(arch, shape.seq_len, shape)
     t, v, h, n_layers = shape.tokens, arch.vocab_size, arch.hidden_size, arch.num_layers
     full, gc = shape.loss == "full", shape.grad_checkpointing
     act = x * t * (1 if gc else n_layers)
@@ -63,16 +63,16 @@ def fit(rows: list[dict]) -> dict:
     X, y, w, loaded_err = [], [], [], []
     for row in rows:
         arch, sel, shape = row_inputs(row)
-        p = M.trainable_params(sel, shape.r)
+        p = memory.trainable_params(sel, shape.r)
         fixed = (
-            M.loaded_bytes(arch, sel, shape)
-            + M.DTYPE_BYTES[shape.dtype] * (arch.num_layers * arch.hidden_size * shape.tokens if shape.grad_checkpointing else 0)
-            + M.lora_gradients_bytes(p)
-            + M.optimizer_states_bytes(p, shape.optimizer)
-            + (0.0 if shape.loss == "full" else M.fused_loss_bytes(arch, shape))  # derived from trl's source
+            memory.loaded_bytes(arch, sel, shape)
+            + memory.DTYPE_BYTES[shape.dtype] * (arch.num_layers * arch.hidden_size * shape.tokens if shape.grad_checkpointing else 0)
+            + memory.lora_gradients_bytes(p)
+            + memory.optimizer_states_bytes(p, shape.optimizer)
+            + (0.0 if shape.loss == "full" else memory.fused_loss_bytes(arch, shape))  # derived from trl's source
             + context * GIB
         )
-        loaded_err.append(M.loaded_bytes(arch, sel, shape) / GIB - row["loaded_alloc_gib"])
+        loaded_err.append(memory.loaded_bytes(arch, sel, shape) / GIB - row["loaded_alloc_gib"])
         X.append(features(arch, shape))
         y.append(row["device_used_gib_end"] * GIB - fixed)
         w.append(1.0 / (row["device_used_gib_end"] * GIB))
@@ -83,7 +83,7 @@ def fit(rows: list[dict]) -> dict:
     # (c_ckpt, index 4, is itself the allocator's: refitted on peak allocated memory it is 0; memory.py puts it in
     # allocator_reserve, so the shares are fitted on what remains of reserved - allocated)
     loss_i, act_i = [5, 6], [1, 2, 3]
-    fused = [0.0 if s.loss == "full" else M.fused_loss_bytes(a, s) for a, _, s in (row_inputs(r) for r in rows)]
+    fused = [0.0 if s.loss == "full" else memory.fused_loss_bytes(a, s) for a, _, s in (row_inputs(r) for r in rows)]
     X2 = np.array([[X[k][loss_i] @ c[loss_i] + fused[k], X[k][act_i] @ c[act_i]] for k in range(len(rows))])
     y2 = np.array([(r["peak_reserved_gib"] - r["peak_alloc_gib"]) * GIB - X[k][4] * c[4] for k, r in enumerate(rows)])
     rho, _ = nnls(X2 * w[:, None], y2 * w)
@@ -101,7 +101,7 @@ def main() -> None:
     table = yaml.safe_load(path.read_text())
     table.update(fit(rows))
     _write(path, table)
-    M.coefficients.cache_clear()
+    memory.coefficients.cache_clear()
     # throughput: model FLOP utilisation of LoRA on the plain rows that report tokens/s; QLoRA's from the
     # paired rows (same model and shape, both methods), since the rows' shapes differ between methods
     mfu, speed = [], {}
@@ -111,7 +111,7 @@ def main() -> None:
             arch, sel, shape = row_inputs(row)
             speed[(row["model"], row["method"], row["batch"], row["seq"], row["grad_ckpt"])] = row["tokens_per_s"]
             if row["method"] == "lora":
-                mfu.append(row["tokens_per_s"] * TP.flops_per_token(arch, shape) / (h200_tflops * 1e12))
+                mfu.append(row["tokens_per_s"] * throughput.flops_per_token(arch, shape) / (h200_tflops * 1e12))
     pairs = [v / speed[(k[0], "qlora", *k[2:])] for k, v in speed.items()
              if k[1] == "lora" and (k[0], "qlora", *k[2:]) in speed]
     ratio = float(np.median(pairs))
@@ -125,7 +125,7 @@ def main() -> None:
                   "QLoRA = LoRA / the median LoRA:QLoRA speed ratio over rows of the same model and shape",
     }
     _write(path, table)
-    M.coefficients.cache_clear()
+    memory.coefficients.cache_clear()
     print(yaml.safe_dump({k: table[k] for k in ("fitted", "measured", "throughput")}, sort_keys=False))
 
 

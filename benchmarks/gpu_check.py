@@ -83,7 +83,7 @@ def _plan(request: dict, plan_path: str) -> None:
 
 def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict:
     from loraplan.executor.summary import RunSummary
-    from loraplan.planner.plan import Plan
+    from loraplan.planner.planfile.schema import Plan
 
     request = dict(model=model_dir, gpu="auto", method=method, rank=args.rank, seq_len=args.seq_len,
                    batch_size=args.batch_size, global_batch_size=args.batch_size, dataset=data, output_dir=out_dir,

@@ -4,7 +4,7 @@
     python benchmarks/saved_tensors.py --json     # the same, one JSON object per combination
 
 What autograd saves does not depend on the device: it is decided by the modeling code (transformers), peft's LoRA
-layer, autocast and torch's checkpoint. So the activation terms of the memory model (planner/memory.py) can be
+layer, autocast and torch's checkpoint. So the activation terms of the memory model (planner/memory/terms.py) can be
 checked on the CPU, with `torch.autograd.graph.saved_tensors_hooks`:
 
 - every tensor a forward saves passes through the pack hook; views of one tensor share a storage, so tensors are

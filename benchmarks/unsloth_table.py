@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from loraplan.planner import memory as M  # noqa: E402
-from loraplan.planner.arch import from_config, select_targets  # noqa: E402
-from loraplan.planner.unsloth_terms import unsloth_budget, unsloth_host_terms  # noqa: E402
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.architecture.families import from_config, select_targets
+from loraplan.planner.memory.unsloth import unsloth_budget, unsloth_host_terms
 from loraplan.tables import TABLES_DIR  # noqa: E402
 
 GIB = 2**30
@@ -38,17 +38,17 @@ def llama_31_8b():
     return from_config(models["llama-3.1-8b"]["config"])
 
 
-def shape(seq_len: int) -> M.Shape:
-    return M.Shape(method="qlora", r=RANK, micro_batch_size=1, seq_len=seq_len, grad_checkpointing=True,
+def shape(seq_len: int) -> memory.MicroStep:
+    return memory.MicroStep(method="qlora", r=RANK, micro_batch_size=1, seq_len=seq_len, grad_checkpointing=True,
                    loss="fused", optimizer="adamw-8bit")
 
 
-def planned(card_gb: int, seq_len: int) -> tuple[float, list[M.Term], list[M.Term]]:
+def planned(card_gb: int, seq_len: int) -> tuple[float, list[memory.Term], list[memory.Term]]:
     arch = llama_31_8b()
     sel = select_targets(arch, None)
     s = shape(seq_len)
-    terms = unsloth_budget(arch, s, M.budget(arch, sel, s), dropout=0.0, card_bytes=card_gb * GIB)
-    return M.Term.sum_gib(terms), terms, unsloth_host_terms(arch, s)
+    terms = unsloth_budget(arch, s, memory.budget(arch, sel, s), dropout=0.0, card_bytes=card_gb * GIB)
+    return memory.Term.sum_gib(terms), terms, unsloth_host_terms(arch, s)
 
 
 def rows() -> list[dict]:
@@ -56,7 +56,7 @@ def rows() -> list[dict]:
     for card, seq in PUBLISHED.items():
         peak, terms, host = planned(card, seq)
         out.append({"card_gib": card, "seq_len": seq, "planned_gib": peak, "error": peak / card - 1,
-                    "host_gib": M.Term.host_gib(host)})
+                    "host_gib": memory.Term.host_gib(host)})
     return out
 
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:  # pragma: no cover - for readers and type checkers only
     from loraplan.executor.summary import RunSummary
-    from loraplan.planner.plan import Plan
-    from loraplan.planner.request import PlanRequest
-    from loraplan.planner.result import PlanResult
+    from loraplan.planner.planfile.schema import Plan
+    from loraplan.planner.facts.request import PlanRequest
+    from loraplan.planner.report.result import PlanResult
 
 
 def plan_request(model: str, **options: Any) -> "PlanRequest":
@@ -24,7 +24,7 @@ def plan_request(model: str, **options: Any) -> "PlanRequest":
 
     An option given as None takes its default, as an absent flag does. An unknown name is a one-line InputError."""
     from loraplan.planner.errors import InputError
-    from loraplan.planner.request import PlanRequest
+    from loraplan.planner.facts.request import PlanRequest
 
     names = [f.name for f in dataclasses.fields(PlanRequest) if f.name != "model"]
     unknown = sorted(set(options) - set(names))
@@ -68,7 +68,7 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
     from loraplan.executor.folder_lock import lock_output_dir
     from loraplan.executor.errors import RunError, require_run_extra
     from loraplan.executor.trackers import check_installed
-    from loraplan.planner.plan import Plan
+    from loraplan.planner.planfile.schema import Plan
 
     if console == "auto":
         from rich.console import Console

@@ -9,8 +9,8 @@ from typing import Optional
 
 import click
 
-from loraplan.planner import options as O
-from loraplan.planner.strategies import STRATEGY_CHOICES
+from loraplan.planner.facts import options
+from loraplan.planner.plugins.strategies import STRATEGY_CHOICES
 
 EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -92,35 +92,35 @@ def main() -> None:
                    "Default: this machine's with --gpu auto or cpu, else 2 x the node's GPU memory.")
 @click.option("--strategy", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
               help="auto: DDP when a replica fits, else FSDP, else FSDP with CPU offload, the fastest that fits.")
-@click.option("--method", type=click.Choice(O.METHOD_CHOICES), default=O.default("method"), show_default=True,
+@click.option("--method", type=click.Choice(options.METHOD_CHOICES), default=options.default("method"), show_default=True,
               help="auto: LoRA when it fits with headroom, else QLoRA.")
-@click.option("--rank", "-r", type=int, default=None, help=f"LoRA rank r (default {O.default('rank')}).")
-@click.option("--alpha", type=int, default=None, help=f"LoRA alpha (default {O.setting('alpha', 'per_rank')} x rank).")
+@click.option("--rank", "-r", type=int, default=None, help=f"LoRA rank r (default {options.default('rank')}).")
+@click.option("--alpha", type=int, default=None, help=f"LoRA alpha (default {options.setting('alpha', 'per_rank')} x rank).")
 @click.option("--dropout", type=float, default=None,
-              help=f"LoRA dropout (default {O.default('dropout')}; 0 for MoE experts).")
+              help=f"LoRA dropout (default {options.default('dropout')}; 0 for MoE experts).")
 @click.option("--targets", default=None, metavar="LIST",
               help="Comma list of q,k,v,o,gate,up,down (or module names), or all-linear. "
                    "Default: q,k,v,o,gate,up,down or the architecture's equivalents (fused qkv_proj, experts).")
 @click.option("--seq-len", type=SeqLen(), default=None,
-              help=f"Tokens per sequence (default {O.default('seq_len')}, or the model's max_position_embeddings "
-                   f"when shorter), or max: the longest multiple of {O.SEQ_LEN_STEP} that fits (with the "
+              help=f"Tokens per sequence (default {options.default('seq_len')}, or the model's max_position_embeddings "
+                   f"when shorter), or max: the longest multiple of {options.SEQ_LEN_STEP} that fits (with the "
                    "savers --savers allows; by default the offloads and MLP tiling), shown for every card.")
 @click.option("--batch-size", type=int, default=None, help="Fixed micro-batch per GPU (default: the largest that fits).")
 @click.option("--global-batch-size", type=int, default=None,
-              help=f"Sequences per optimizer step over all GPUs (default {O.default('global_batch_size')}, "
+              help=f"Sequences per optimizer step over all GPUs (default {options.default('global_batch_size')}, "
                    "rounded up to a multiple of the GPUs); accumulation is derived.")
-@click.option("--grad-checkpointing", type=click.Choice(O.CHECKPOINTING_CHOICES),
-              default=O.default("gradient_checkpointing"), show_default=True, help="auto: only when needed to fit.")
-@click.option("--optimizer", type=click.Choice(tuple(O.OPTIMIZERS)), default=O.default("optimizer"),
+@click.option("--grad-checkpointing", type=click.Choice(options.CHECKPOINTING_CHOICES),
+              default=options.default("gradient_checkpointing"), show_default=True, help="auto: only when needed to fit.")
+@click.option("--optimizer", type=click.Choice(tuple(options.OPTIMIZERS)), default=options.default("optimizer"),
               show_default=True)
 @click.option("--savers", default=None, metavar="LIST",
               help="Memory savers the plan may use, a comma list applied left to right: NAME (on), NAME=auto|on|off, "
                    "no-NAME (off), or auto (all auto) / none. Names: "
-                   + ", ".join(n.replace("_", "-") for n in O.SAVERS)
+                   + ", ".join(n.replace("_", "-") for n in options.SAVERS)
                    + ". Default: none for a fixed --seq-len; for --seq-len max "
-                   + ", ".join(n.replace("_", "-") for n, m in O.saver_defaults(True).items() if m == "auto")
+                   + ", ".join(n.replace("_", "-") for n, m in options.saver_defaults(True).items() if m == "auto")
                    + " (docs/memory-model.md, Savers).")
-@click.option("--loss", type=click.Choice(O.LOSSES), default=O.default("loss"), show_default=True,
+@click.option("--loss", type=click.Choice(options.LOSSES), default=options.default("loss"), show_default=True,
               help="fused: LM head + cross-entropy in chunks, as trl's SFTTrainer (what `run` does); "
                    "full: the model's own loss over materialized fp32 logits, as a plain training loop.")
 @click.option("--dataset", type=str, default=None, metavar="FILE",
@@ -131,14 +131,14 @@ def main() -> None:
               help="Or hold out this share of --dataset for eval, in [0, 1) (seeded; default 0: no eval).")
 @click.option("--output", "-o", type=str, default=None, metavar="PLAN.yaml", help="Write the plan file here.")
 @click.option("--output-dir", type=str, default=None, help="Where `run` will write adapters and checkpoints (default out).")
-@click.option("--learning-rate", "--lr", type=float, default=None, help=f"Default {O.default('learning_rate'):g}.")
+@click.option("--learning-rate", "--lr", type=float, default=None, help=f"Default {options.default('learning_rate'):g}.")
 @click.option("--epochs", type=float, default=None,
-              help=f"Default {O.default('num_epochs')}, or {O.setting('num_epochs', 'small_dataset_value')} for a "
-                   f"dataset under {O.setting('num_epochs', 'small_dataset_rows'):,} rows.")
+              help=f"Default {options.default('num_epochs')}, or {options.setting('num_epochs', 'small_dataset_value')} for a "
+                   f"dataset under {options.setting('num_epochs', 'small_dataset_rows'):,} rows.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (overrides epochs).")
 @click.option("--train-tokens", type=int, default=None, help="Training tokens for the time estimate (without --dataset).")
 @click.option("--trust-remote-code", is_flag=True, help="Let `run` execute the model repository's own code.")
-@click.option("--report-to", type=click.Choice(O.TRACKERS), default=O.default("report_to"), show_default=True,
+@click.option("--report-to", type=click.Choice(options.TRACKERS), default=options.default("report_to"), show_default=True,
               help="The experiment tracker `run` logs to, offline into the output dir unless your environment says "
                    "otherwise (docs/running.md, Trackers); needs that tracker's package.")
 @click.option("--plot", type=str, default=None, metavar="FILE.png|FILE.svg",
@@ -170,7 +170,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
     )
     try:
         if plot:
-            from loraplan.planner.plot import check_plot_path
+            from loraplan.planner.report.plot import check_plot_path
 
             check_plot_path(plot)  # before any work: a wrong extension or no matplotlib is one line
         res = make_plan(req)
@@ -188,7 +188,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         data["plot_file"] = plot
         click.echo(json.dumps(data, indent=2))
     else:
-        from loraplan.planner.report import render
+        from loraplan.planner.report.tables import render
 
         console = _console()
         render(res, console)
@@ -206,7 +206,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
                    "hidden size and vocabulary.")
 def models_command(as_json: bool) -> None:
     """List the model catalog."""
-    from loraplan.planner.arch import from_config
+    from loraplan.planner.architecture.families import from_config
     from loraplan.tables import models
 
     rows = []
@@ -217,7 +217,7 @@ def models_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from loraplan.planner.report import key_column, min_width, new_table, print_table, text_column
+    from loraplan.planner.report.tables import key_column, min_width, new_table, print_table, text_column
 
     console = _console()
 
@@ -251,7 +251,7 @@ def gpus_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(gpus(), indent=2))
         return
-    from loraplan.planner.report import key_column, new_table, print_table, text_column
+    from loraplan.planner.report.tables import key_column, new_table, print_table, text_column
 
     t = new_table("GPU catalog (tables/gpus.yaml)")
     key_column(t, "name")

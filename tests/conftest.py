@@ -75,19 +75,19 @@ def build_plan(model_dir: str, dataset: str, output_dir: str, *, method: str = "
 
     num_gpus is per node (processes on the CPU); every data-parallel strategy (ddp, fsdp, fsdp-offload) takes
     micro_batch_size sequences per process, so global_batch_size = micro x accum x num_gpus x num_nodes.
-    distributed: planner.plan.Distributed fields to set (fsdp-offload gets offload_params True by default)."""
-    from loraplan.planner.plan import (
+    distributed: planner.planfile.schema.Distributed fields to set (fsdp-offload gets offload_params True by default)."""
+    from loraplan.planner.planfile.schema import (
         Dataset,
         Distributed,
-        Hardware,
         LoraSettings,
-        ModelRef,
         Plan,
         Prediction,
         Quantization,
         Training,
     )
-    from loraplan.planner.strategies import STRATEGIES
+    from loraplan.planner.facts.hardware import Hardware
+    from loraplan.planner.facts.model_ref import ModelRef
+    from loraplan.planner.plugins.strategies import STRATEGIES
 
     t = dict(seq_len=64, micro_batch_size=4, grad_accum_steps=1, learning_rate=5e-3, max_steps=12,
              warmup_ratio=0.0, lr_scheduler="constant", logging_steps=2, save_steps=6, save_total_limit=2,

@@ -32,12 +32,12 @@ def test_beats_the_static_tables(rows):
 
 def test_weights_match_the_measured_parameter_bytes():
     from benchmarks.calibration import load_rows, row_inputs
-    from loraplan.planner import memory as M
+    from loraplan.planner.memory import terms as memory
 
     for row in load_rows():
         if row.get("param_bytes") and row["method"] == "lora":
             arch, sel, shape = row_inputs(row)
-            weights = M.loaded_bytes(arch, sel, shape)
+            weights = memory.loaded_bytes(arch, sel, shape)
             assert weights == row["param_bytes"], row["model"]
 
 

@@ -36,7 +36,7 @@ def test_plan_returns_the_same_facts_as_json(tmp_path):
     assert from_api == from_cli
     assert from_api["training"]["report_to"] == "tensorboard"
     assert loraplan.run.__module__ == "loraplan.api"
-    from loraplan.planner.plan import Plan
+    from loraplan.planner.planfile.schema import Plan
 
     assert Plan.load(str(tmp_path / "plan.yaml")) == res.plan
     text = repr(res)

@@ -1,4 +1,4 @@
-"""The training-backend seam: the planner's table (planner/backends.py) and the executor's registry
+"""The training-backend seam: the planner's table (planner/plugins/backends.py) and the executor's registry
 (executor/backends/) name the same backends, a plan names one in training.backend (old files: "hf"), an unknown
 or refusing one is refused at load in one line, and the standard backend trains through the seam."""
 
@@ -14,9 +14,9 @@ import pytest
 import yaml
 from conftest import ROOT, build_plan, data_file, one_line_error, requires_run, subprocess_env, write_plan
 
-from loraplan.planner.backends import BACKENDS, DEFAULT_BACKEND, Backend
+from loraplan.planner.plugins.backends import BACKENDS, DEFAULT_BACKEND, Backend
 from loraplan.planner.errors import PlanError
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 
 def test_the_planner_table_and_the_executor_registry_name_the_same_backends():
@@ -36,7 +36,7 @@ def test_the_planner_table_and_the_executor_registry_name_the_same_backends():
 
 
 def test_the_registry_and_the_planner_table_import_no_training_library():
-    code = ("import sys, loraplan.planner.backends, loraplan.executor.backends as b; b.backend_named('hf'); "
+    code = ("import sys, loraplan.planner.plugins.backends, loraplan.executor.backends as b; b.backend_named('hf'); "
             "print([m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True,
                          text=True, check=True).stdout

@@ -1,7 +1,7 @@
 """`plan` and `run` accept and refuse exactly the same dataset files, with the same one-line message, and count
 the same tokens when plan has the model's tokenizer.
 
-Each file goes through the planner's path (planner.datasets.dataset_stats, and `loraplan plan --dataset`) and
+Each file goes through the planner's path (planner.facts.dataset_stats.dataset_stats, and `loraplan plan --dataset`) and
 through run's path (executor.data.load_rows / tokenize_rows, and `loraplan run`)."""
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ EXPECTED = {
 
 
 def _planner(path: str) -> tuple:
-    from loraplan.planner.datasets import dataset_stats
+    from loraplan.planner.facts.dataset_stats import dataset_stats
     from loraplan.planner.errors import InputError
 
     try:
@@ -197,7 +197,7 @@ def test_a_file_plan_accepts_is_one_run_trains_on(case, tiny_model_dir, tiny_tok
 @pytest.mark.parametrize("seq_len", [4096, 30])  # 30: some rows of each file are cut, no prompt fills it
 def test_tokens_counted_with_the_models_tokenizer_match_run(name, seq_len, tiny_model_dir, tiny_tokenizer):
     from loraplan.executor.data import load_rows, tokenize_rows
-    from loraplan.planner.datasets import dataset_stats
+    from loraplan.planner.facts.dataset_stats import dataset_stats
 
     stats = dataset_stats(data_file(name), seq_len, tokenizer_dir=tiny_model_dir)
     rows, fmt = load_rows(data_file(name), "auto")
@@ -214,7 +214,7 @@ def test_the_planners_chat_layout_is_runs_fallback_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from loraplan.executor.data import FALLBACK_CHAT_TEMPLATE, load_rows
-    from loraplan.planner.datasets import fallback_chat_text
+    from loraplan.planner.facts.dataset_stats import fallback_chat_text
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows, _ = load_rows(data_file("chat.jsonl"), "auto")
@@ -226,7 +226,7 @@ def test_the_planners_chat_layout_is_runs_fallback_template(tiny_model_dir):
 def test_a_model_with_its_own_chat_template_counts_chat_as_an_estimate(tiny_model_dir, tmp_path):
     import shutil
 
-    from loraplan.planner.datasets import dataset_stats
+    from loraplan.planner.facts.dataset_stats import dataset_stats
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -237,7 +237,7 @@ def test_a_model_with_its_own_chat_template_counts_chat_as_an_estimate(tiny_mode
 
 
 def test_a_large_file_tokenizes_a_spread_sample(tiny_model_dir, monkeypatch):
-    from loraplan.planner import datasets
+    from loraplan.planner.facts import dataset_stats as datasets
 
     exact = datasets.dataset_stats(data_file("instruction.jsonl"), 4096, tokenizer_dir=tiny_model_dir)
     monkeypatch.setattr(datasets, "TOKENIZE_BUDGET_CHARS", 400)  # the 8 rows hold about 620 characters
@@ -247,7 +247,7 @@ def test_a_large_file_tokenizes_a_spread_sample(tiny_model_dir, monkeypatch):
 
 
 def test_a_model_directory_without_a_usable_tokenizer_falls_back_to_the_estimate(tmp_path):
-    from loraplan.planner.datasets import dataset_stats
+    from loraplan.planner.facts.dataset_stats import dataset_stats
 
     (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
     broken = dataset_stats(data_file("text.jsonl"), 64, tokenizer_dir=str(tmp_path))
@@ -258,7 +258,7 @@ def test_a_model_directory_without_a_usable_tokenizer_falls_back_to_the_estimate
 
 
 def test_counting_with_the_tokenizer_keeps_the_planner_torch_free(tiny_model_dir):
-    code = ("import sys; from loraplan.planner.datasets import dataset_stats; "
+    code = ("import sys; from loraplan.planner.facts.dataset_stats import dataset_stats; "
             f"s = dataset_stats({data_file('chat.jsonl')!r}, 64, tokenizer_dir={tiny_model_dir!r}); "
             "assert s.estimated is False, s; "
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules]; "

@@ -1,4 +1,4 @@
-"""Each decision rule of planner.decide (through planner.placement.decide, which adds planner.suggest's advice) on
+"""Each decision rule of planner.decision.rules (through planner.decision.placement.decide, which adds planner.decision.suggest's advice) on
 a small synthetic Llama (arithmetic only, no torch), with the card's memory placed just above or below the peaks
 the memory model gives, so each rule is what tips the decision."""
 
@@ -8,10 +8,11 @@ import dataclasses
 
 import pytest
 
-from loraplan.planner import decide as D
+from loraplan.planner.decision import rules
 from loraplan.planner.errors import InputError
-from loraplan.planner.placement import decide
-from loraplan.planner.request import PlanRequest, resolve
+from loraplan.planner.decision.placement import decide
+from loraplan.planner.facts.request import PlanRequest
+from loraplan.planner.decision.resolve import resolve
 
 # 0.9 B parameters: big enough that LoRA and QLoRA weights differ by GiB, small enough to reason about.
 CONFIG = {
@@ -35,7 +36,7 @@ def resolved(model_dir, memory_gib=80.0, **kw):
 
 
 def peak(r, method, mb, gc):
-    return sum(t.bytes for t in D.budget(r, D.shape(r, method, mb, gc))) / 2**30
+    return sum(t.bytes for t in rules.budget(r, rules.shape(r, method, mb, gc))) / 2**30
 
 
 def card_for(gib):
@@ -65,7 +66,7 @@ def test_checkpointing_only_when_needed(model_dir):
     no_gc_mb1 = peak(probe, "lora", 1, False)
     r = resolved(model_dir, memory_gib=card_for(no_gc_mb1))
     d = decide(r)
-    assert d.choice == D.Choice("lora", False, 1, d.choice.terms) and not d.choice.grad_checkpointing
+    assert d.choice == rules.Choice("lora", False, 1, d.choice.terms) and not d.choice.grad_checkpointing
     assert d.reasons["grad_checkpointing"].startswith("off")
     # a little less memory, and the same micro-batch needs checkpointing
     r = resolved(model_dir, memory_gib=(no_gc_mb1 - 0.05) / (1 - MARGIN))
@@ -77,7 +78,7 @@ def test_checkpointing_only_when_needed(model_dir):
 def test_the_largest_micro_batch_that_divides_the_per_gpu_batch_and_fits(model_dir):
     probe = resolved(model_dir, global_batch_size=12)
     # per-GPU batch 12: candidates 1, 2, 4 (8 does not divide 12)
-    assert D.micro_batches_to_try(probe) == [1, 2, 4]
+    assert rules.micro_batches_to_try(probe) == [1, 2, 4]
     r = resolved(model_dir, memory_gib=card_for(peak(probe, "lora", 2, False)), global_batch_size=12)
     d = decide(r)
     assert (d.choice.method, d.choice.grad_checkpointing, d.choice.micro_batch_size) == ("lora", False, 2)

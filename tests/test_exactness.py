@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from benchmarks.calibration import calibration_dir  # noqa: E402
-from loraplan.planner.arch import from_config, select_targets, trainable_params  # noqa: E402
+from loraplan.planner.architecture.families import from_config, select_targets, trainable_params
 from loraplan.tables import models  # noqa: E402
 
 CALIBRATION = calibration_dir() / "configs"
@@ -96,7 +96,7 @@ GENERIC = {
 
 @pytest.mark.parametrize("name", sorted(GENERIC))
 def test_architectures_outside_the_family_table_are_counted_from_a_meta_build(name):
-    """Families planner.arch does not know go through transformers on the meta device (planner/generic.py)."""
+    """Families planner.architecture.families does not know go through transformers on the meta device (planner/architecture/meta_build.py)."""
     cfg = GENERIC[name]
     arch = from_config(cfg)
     for spec in (None, "all-linear"):

@@ -1,14 +1,14 @@
 """Each term of the memory model checked by hand on one synthetic Llama: the formula written out here from
-docs/memory-model.md and the coefficients in tables/memory.yaml, against what planner.memory computes."""
+docs/memory-model.md and the coefficients in tables/memory.yaml, against what planner.memory.terms computes."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from loraplan.planner import memory as M
-from loraplan.planner.arch import from_config, select_targets, trainable_params
-from loraplan.planner.strategies import STRATEGIES
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.architecture.families import from_config, select_targets, trainable_params
+from loraplan.planner.plugins.strategies import STRATEGIES
 from loraplan.tables import TABLES_DIR
 
 h, i, L, heads, kv_heads, V = 1024, 4096, 8, 16, 4, 32000
@@ -30,14 +30,14 @@ P = L * r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
 def shape(**kw):
     base = dict(method="lora", r=r, micro_batch_size=mb, seq_len=seq, grad_checkpointing=False, loss="fused")
     base.update(kw)
-    return M.Shape(**base)
+    return memory.MicroStep(**base)
 
 
 def terms(s, strategy="single"):
-    from loraplan.planner.plan import Hardware
+    from loraplan.planner.facts.hardware import Hardware
 
     hw = Hardware(gpu="h100-80gb", gpu_name="H100", memory_gib=79.1, num_gpus=s.num_gpus, bf16=True)
-    return {t.name: t.bytes for t in STRATEGIES[strategy].budget(M.budget(ARCH, SEL, s), ARCH, P, s, hw)}
+    return {t.name: t.bytes for t in STRATEGIES[strategy].budget(memory.budget(ARCH, SEL, s), ARCH, P, s, hw)}
 
 
 def test_trainable_params_by_hand():
@@ -117,4 +117,4 @@ def test_runtime_terms_by_hand():
 
 def test_the_peak_is_the_sum_of_the_terms():
     s = shape(grad_checkpointing=True)
-    assert M.peak_bytes(ARCH, SEL, s) == pytest.approx(sum(terms(s).values()))
+    assert memory.peak_bytes(ARCH, SEL, s) == pytest.approx(sum(terms(s).values()))

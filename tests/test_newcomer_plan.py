@@ -119,7 +119,7 @@ def test_what_the_check_refuses_transformers_refuses_too(fields):
 
 
 def test_every_catalog_model_and_a_valid_config_pass_the_checks(tmp_path):
-    from loraplan.planner.config_checks import check_config
+    from loraplan.planner.architecture.config_checks import check_config
     from loraplan.tables import models
 
     for key, entry in models().items():
@@ -143,7 +143,7 @@ def test_eval_flags_fill_the_plans_dataset(tmp_path):
     out = tmp_path / "plan.yaml"
     assert cli("plan", "llama-3.1-8b", "--gpu", "rtx-4090", "--dataset", "tests/data/instruction.jsonl",
                "--eval-path", str(ev), "-o", str(out)).exit_code == 0
-    from loraplan.planner.plan import Plan
+    from loraplan.planner.planfile.schema import Plan
 
     assert Plan.load(str(out)).dataset.eval_path == str(ev)
 
@@ -209,7 +209,7 @@ def test_a_model_that_fits_one_card_trains_ddp_not_offload():
 
 
 def test_offload_copies_and_collectives_add_up_and_only_their_excess_is_exposed():
-    from loraplan.planner.communication import StepTime
+    from loraplan.planner.speed.communication import StepTime
 
     from loraplan.planner.api import PlanRequest, make_plan
 

@@ -3,22 +3,22 @@ definition and sees every caller follow it; before, each caller computed it agai
 
 import pytest
 
-from loraplan.planner import options as O
-from loraplan.planner import plan as plan_module
-from loraplan.planner import request as request_module
-from loraplan.planner import suggest
+from loraplan.planner.facts import options
+from loraplan.planner.planfile import schema as plan_module
+from loraplan.planner.facts import request as request_module
+from loraplan.planner.decision import suggest
 from loraplan.planner.api import PlanRequest, make_plan
 from loraplan.planner.errors import InputError, PlanError
-from loraplan.planner.request import resolve
-from loraplan.planner.strategies import Strategy
+from loraplan.planner.decision.resolve import resolve
+from loraplan.planner.plugins.strategies import Strategy
 
 
 def test_the_logging_interval_of_plan_and_run_is_the_planners(monkeypatch):
     from loraplan.executor.trainer_settings import effective_logging_steps
 
-    assert O.logging_interval(1000, 10) == 10 and O.logging_interval(30, 10) == 3 and O.logging_interval(5, 10) == 1
+    assert options.logging_interval(1000, 10) == 10 and options.logging_interval(30, 10) == 3 and options.logging_interval(5, 10) == 1
     assert effective_logging_steps(10, 30) == 3
-    monkeypatch.setattr(O, "logging_interval", lambda steps, every=None: 7)
+    monkeypatch.setattr(options, "logging_interval", lambda steps, every=None: 7)
     assert effective_logging_steps(10, 30) == 7  # the executor calls the planner's rule
     res = make_plan(PlanRequest(model="llama-3.1-8b", gpu="h200", max_steps=50, fit_table=False))
     assert res.plan.training.logging_steps == 7  # and so does the plan
@@ -48,10 +48,10 @@ def test_the_per_gpu_batch_is_the_strategys(monkeypatch):
 
 
 def test_max_seq_len_is_one_constant():
-    assert plan_module.MAX_SEQ_LEN is O.MAX_SEQ_LEN and request_module.MAX_SEQ_LEN is O.MAX_SEQ_LEN
+    assert plan_module.MAX_SEQ_LEN is options.MAX_SEQ_LEN and request_module.MAX_SEQ_LEN is options.MAX_SEQ_LEN
     with pytest.raises(InputError, match="at most"):
-        resolve(PlanRequest(model="llama-3.1-8b", gpu="h200", seq_len=O.MAX_SEQ_LEN + 1, fit_table=False))
+        resolve(PlanRequest(model="llama-3.1-8b", gpu="h200", seq_len=options.MAX_SEQ_LEN + 1, fit_table=False))
     p = make_plan(PlanRequest(model="qwen2.5-0.5b", gpu="h200", seq_len=2048, fit_table=False)).plan
-    p.training.seq_len = O.MAX_SEQ_LEN + 1
+    p.training.seq_len = options.MAX_SEQ_LEN + 1
     with pytest.raises(PlanError, match="training.seq_len"):
         p.validate()

@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from loraplan.cli import main
-from loraplan.planner import generic
-from loraplan.planner.plan import PLAN_VERSION, Plan
+from loraplan.planner.architecture import meta_build as generic
+from loraplan.planner.planfile.schema import PLAN_VERSION, Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_bad_files_exit_2(tmp_path):
         (_write(tmp_path, "list.json", "[1, 2]"), "JSON object"),
         (_write(tmp_path, "incomplete.json", json.dumps({"model_type": "llama", "hidden_size": 64})), "missing required field"),
         (_write(tmp_path, "alien.json", json.dumps({"model_type": "alien", "hidden_size": 64})), "unknown architecture"),
-        # a family without a table entry: counted through transformers (planner.generic), whose config class
+        # a family without a table entry: counted through transformers (planner.architecture.meta_build), whose config class
         # finds the fields missing; on the base install (no [run]) refused by name, pointing at the extra
         (_write(tmp_path, "neox.json", json.dumps({"model_type": "gpt_neox", "hidden_size": 64})),
          "missing required field" if generic.available() else "unknown architecture 'gpt_neox'"),

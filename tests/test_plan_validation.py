@@ -12,7 +12,7 @@ import yaml
 from conftest import build_plan, data_file
 
 from loraplan.planner.errors import PlanError
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 
 def _plan_file(tmp_path, edit=None, **training) -> str:

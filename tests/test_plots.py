@@ -41,7 +41,7 @@ def test_plan_plot_png_and_svg(tmp_path):
 def test_plot_memory_follows_the_memory_model():
     """The curve at the plan's own length is the plan's prediction, term by term, and grows with the length."""
     import loraplan
-    from loraplan.planner.plot import longest_fitting, memory_curve
+    from loraplan.planner.report.plot import longest_fitting, memory_curve
 
     res = loraplan.plan("llama-3.1-8b", gpu="rtx-4090", method="qlora", fit_table=False)
     names, stacks = memory_curve(res, [1024, res.plan.training.seq_len, 8192])

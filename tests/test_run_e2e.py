@@ -129,7 +129,7 @@ def test_plan_loss_picks_the_loss_path(tiny_model_dir, tmp_path):
     case depends on the other having run first."""
     fused = _first_step(tiny_model_dir, tmp_path / "fused", "fused")
     full = _first_step(tiny_model_dir, tmp_path / "full", "full")
-    from loraplan.planner.versions import trl_fused_loss_runs_on
+    from loraplan.planner.facts.versions import trl_fused_loss_runs_on
 
     # trl < 1.16 has no fused loss off Triton: on this CPU the fused plan falls back to the full path (installed.py)
     assert ("mean_token_accuracy" in fused[0]) == trl_fused_loss_runs_on("cpu")

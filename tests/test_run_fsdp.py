@@ -275,7 +275,7 @@ def test_qlora_under_fsdp_shards_the_4bit_weights(fsdp_run, tiny_model_dir, tmp_
     plan.training.optimizer = "paged-adamw-8bit"
     refused = cli_run(write_plan(plan, tmp_path / "paged.yaml"), "--output-dir", tmp_path / "paged")
     assert refused.exit_code == 2
-    from loraplan.planner.strategies import BROKEN
+    from loraplan.planner.plugins.strategies import BROKEN
 
     assert refused.stderr.strip() == "Error: " + BROKEN[(True, "qlora", "paged-adamw-8bit")]  # the planner's words
     assert "paged 8-bit AdamW fails when saving a checkpoint" in refused.stderr

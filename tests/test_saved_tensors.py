@@ -3,7 +3,7 @@
 For every combination of targets (all seven, q,v, the MLP), dropout (0, 0.05), checkpointing (off, on: every layer,
 every 2nd layer, every layer offloaded), LoRA or QLoRA, on two widths, per token:
 
-- without checkpointing, what one decoder layer saves equals planner/memory.py's X
+- without checkpointing, what one decoder layer saves equals planner/memory/terms.py's X
   (`layer_activation_bytes_per_token` for the same shape, targets and dropout) within TOLERANCE;
 - with checkpointing, what a layer keeps across the forward equals dtype x h (checkpointed_inputs per layer and
   token), the largest recompute frame equals X, and with layer_checkpointing the layers that are not checkpointed
@@ -23,8 +23,8 @@ import dataclasses
 import pytest
 
 from benchmarks import saved_tensors as ST
-from loraplan.planner import arch as A
-from loraplan.planner import memory as M
+from loraplan.planner.architecture import families
+from loraplan.planner.memory import terms as memory
 
 TOLERANCE = 0.01
 SEQ = 32  # the counts' sequence lengths are 32 and 64; X depends on it only under eager attention
@@ -32,8 +32,8 @@ SEQ = 32  # the counts' sequence lengths are 32 and 64; X depends on it only und
 
 def planner_inputs(d: ST.Dims, case: ST.Case, layers: int = 2):
     config = ST._config(d, layers).to_dict()
-    arch = A.from_config(config)
-    shape = M.Shape(method=case.method, r=ST.R, micro_batch_size=2, seq_len=SEQ,
+    arch = families.from_config(config)
+    shape = memory.MicroStep(method=case.method, r=ST.R, micro_batch_size=2, seq_len=SEQ,
                     grad_checkpointing=case.checkpointing, loss="full", device="cpu",
                     targets=ST.TARGETS[case.targets], lora_dropout=case.dropout > 0)
     if case.saver == "layer_checkpointing":
@@ -78,7 +78,7 @@ def test_a_layer_saves_what_the_planner_plans(counts):
         if case.checkpointing:
             continue
         arch, shape = planner_inputs(d, case)
-        x = M.layer_activation_bytes_per_token(arch, SEQ, shape)
+        x = memory.layer_activation_bytes_per_token(arch, SEQ, shape)
         if not close(c.layer, x, left_out(d)):
             bad.append((d.hidden, case, c.layer, x))
     assert not bad
@@ -101,15 +101,15 @@ def test_checkpointing_keeps_the_layer_inputs_and_recomputes_one_layer(counts):
         if not case.checkpointing:
             continue
         arch, shape = planner_inputs(d, case)
-        x = M.layer_activation_bytes_per_token(arch, SEQ, shape)
-        dt = M.DTYPE_BYTES[shape.dtype]
+        x = memory.layer_activation_bytes_per_token(arch, SEQ, shape)
+        dt = memory.DTYPE_BYTES[shape.dtype]
         if case.saver == "layer_checkpointing":
             # layers 2 and 4: every other layer keeps dt x h, the others X (per layer, on average)
             planned, slack = (dt * d.hidden + x) / 2, left_out(d) / 2
         else:
             slack = 0.0
             planned = dt * d.hidden
-            full = M.checkpointed_inputs_bytes(arch, dataclasses.replace(shape, checkpoints_offloaded=False))
+            full = memory.checkpointed_inputs_bytes(arch, dataclasses.replace(shape, checkpoints_offloaded=False))
             assert full / (arch.num_layers * shape.tokens) == planned
             if not close(c.recompute, x, left_out(d, recompute=True)):
                 bad.append(("recompute", d.hidden, case, c.recompute, x))
@@ -122,6 +122,6 @@ def test_the_offload_moves_everything_a_layer_keeps(counts):
     offloaded = [(d, case, c) for (d, case), c in counts.items() if case.saver == "offload_checkpoints"]
     assert offloaded
     for d, case, c in offloaded:
-        assert c.moved == c.kept == M.DTYPE_BYTES["bfloat16"] * d.hidden
+        assert c.moved == c.kept == memory.DTYPE_BYTES["bfloat16"] * d.hidden
         arch, shape = planner_inputs(d, case)
-        assert M.checkpointed_inputs_bytes(arch, shape) == 0  # what stays: nothing of the checkpoints
+        assert memory.checkpointed_inputs_bytes(arch, shape) == 0  # what stays: nothing of the checkpoints

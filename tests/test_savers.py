@@ -1,4 +1,4 @@
-"""The memory savers (planner/savers.py): each term by hand, the decision that takes the cheapest savers that fit,
+"""The memory savers (planner/plugins/savers.py): each term by hand, the decision that takes the cheapest savers that fit,
 the host memory check, the one-line errors, the plan file, and `run` applying exactly the planned savers."""
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from click.testing import CliRunner
 
 from conftest import build_plan, data_file, requires_run, write_plan
 from loraplan.cli import main
-from loraplan.planner import decide as D
-from loraplan.planner import memory as M
-from loraplan.planner import savers as S
-from loraplan.planner import throughput as TP
+from loraplan.planner.decision import rules
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.plugins import savers as saver_table
+from loraplan.planner.speed import throughput
 from loraplan.planner.api import PlanRequest, make_plan
 from loraplan.planner.errors import InputError, PlanError
-from loraplan.planner.placement import decide
-from loraplan.planner.plan import Plan, Savers
-from loraplan.planner.request import resolve
-from loraplan.planner.saver_effects import saver_effects
+from loraplan.planner.decision.placement import decide
+from loraplan.planner.planfile.schema import Plan, Savers
+from loraplan.planner.decision.resolve import resolve
+from loraplan.planner.decision.saver_effects import saver_effects
 from loraplan.tables import TABLES_DIR
 
 FIT = yaml.safe_load((TABLES_DIR / "memory.yaml").read_text())["fitted"]
@@ -38,7 +38,7 @@ def resolved(seq_len=32768, **kw):
     return resolve(PlanRequest(**req))
 
 
-def terms(c: D.Choice) -> dict[str, float]:
+def terms(c: rules.Choice) -> dict[str, float]:
     return {t.name: t.bytes for t in c.terms}
 
 
@@ -48,9 +48,9 @@ def terms(c: D.Choice) -> dict[str, float]:
 def test_offloading_moves_exactly_the_checkpointed_inputs_and_pins_power_of_two_blocks():
     r = resolved()
     T = 32768
-    plain = terms(D.candidate(r, "qlora", 1, True))
+    plain = terms(rules.candidate(r, "qlora", 1, True))
     for name, k in (("offload_checkpoints", 1), ("offload_activations", 2)):
-        c = D.candidate(r, "qlora", 1, True, S.SaverSet.of(name))
+        c = rules.candidate(r, "qlora", 1, True, saver_table.SaverSet.of(name))
         t = terms(c)
         assert plain["checkpointed_inputs"] == pytest.approx(2 * L * h * T)
         assert t["checkpointed_inputs"] == 0  # all a layer keeps across the forward moves (saved-tensor counts)
@@ -62,28 +62,28 @@ def test_offloading_moves_exactly_the_checkpointed_inputs_and_pins_power_of_two_
         assert c.host_gib * 2**30 == L * 2 ** math.ceil(math.log2(block))
     # one token more and torch's pinned allocator rounds each block up to the next power of two
     r2 = resolved(seq_len=T + 256)
-    c2 = D.candidate(r2, "qlora", 1, True, S.SaverSet.of("offload_checkpoints"))
+    c2 = rules.candidate(r2, "qlora", 1, True, saver_table.SaverSet.of("offload_checkpoints"))
     assert c2.host_gib == pytest.approx(2 * L * 2 * h * T / 2**30)
 
 
 def test_layer_checkpointing_keeps_the_other_layers_activations():
     r = resolved(seq_len=2048)
-    s = D.shape(r, "qlora", 1, True, savers=S.SaverSet.of("layer_checkpointing", every_n_layers=4))
-    full = D.shape(r, "qlora", 1, True)
-    assert M.checkpointed_layers(r.arch, s) == 8
-    x = M.layer_activation_bytes_per_token(r.arch, 2048)
+    s = rules.shape(r, "qlora", 1, True, savers=saver_table.SaverSet.of("layer_checkpointing", every_n_layers=4))
+    full = rules.shape(r, "qlora", 1, True)
+    assert memory.checkpointed_layers(r.arch, s) == 8
+    x = memory.layer_activation_bytes_per_token(r.arch, 2048)
     scale = FIT["fused_activation_scale"]
     kept = (1 - FIT["reserve_share_of_activations"]) * scale * x * (L - 8) * 2048
-    assert M.activations_bytes(r.arch, s) - M.activations_bytes(r.arch, full) == pytest.approx(kept)
-    assert M.checkpointed_inputs_bytes(r.arch, s) == pytest.approx(M.checkpointed_inputs_bytes(r.arch, full) / 4)
+    assert memory.activations_bytes(r.arch, s) - memory.activations_bytes(r.arch, full) == pytest.approx(kept)
+    assert memory.checkpointed_inputs_bytes(r.arch, s) == pytest.approx(memory.checkpointed_inputs_bytes(r.arch, full) / 4)
     # and it is faster: a quarter of the layers recomputed
-    assert TP.flops_per_token(r.arch, s) < TP.flops_per_token(r.arch, full)
+    assert throughput.flops_per_token(r.arch, s) < throughput.flops_per_token(r.arch, full)
 
 
 def test_mlp_tiling_replaces_the_mlp_share_of_the_working_set_by_one_tile():
     r = resolved()
-    plain = terms(D.candidate(r, "qlora", 1, True))
-    tiled = terms(D.candidate(r, "qlora", 1, True, S.SaverSet.of("mlp_tiling")))
+    plain = terms(rules.candidate(r, "qlora", 1, True))
+    tiled = terms(rules.candidate(r, "qlora", 1, True, saver_table.SaverSet.of("mlp_tiling")))
     rho, s = FIT["reserve_share_of_activations"], FIT["fused_activation_scale"] + FIT["recompute_scale"]
     assert plain["activations"] - tiled["activations"] == pytest.approx((1 - rho) * s * (2 * h + 9 * i + 6 * 16) * 32768)
     tile_tokens = 32768 // 8  # shards = ceil(32768 / 4096) = 8 (Liger's default)
@@ -215,12 +215,12 @@ def test_plan_validation_of_the_savers(edit, message):
 
 
 def test_unmet_requirements_say_what_the_machine_lacks_in_one_line():
-    assert S.unmet_requirements([], False, lambda m: False) is None
-    assert "needs a CUDA GPU" in S.unmet_requirements(["offload_checkpoints"], False, lambda m: True)
-    why = S.unmet_requirements(["mlp_tiling"], True, lambda m: False)
+    assert saver_table.unmet_requirements([], False, lambda m: False) is None
+    assert "needs a CUDA GPU" in saver_table.unmet_requirements(["offload_checkpoints"], False, lambda m: True)
+    why = saver_table.unmet_requirements(["mlp_tiling"], True, lambda m: False)
     assert "liger_kernel" in why and "pip install liger-kernel" in why and "\n" not in why
-    assert "flash_attn" in S.unmet_requirements(["padding_free"], True, lambda m: m != "flash_attn")
-    assert S.unmet_requirements(["layer_checkpointing"], False, lambda m: False) is None  # runs anywhere
+    assert "flash_attn" in saver_table.unmet_requirements(["padding_free"], True, lambda m: m != "flash_attn")
+    assert saver_table.unmet_requirements(["layer_checkpointing"], False, lambda m: False) is None  # runs anywhere
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from loraplan.cli import main
-from loraplan.planner import memory as M
-from loraplan.planner.arch import from_config, select_targets, trainable_params
-from loraplan.planner.communication import step_time
-from loraplan.planner.loading import load_peak
-from loraplan.planner.plan import Hardware
-from loraplan.planner.strategies import STRATEGIES
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.architecture.families import from_config, select_targets, trainable_params
+from loraplan.planner.speed.communication import step_time
+from loraplan.planner.memory.loading import load_peak
+from loraplan.planner.facts.hardware import Hardware
+from loraplan.planner.plugins.strategies import STRATEGIES
 
 h, i, L, heads, kv_heads, V = 1024, 4096, 8, 16, 4, 32000
 kv = kv_heads * (h // heads)
@@ -36,12 +36,12 @@ def hw(n=N, nodes=1, **kw):
 def shape(**kw):
     base = dict(method="lora", r=16, micro_batch_size=2, seq_len=512, grad_checkpointing=True, loss="fused")
     base.update(kw)
-    return M.Shape(**base)
+    return memory.MicroStep(**base)
 
 
 def terms(strategy, s=None, hardware=None):
     s = s or shape()
-    out = STRATEGIES[strategy].budget(M.budget(ARCH, SEL, s), ARCH, P, s, hardware or hw())
+    out = STRATEGIES[strategy].budget(memory.budget(ARCH, SEL, s), ARCH, P, s, hardware or hw())
     return {t.name: t for t in out}
 
 
@@ -77,10 +77,10 @@ def test_offload_moves_the_shards_to_the_host():
     host = {n for n, t in off.items() if t.device == "host"}
     assert host == {"base_weights_shard", "unquantized_modules_shard", "lora_weights_shard", "lora_gradients_shard",
                     "optimizer_states_shard"}
-    gpu = M.Term.sum_gib(off.values())
+    gpu = memory.Term.sum_gib(off.values())
     tail_shard = 2 * (V * h + h) / N / 2**30  # with offload the tail's own shard is on the host: gathered whole
     assert off["gathered_tail"].bytes == pytest.approx(2 * (V * h + h))
-    assert gpu == pytest.approx(M.Term.sum_gib(terms("fsdp").values()) - M.Term.host_gib(off.values()) + tail_shard)
+    assert gpu == pytest.approx(memory.Term.sum_gib(terms("fsdp").values()) - memory.Term.host_gib(off.values()) + tail_shard)
 
 
 def test_loading_peaks():

@@ -1,5 +1,5 @@
 """The tokens/s "Strategies tried" ranks and shows is the estimate's, savers included (issue 12, 5b): one function
-(planner.estimate.rate) computes both, so the chosen strategy's row and the estimate line cannot differ."""
+(planner.decision.estimate.rate) computes both, so the chosen strategy's row and the estimate line cannot differ."""
 
 import pytest
 

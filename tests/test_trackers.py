@@ -91,7 +91,7 @@ def test_a_missing_tracker_package_is_one_line_before_anything_is_written(cli_ru
 
 def test_a_plan_with_an_unknown_tracker_is_refused_at_load(tmp_path):
     from loraplan.planner.errors import PlanError
-    from loraplan.planner.plan import Plan
+    from loraplan.planner.planfile.schema import Plan
 
     plan = _plan_dict()
     plan["training"]["report_to"] = "neptune"

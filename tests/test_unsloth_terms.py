@@ -1,4 +1,4 @@
-"""The Unsloth backend's memory terms (planner/unsloth_terms.py) checked by hand on one synthetic Llama, and the
+"""The Unsloth backend's memory terms (planner/memory/unsloth.py) checked by hand on one synthetic Llama, and the
 planned peaks against Unsloth's published context table (benchmarks/unsloth_table.py)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from loraplan.planner import memory as M
-from loraplan.planner import unsloth_terms as U
-from loraplan.planner.arch import from_config, select_targets
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.memory import unsloth as U
+from loraplan.planner.architecture.families import from_config, select_targets
 from loraplan.tables import TABLES_DIR
 
 h, i, L, heads, kv_heads, V = 1024, 4096, 8, 16, 4, 32000
@@ -26,7 +26,7 @@ T = mb * seq  # 2048 tokens: one layer input is 2 x 1024 x 2048 = 4 MiB, above U
 def shape(**kw):
     base = dict(method="qlora", r=16, micro_batch_size=mb, seq_len=seq, grad_checkpointing=True, loss="fused")
     base.update(kw)
-    return M.Shape(**base)
+    return memory.MicroStep(**base)
 
 
 def test_offloaded_checkpoints_keep_the_last_layer_by_hand():
@@ -105,7 +105,7 @@ def test_pinned_host_memory_by_hand():
 
 def test_unsloth_budget_replaces_the_standard_terms():
     s = shape()
-    base = M.budget(ARCH, SEL, s)
+    base = memory.budget(ARCH, SEL, s)
     terms = U.unsloth_budget(ARCH, s, base, dropout=0.0)
     names = [t.name for t in terms]
     for gone in ("checkpointed_inputs", "fused_loss"):

@@ -1,11 +1,11 @@
-"""planner.versions: installed versions from package metadata, never by importing; the terms that depend on them."""
+"""planner.facts.versions: installed versions from package metadata, never by importing; the terms that depend on them."""
 
 import subprocess
 import sys
 
-from loraplan.planner import arch as A
-from loraplan.planner import memory as M
-from loraplan.planner import versions as V
+from loraplan.planner.architecture import families
+from loraplan.planner.memory import terms as memory
+from loraplan.planner.facts import versions as V
 
 
 def test_parse_and_read_without_importing():
@@ -17,14 +17,14 @@ def test_parse_and_read_without_importing():
 
 
 def test_the_fused_loss_counts_the_fp32_upcast_before_torch_2_8(monkeypatch):
-    arch = A.from_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    arch = families.from_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
                           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                           "vocab_size": 128256, "tie_word_embeddings": False})
-    shape = M.Shape(method="qlora", r=16, micro_batch_size=4, seq_len=2048, grad_checkpointing=True, loss="fused")
-    new = M.fused_loss_bytes(arch, shape)
+    shape = memory.MicroStep(method="qlora", r=16, micro_batch_size=4, seq_len=2048, grad_checkpointing=True, loss="fused")
+    new = memory.fused_loss_bytes(arch, shape)
     assert new == 12 * 4096 * 8192 + 2 * 4096 * 32768  # 12 B x h x T + one bf16 tile of 4096 x 32768
     monkeypatch.setattr(V, "installed", lambda: {**{k: {"version": v, "source": "assumed"}
                                                    for k, v in V.DEFAULTS.items()},
                                                 "torch": {"version": "2.7.1", "source": "installed"}})
-    assert M.fused_loss_bytes(arch, shape) - new == 4 * (4096 * 32768 + 32768 * 4096)
+    assert memory.fused_loss_bytes(arch, shape) - new == 4 * (4096 * 32768 + 32768 * 4096)
     assert "torch < 2.8" in V.assumed()["terms"]["fused_loss"]

@@ -11,7 +11,7 @@ import re
 import shutil
 from typing import Optional
 
-from loraplan.planner.plan_io import atomic_write_text
+from loraplan.planner.planfile.io import atomic_write_text
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -6,8 +6,8 @@ import os
 import time
 from typing import Optional
 
-from loraplan.planner.plan import Plan
-from loraplan.planner.plan_io import atomic_write_text
+from loraplan.planner.planfile.schema import Plan
+from loraplan.planner.planfile.io import atomic_write_text
 
 from .checkpoints import CHECKPOINT_RE
 from .disk import write_json

@@ -9,9 +9,9 @@ from typing import Optional
 
 import click
 
-from loraplan.planner import options as O
+from loraplan.planner.facts import options
 from loraplan.planner.errors import PlanError
-from loraplan.planner.strategies import STRATEGIES
+from loraplan.planner.plugins.strategies import STRATEGIES
 
 from .errors import RunError
 
@@ -41,7 +41,7 @@ def _console():
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (recorded in the run's plan.yaml).")
 @click.option("--force", is_flag=True, help="Run a plan even though its prediction does not fit its card.")
-@click.option("--report-to", type=click.Choice(O.TRACKERS), default=None,
+@click.option("--report-to", type=click.Choice(options.TRACKERS), default=None,
               help="Log to this experiment tracker instead of the plan's training.report_to (recorded in the run's "
               "plan.yaml); offline, into the output dir, unless your environment says otherwise.")
 @click.option("--machine-rank", type=click.IntRange(min=0), default=None,

@@ -1,4 +1,4 @@
-"""The training config held to what the installed trl and transformers accept (planner/versions.py says which
+"""The training config held to what the installed trl and transformers accept (planner/facts/versions.py says which
 releases differ and how). Both backends build their SFTConfig keyword arguments, then pass them through here."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from loraplan.planner import versions
+from loraplan.planner.facts import versions
 
 # name in the newer transformers -> the older name it replaced (transformers 5.17 knows only the latter)
 RENAMED = {"activation_checkpointing": "gradient_checkpointing",

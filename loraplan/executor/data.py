@@ -1,8 +1,8 @@
-"""Datasets for `run`: read and check every row (planner.dataset_reader, the reader `plan` uses too), render rows to
+"""Datasets for `run`: read and check every row (planner.facts.dataset_reader, the reader `plan` uses too), render rows to
 text, tokenize, truncate to seq_len.
 
 Formats (named in the plan, or detected from the first row when the plan says `auto`):
-- instruction: `instruction`, `output`, optional `input`. Rendered with planner.datasets.INSTRUCTION_TEMPLATE; the
+- instruction: `instruction`, `output`, optional `input`. Rendered with planner.facts.dataset_stats.INSTRUCTION_TEMPLATE; the
   loss covers the response only (the prompt's labels are -100), as trl does for prompt-completion data.
 - chat: `messages`, a list of {role, content}. Rendered with the tokenizer's chat template, or FALLBACK_CHAT_TEMPLATE
   when the tokenizer has none; the loss covers the whole conversation.
@@ -18,14 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from loraplan.planner.dataset_reader import EXTENSIONS, FORMATS, read_dataset  # noqa: F401  (re-exported)
-from loraplan.planner.datasets import INSTRUCTION_TEMPLATE, INSTRUCTION_TEMPLATE_NO_INPUT, instruction_prompt  # noqa: F401
+from loraplan.planner.facts.dataset_reader import read_dataset
+from loraplan.planner.facts.dataset_stats import (
+    instruction_prompt,
+)
 from loraplan.planner.errors import InputError, first_line
 
 from .errors import RunError
 
 # Used when the tokenizer has no chat template of its own; saved with the adapter's tokenizer so inference matches.
-# planner.datasets.fallback_chat_text renders the same text without jinja, for plan's token count.
+# planner.facts.dataset_stats.fallback_chat_text renders the same text without jinja, for plan's token count.
 FALLBACK_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 from .errors import RunError
 
@@ -28,7 +28,7 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     from loraplan.planner.api import PlanRequest, make_plan
     from loraplan.planner.errors import InputError
 
-    from loraplan.planner.strategies import STRATEGIES
+    from loraplan.planner.plugins.strategies import STRATEGIES
 
     chosen = STRATEGIES[strategy] if strategy else None  # None: the planner's default for the process count
     if chosen and chosen.max_world_size is not None and num_processes > chosen.max_world_size:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 from .errors import RunError
 
@@ -18,7 +18,7 @@ def uses_cuda(plan: Plan) -> bool:
     """The strategy may train on a GPU (its table entry's `device` is not "cpu") and this machine has one."""
     import torch
 
-    from loraplan.planner.strategies import STRATEGIES
+    from loraplan.planner.plugins.strategies import STRATEGIES
 
     return STRATEGIES[plan.strategy].device != "cpu" and torch.cuda.is_available()
 

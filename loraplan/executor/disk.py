@@ -9,7 +9,7 @@ import os
 import shutil
 from typing import Any
 
-from loraplan.planner.plan_io import atomic_write_text
+from loraplan.planner.planfile.io import atomic_write_text
 
 from .checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from .run_files import ADAPTER_TMP, PLAN_FILE

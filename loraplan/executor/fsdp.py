@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 from .errors import RunError
 
@@ -35,7 +35,7 @@ MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 def is_sharded(plan: Plan) -> bool:
     """The strategy table says the weights are sharded over the ranks (fsdp, fsdp-offload)."""
-    from loraplan.planner.strategies import STRATEGIES
+    from loraplan.planner.plugins.strategies import STRATEGIES
 
     return STRATEGIES[plan.strategy].sharded
 
@@ -53,7 +53,7 @@ def refusal(plan: Plan) -> Optional[str]:
     if d.fsdp_version != 2:
         return (f"distributed.fsdp_version {d.fsdp_version} is not run: loraplan runs FSDP2 (torch's fully_shard; "
                 f"accelerate deprecates FSDP1); set distributed.fsdp_version: 2")
-    from loraplan.planner.strategies import STRATEGIES
+    from loraplan.planner.plugins.strategies import STRATEGIES
 
     strategy = STRATEGIES[plan.strategy]
     if strategy.offload_params != d.offload_params:
@@ -64,7 +64,7 @@ def refusal(plan: Plan) -> Optional[str]:
     if broken:
         return broken
     if plan.quantization.enabled:
-        from loraplan.planner.options import DTYPES
+        from loraplan.planner.facts.options import DTYPES
 
         storage = quant_storage(plan)
         if storage not in DTYPES:
@@ -171,7 +171,7 @@ def accelerate_config(plan: Plan, *, use_cuda: bool, layer_class: Optional[str],
 def write_accelerate_config(config: dict[str, Any], path: str, plan_path: str) -> None:
     import yaml
 
-    from loraplan.planner.plan import atomic_write_text
+    from loraplan.planner.planfile.schema import atomic_write_text
 
     header = (f"# The accelerate config `loraplan run` generated from {plan_path} and launched this run with\n"
               f"# (accelerate launch --config_file {path} -m loraplan.executor.worker {plan_path}).\n"

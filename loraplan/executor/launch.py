@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 from . import run_files
 from .errors import RunError, TrainingFailed

@@ -8,7 +8,7 @@ import json
 import os
 from typing import Optional
 
-from loraplan.planner.catalog import find_in_hf_cache, has_weights
+from loraplan.planner.architecture.model_source import find_in_hf_cache, has_weights
 from loraplan.planner.errors import first_line
 
 from .errors import RunError

@@ -42,7 +42,7 @@ class PlanTrainer(SFTTrainer):
         from .compat import use_fused_loss
 
         if self.plan_loss == "full" or not use_fused_loss(self.plan_loss, self.args.device.type):
-            # (trl 1.15's fused loss is Triton only: on a CPU the loss comes from the full logits; planner/versions.py)
+            # (trl 1.15's fused loss is Triton only: on a CPU the loss comes from the full logits; planner/facts/versions.py)
             inputs = {**inputs, "use_cache": False}
             return Trainer.compute_loss(
                 self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-LOSS_PLOT = "loss.png"
-MEMORY_PLOT = "memory.png"
-RUN_NAMES = (LOSS_PLOT, MEMORY_PLOT)
+from .disk import read_jsonl
+from .run_files import LOSS_PLOT, MEMORY_PLOT
 PLOT_EXTRA_HINT = "pip install 'loraplan[plot]'"
 
 
@@ -36,7 +35,6 @@ def write_run_plots(plan, summary) -> None:
     plt = pyplot()
     if plt is None:
         return
-    from .disk import read_jsonl
 
     rows = read_jsonl(summary.metrics_file)
     if any(r.get("kind") == "train" for r in rows):

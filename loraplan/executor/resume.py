@@ -9,7 +9,7 @@ import shutil
 from typing import Any, Optional
 
 from loraplan.planner.errors import PlanError
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 from .checkpoints import checkpoints, file_sha256, latest_complete_checkpoint, remove_incomplete_checkpoints
 from .disk import write_json

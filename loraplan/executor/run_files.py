@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import re
 
-from .plots import RUN_NAMES as PLOT_NAMES
-from .trackers import RUN_NAMES as TRACKER_NAMES
-
 PLAN_FILE = "plan.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -40,9 +37,14 @@ MARKER_FILE = ".loraplan-run.json"
 LOCK_FILE = ".loraplan.lock"
 
 # What a run writes at the top of its folder, checkpoint-N/ aside (the launcher's three: ddp and fsdp runs).
-# The trackers' logs and the pictures are named by their own modules (executor/trackers.py, executor/plots.py).
+LOSS_PLOT = "loss.png"  # train and eval loss (executor/plots.py)
+MEMORY_PLOT = "memory.png"  # predicted against observed memory, on a GPU (executor/plots.py)
+TRACKER_FILE = "tracker.json"  # the run's stable tracker name and ids, so that --resume appends (executor/trackers.py)
+# each tracker's log folder (executor/trackers.py TRACKERS)
+TRACKER_DIRS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb", "trackio": "trackio"}
 RUN_NAMES = (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, ADAPTER_TMP, ADAPTER_OLD, RUN_LOG, LAUNCH_LOG,
-             WORKER_ERROR_FILE, FINGERPRINT_FILE, ACCELERATE_CONFIG_FILE, *TRACKER_NAMES, *PLOT_NAMES)
+             WORKER_ERROR_FILE, FINGERPRINT_FILE, ACCELERATE_CONFIG_FILE, LOSS_PLOT, MEMORY_PLOT, TRACKER_FILE,
+             *TRACKER_DIRS.values())
 
 
 def machine_log(machine: int) -> str:

@@ -6,8 +6,8 @@ import os
 import time
 from typing import Optional
 
-from loraplan.planner.plan import Plan
-from loraplan.planner.strategies import STRATEGIES
+from loraplan.planner.planfile.schema import Plan
+from loraplan.planner.plugins.strategies import STRATEGIES
 
 from . import checkpoints, library_log, run_files
 from .claim import check_claim, claim_output_dir, save_plan
@@ -35,10 +35,10 @@ def check_inputs(plan: Plan) -> None:
 
 
 def check_savers(plan: Plan) -> None:
-    """Refuse, in one line, a plan whose memory savers this machine cannot apply (planner.savers)."""
+    """Refuse, in one line, a plan whose memory savers this machine cannot apply (planner.plugins.savers)."""
     import importlib.util
 
-    from loraplan.planner.savers import unmet_requirements
+    from loraplan.planner.plugins.savers import unmet_requirements
 
     from .device import uses_cuda
 
@@ -147,7 +147,7 @@ def _accelerate(plan: Plan, resume_from: Optional[str], console, rdzv) -> RunSum
     return launch_workers(plan, resume_from, console, rdzv)
 
 
-# The strategy table's `launcher` (planner/strategies.py) -> how this machine starts training.
+# The strategy table's `launcher` (planner/plugins/strategies.py) -> how this machine starts training.
 LAUNCHERS = {"in-process": _train_here, "accelerate": _accelerate}
 
 

@@ -1,5 +1,5 @@
 """How `run` applies a plan's savers: each saver's `run` entry in tables/savers.yaml says what it sets, read here
-the same way for every saver (planner/savers.py is the table):
+the same way for every saver (planner/plugins/savers.py is the table):
 
     checkpointing: {...}   keys of transformers' activation checkpointing kwargs (TrainingArguments)
     sft_config: {...}      fields of trl's SFTConfig
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from loraplan.planner.plan import Plan
-from loraplan.planner.savers import SAVERS
+from loraplan.planner.planfile.schema import Plan
+from loraplan.planner.plugins.savers import SAVERS
 
 from .errors import RunError
 

@@ -25,11 +25,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from loraplan.planner import options as O
+from loraplan.planner.facts import options
 
+from .disk import write_json
 from .errors import RunError
+from .run_files import TRACKER_DIRS, TRACKER_FILE
 
-TRACKER_FILE = "tracker.json"  # the run's stable name and ids, so that --resume appends to the same run
 PROJECT = "loraplan"
 
 
@@ -43,29 +44,28 @@ class Tracker:
 
 
 TRACKERS: dict[str, Tracker] = {t.name: t for t in (
-    Tracker("tensorboard", "tensorboard", "tensorboard", "tensorboard",
-            lambda out, ident: {"TENSORBOARD_LOGGING_DIR": os.path.join(out, "tensorboard")}),
+    Tracker("tensorboard", "tensorboard", "tensorboard", TRACKER_DIRS["tensorboard"],
+            lambda out, ident: {"TENSORBOARD_LOGGING_DIR": os.path.join(out, TRACKER_DIRS["tensorboard"])}),
     # MLflow 3 keeps a local file store only when asked (MLFLOW_ALLOW_FILE_STORE); a server or sqlite:// URI of the
     # user's own is used as it is.
-    Tracker("mlflow", "mlflow", "mlflow", "mlruns",
-            lambda out, ident: {"MLFLOW_TRACKING_URI": "file:" + os.path.join(out, "mlruns"),
+    Tracker("mlflow", "mlflow", "mlflow", TRACKER_DIRS["mlflow"],
+            lambda out, ident: {"MLFLOW_TRACKING_URI": "file:" + os.path.join(out, TRACKER_DIRS["mlflow"]),
                                 "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": PROJECT,
                                 **({"MLFLOW_RUN_ID": ident["mlflow_run_id"]} if ident.get("mlflow_run_id") else {})}),
-    Tracker("wandb", "wandb", "wandb", "wandb",
+    Tracker("wandb", "wandb", "wandb", TRACKER_DIRS["wandb"],
             lambda out, ident: {"WANDB_MODE": "offline", "WANDB_DIR": out, "WANDB_PROJECT": PROJECT,
                                 "WANDB_RUN_ID": ident["run_id"], "WANDB_RESUME": "allow"}),
-    Tracker("trackio", "trackio", "trackio", "trackio",
-            lambda out, ident: {"TRACKIO_DIR": os.path.join(out, "trackio")}),
+    Tracker("trackio", "trackio", "trackio", TRACKER_DIRS["trackio"],
+            lambda out, ident: {"TRACKIO_DIR": os.path.join(out, TRACKER_DIRS["trackio"])}),
 )}
-assert set(TRACKERS) == set(O.TRACKERS) - {"none"}, "options.TRACKERS and executor/trackers.py disagree"
+assert set(TRACKERS) == set(options.TRACKERS) - {"none"}, "options.TRACKERS and executor/trackers.py disagree"
 
-# What trackers write at the top of a run's folder (resume.clear_run removes them with the run).
-RUN_NAMES = (TRACKER_FILE, *(t.folder for t in TRACKERS.values() if t.folder))
+assert set(TRACKER_DIRS) == set(TRACKERS), "run_files.TRACKER_DIRS names each tracker's log folder"
 
 
 def check_installed(name: str) -> None:
     """One line when NAME is not a tracker, or its package cannot be imported (before anything is written)."""
-    O.check_choice("--report-to", name, O.TRACKERS, RunError)
+    options.check_choice("--report-to", name, options.TRACKERS, RunError)
     t = TRACKERS.get(name)
     if t is not None and importlib.util.find_spec(t.module) is None:
         raise RunError(f"--report-to {name} needs the {t.package} package, which is not installed: "
@@ -246,7 +246,6 @@ def _callbacks():
 
 
 def _record(output_dir: str, **fields) -> None:
-    from .disk import write_json
 
     ident = identity(output_dir)
     if any(ident.get(k) != v for k, v in fields.items()):

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from loraplan.planner.plan import Plan
+from loraplan.planner.planfile.schema import Plan
 
 from . import checkpoints, run_files, trackers
 from .device import GIB, MemoryMeter, Placement, gather, is_out_of_memory, placement_for

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from loraplan.planner import options
-from loraplan.planner.options import OPTIMIZERS
-from loraplan.planner.plan import Plan
+from loraplan.planner.facts import options
+from loraplan.planner.facts.options import OPTIMIZERS
+from loraplan.planner.planfile.schema import Plan
 
 from .device import Placement
 from . import trackers
@@ -31,9 +31,9 @@ def checkpointing_kwargs(plan: Plan) -> Optional[dict]:
     offload)."""
     if not plan.training.grad_checkpointing:
         return None
-    from loraplan.planner.backends import BACKENDS
+    from loraplan.planner.plugins.backends import BACKENDS
 
-    # non-reentrant unless the plan's backend checkpoints otherwise (planner/backends.py)
+    # non-reentrant unless the plan's backend checkpoints otherwise (planner/plugins/backends.py)
     reentrant = BACKENDS[plan.training.backend].checkpointing == "reentrant"
     return {"use_reentrant": reentrant, **checkpointing_settings(plan)}
 

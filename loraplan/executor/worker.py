@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from loraplan.planner.errors import PlanError
-    from loraplan.planner.plan import Plan
+    from loraplan.planner.planfile.schema import Plan
 
     from .errors import RunError
 
@@ -73,7 +73,7 @@ def _agree_across_machines(plan, resume_from):
     import torch.distributed as dist
     from accelerate import PartialState
 
-    from loraplan.planner.plan import Plan
+    from loraplan.planner.planfile.schema import Plan
 
     from .errors import RunError
     from .resume import training_differences

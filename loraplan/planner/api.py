@@ -1,13 +1,13 @@
 """Planning, end to end: `make_plan(PlanRequest(...))` -> PlanResult. The one entry point of the CLI and tests.
 
 It only assembles; each job has its module:
-    planner.request         PlanRequest, its validation, and `resolve` (defaults and derived values, once)
-    planner.context_length  --seq-len max: the longest context that fits
-    planner.placement       the decision: the strategy, and for it (planner.decide's rules) method, checkpointing,
-                            micro-batch and savers, their reasons, and what would fit (planner.suggest)
-    planner.estimate        tokens/s and hours
-    planner.fit_table       the same request on every catalog card
-    planner.result          PlanResult and its JSON form
+    planner.decision.resolve         PlanRequest, its validation, and `resolve` (defaults and derived values, once)
+    planner.decision.context_length  --seq-len max: the longest context that fits
+    planner.decision.placement       the decision: the strategy, and for it (planner.decision.rules's rules) method, checkpointing,
+                            micro-batch and savers, their reasons, and what would fit (planner.decision.suggest)
+    planner.decision.estimate        tokens/s and hours
+    planner.decision.fit_table       the same request on every catalog card
+    planner.report.result          PlanResult and its JSON form
 """
 
 from __future__ import annotations
@@ -16,31 +16,33 @@ import dataclasses
 import math
 from typing import Optional
 
-from . import memory as M
-from . import options as O
-from .context_length import at_planned_length
-from .decide import Choice, Decision
+from .architecture.targets import trainable_params
+from .decision.context_length import at_planned_length
+from .decision.estimate import estimate
+from .decision.fit_table import fit_table
+from .decision.placement import place
+from .decision.resolve import Resolved, resolve
+from .decision.rules import Choice, Decision
+from .decision.scaling import fewer_is_faster
 from .errors import InputError
-from .estimate import estimate
-from .fit_table import fit_table
-from .placement import place
-from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Savers, Training
-from .request import PlanRequest, Resolved, resolve
-from .strategies import STRATEGIES
-from .result import PlanResult
-from .scaling import fewer_is_faster
-from .targets import trainable_params
+from .facts import options
+from .facts.request import PlanRequest
+from .memory import terms as memory
+from .planfile.schema import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Savers, Training
+from .plugins.strategies import STRATEGIES
+from .report.notebook import PlanView
+from .report.result import PlanResult
 
 
 def _logging_steps(r: Resolved) -> int:
-    """planner.options.logging_interval over the run's optimizer steps, when they are known."""
+    """planner.facts.options.logging_interval over the run's optimizer steps, when they are known."""
     if r.max_steps:
         steps = r.max_steps
     elif r.dataset is not None:
         steps = math.ceil(math.ceil(r.dataset.rows / r.global_batch_size) * r.epochs)
     else:
-        return int(O.default("logging_steps"))
-    return O.logging_interval(steps)
+        return int(options.default("logging_steps"))
+    return options.logging_interval(steps)
 
 
 def _warnings(r: Resolved) -> list[str]:
@@ -58,16 +60,16 @@ def _warnings(r: Resolved) -> list[str]:
 def _assumptions(r: Resolved, c: Choice) -> dict[str, str]:
     quant = "none"
     if c.method == "qlora":
-        quant = (f"{O.default('quantization').upper()}, double quantization {'on' if O.default('double_quantization') else 'off'}, "
-                 f"blocksize {O.default('quant_blocksize')}; embeddings, lm_head, norms kept in {r.dtype}, not upcast")
+        quant = (f"{options.default('quantization').upper()}, double quantization {'on' if options.default('double_quantization') else 'off'}, "
+                 f"blocksize {options.default('quant_blocksize')}; embeddings, lm_head, norms kept in {r.dtype}, not upcast")
         if r.arch.is_moe:
             quant += (f"; MoE expert weights stay in {r.dtype}: transformers' bitsandbytes integration does not "
                       "quantize fused 3-D expert parameters")
     return {
         "dtype": r.dtype,
         "attn_implementation": r.arch.attn_implementation,
-        "loss": O.LOSS_DESCRIPTIONS[r.loss],
-        "optimizer": O.OPTIMIZERS[r.optimizer].description,
+        "loss": options.LOSS_DESCRIPTIONS[r.loss],
+        "optimizer": options.OPTIMIZERS[r.optimizer].description,
         "quantization": quant,
         "lora_dtype": "fp32 adapter weights (peft default)",
         "memory_model": "fitted on H200 measurements; CUDA context as measured there",
@@ -98,8 +100,8 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
             logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing="padding_free" in c.savers.on,
             report_to=req.report_to,
         ),
-        prediction=Prediction(per_gpu_gib=round(M.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
-                              margin=M.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),
+        prediction=Prediction(per_gpu_gib=round(memory.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
+                              margin=memory.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),
         strategy=r.strategy.name,
         distributed=_distributed(r, d),
         dataset=Dataset(path=ds.path if ds else None, format=ds.format if ds else "auto", rows=ds.rows if ds else None,
@@ -127,10 +129,10 @@ def make_plan(req: PlanRequest) -> PlanResult:
     d = place(r)
     r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
-    warnings = _warnings(r) + fewer_is_faster(r, est)  # more GPUs that are slower: say so (planner.scaling)
+    warnings = _warnings(r) + fewer_is_faster(r, est)  # more GPUs that are slower: say so (planner.decision.scaling)
     plan = _plan(req, r, d, est.tokens_per_s, warnings)
     plan.validate()
-    return PlanResult(
+    return PlanView(
         plan=plan, model=r.model, selection=r.selection, trainable_params=trainable_params(r.selection, r.rank),
         terms=list(d.choice.terms), feasible=d.feasible, usable_gib=r.usable_gib, hardware_note=r.hardware_note,
         suggestions=d.suggestions, fit_table=fit_table(req, asked) if req.fit_table else [], dataset=r.dataset, estimate=est,

@@ -1,5 +1,5 @@
 """Training backends, the executor's side of the seam: one module per entry of the planner's table
-(loraplan/planner/backends.py), named after it ("hf" -> backends/hf.py, "a-b" -> backends/a_b.py), each exposing
+(loraplan/planner/plugins/backends.py), named after it ("hf" -> backends/hf.py, "a-b" -> backends/a_b.py), each exposing
 `BACKEND`, an object with:
 
     name                                        the planner entry's name
@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from loraplan.planner.backends import BACKENDS as PLANNED
+from loraplan.planner.plugins.backends import BACKENDS as PLANNED
 
 from ..errors import RUN_EXTRA_HINT, RunError
 

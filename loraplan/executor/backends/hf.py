@@ -1,5 +1,5 @@
 """The standard training backend, "hf": transformers loads the model (4-bit through bitsandbytes), peft wraps the
-adapter, trl's SFTTrainer trains it (planner/backends.py's first entry; the seam is executor/backends/__init__.py).
+adapter, trl's SFTTrainer trains it (planner/plugins/backends.py's first entry; the seam is executor/backends/__init__.py).
 
 QLoRA follows the recipe the memory model was calibrated on: every linear layer but the LM head in NF4 with
 double quantization, compute in the plan's dtype, and nothing upcast to fp32 (no prepare_model_for_kbit_training),
@@ -14,7 +14,7 @@ import os
 from typing import Any, Optional
 
 from loraplan.planner.errors import first_line
-from loraplan.planner.options import OPTIMIZERS
+from loraplan.planner.facts.options import OPTIMIZERS
 
 from ..errors import RunError, require_run_extra
 from ..fsdp import is_sharded, quant_storage

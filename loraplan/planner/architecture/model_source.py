@@ -1,0 +1,133 @@
+"""Where the model the user named comes from: the model catalog, a config.json or model folder, or the local
+Hugging Face cache; its config read and turned into an Architecture.
+
+Reads tables/models.yaml. Never downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from loraplan.tables import models
+
+from ..errors import ArchitectureError, InputError
+from ..facts.lookup import closest_names, find_name
+from ..facts.model_ref import ModelRef
+from .config_checks import check_config
+from .families import Architecture, from_config
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
+@dataclass
+class ResolvedModel:
+    ref: ModelRef
+    config: dict
+    arch: Architecture
+    display_name: str
+
+
+def hf_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded repositories: $HF_HUB_CACHE, $HF_HOME/hub, or ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ["HUGGINGFACE_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def find_in_hf_cache(hub_id: str) -> Optional[Path]:
+    """The snapshot folder of `hub_id` in the local cache that holds a config.json (refs/main first), or None."""
+    repo = hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = snaps / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    found = sorted((p for p in snaps.iterdir() if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def has_weights(folder: "Path | str") -> bool:
+    """The folder holds model weights (safetensors, PyTorch .bin/.pt, or a sharded index)."""
+    return any(any(Path(folder).glob(p)) for p in WEIGHT_PATTERNS)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
+    return cfg
+
+
+def _arch(cfg: dict, where: str) -> Architecture:
+    check_config(cfg, where)  # what transformers would refuse, in one line (planner.architecture.config_checks)
+    try:
+        return from_config(cfg)
+    except ArchitectureError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
+    """A catalog name, a path to config.json, a model directory, or a hub id already in the local cache."""
+    if not name or not name.strip():
+        raise InputError("no model given")
+    key = find_name(models(), name)
+    if key is not None and not os.path.exists(name):
+        entry = models()[key]
+        cfg = dict(entry["config"])
+        return ResolvedModel(
+            ModelRef(name=key, source="catalog", family=str(cfg.get("model_type")), hub_id=entry.get("hub_id"),
+                     trust_remote_code=trust_remote_code),
+            cfg, _arch(cfg, f"catalog entry {key}"), entry.get("display_name", key),
+        )
+    path = Path(name).expanduser()
+    looks_like_path = os.sep in name or name.startswith(".") or name.endswith(".json") or path.exists()
+    if path.exists():
+        if path.is_dir():
+            cfg_path = path / "config.json"
+            if not cfg_path.is_file():
+                raise InputError(f"model directory {name} has no config.json")
+            folder = path
+        else:
+            cfg_path, folder = path, path.parent
+        cfg = _read_config(cfg_path)
+        arch = _arch(cfg, str(cfg_path))
+        return ResolvedModel(
+            ModelRef(name=name, source="directory" if path.is_dir() else "config", family=arch.family,
+                     path=str(folder.resolve()) if has_weights(folder) or path.is_dir() else None,
+                     trust_remote_code=trust_remote_code),
+            cfg, arch, str(cfg.get("_name_or_path") or folder.name or name),
+        )
+    if looks_like_path and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise InputError(f"no such file or directory: {name}")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        snap = find_in_hf_cache(name)
+        if snap is not None:
+            cfg = _read_config(snap / "config.json")
+            arch = _arch(cfg, f"{name} (local cache)")
+            return ResolvedModel(
+                ModelRef(name=name, source="hub-cache", family=arch.family, path=str(snap), hub_id=name,
+                         trust_remote_code=trust_remote_code),
+                cfg, arch, name,
+            )
+        raise InputError(
+            f"{name} is not in the catalog, not a path, and not in the local Hugging Face cache ({hf_cache_dir()});"
+            " loraplan never downloads: pass a model directory or config.json" + closest_names(models(), name)
+        )
+    raise InputError(f"unknown model {name!r}" + (closest_names(models(), name) or "; see `loraplan models`"))
