@@ -75,7 +75,12 @@ def main() -> None:
 
 
 @main.command("plan")
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option("--from", "from_config", default=None, metavar="CONFIG.yaml",
+              help="Plan an Axolotl, LLaMA-Factory or TRL (`trl sft --config`) config as written; flags given here "
+                   "override its keys (docs/other-tools.md).")
+@click.option("--from-format", type=click.Choice(("axolotl", "llamafactory", "trl")), default=None,
+              help="The tool --from is written for (default: detected from its keys).")
 @click.option("--gpu", default=None, metavar="NAME|auto|cpu",
               help="Card from the catalog (`loraplan gpus`), `auto` to read the detected GPUs through torch, or `cpu`. "
                    "Default: auto, or custom when --gpu-memory is given.")
@@ -135,7 +140,8 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Let `run` execute the model repository's own code.")
 @click.option("--no-fit-table", is_flag=True, help="Skip the table across catalog cards.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every fact (docs/plan-json.md).")
-def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank,
+@click.pass_context
+def plan_command(ctx: click.Context, model: Optional[str], from_config, from_format, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank,
                  alpha, dropout, targets, seq_len, batch_size, global_batch_size, grad_checkpointing, optimizer, savers,
                  loss, dataset, output, output_dir, learning_rate, epochs, max_steps, train_tokens, trust_remote_code,
                  no_fit_table, as_json) -> None:
@@ -147,7 +153,7 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
     from loraplan.planner.api import PlanRequest, make_plan
     from loraplan.planner.errors import InputError
 
-    req = PlanRequest(
+    kwargs = dict(
         model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
         host_memory=host_memory, strategy=strategy, method=method, rank=rank, alpha=alpha,
         dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
@@ -155,8 +161,20 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
         trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers,
     )
+    imported = None
     try:
-        res = make_plan(req)
+        if from_config:  # the config's keys, then every flag typed on the command line over them
+            from loraplan.planner import formats
+            from click.core import ParameterSource
+
+            given = {n for n in kwargs if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+            imported = formats.load(from_config, from_format)
+            kwargs = formats.request(imported[1], kwargs, given | ({"model"} if model else set()))
+        elif not model:
+            raise InputError("name a MODEL, or a tool config with --from CONFIG.yaml")
+        res = make_plan(PlanRequest(**kwargs))
+        if imported:
+            res.from_config = formats.from_config_json(*imported, res.suggestions)
         if output:
             res.plan.save(output)
     except InputError as exc:
@@ -172,10 +190,42 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
 
         console = _console()
         render(res, console)
+        if imported:
+            formats.render(*imported, res.suggestions, console)
         if output:
             console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
                           + (f"; run it with: loraplan run {output}" if res.feasible else ""))
     sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)
+
+
+@main.command("export")
+@click.argument("plan_file", metavar="PLAN.yaml")
+@click.option("--to", "tool", type=click.Choice(("axolotl", "llamafactory", "trl")), required=True,
+              help="The tool whose config to write.")
+@click.option("--output", "-o", default=None, metavar="FILE", help="Write it here (default: print it).")
+def export_command(plan_file: str, tool: str, output: Optional[str]) -> None:
+    """Write a config for Axolotl, LLaMA-Factory or TRL that reproduces PLAN.yaml's decisions: model, method,
+    adapter, sequence length, micro-batch and accumulation, checkpointing, optimizer, the savers the tool has,
+    and FSDP. Its header says what the tool cannot express. `loraplan plan --from FILE` plans it again."""
+    from loraplan.planner import formats
+    from loraplan.planner.errors import InputError, PlanError
+    from loraplan.planner.plan import Plan
+
+    try:
+        plan = Plan.load(plan_file)
+        text = formats.export_text(plan, tool, plan_file, output or f"{tool}.yaml")
+        if output:
+            from loraplan.planner.plan_io import atomic_write_text
+
+            atomic_write_text(output, text)
+    except (InputError, PlanError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    if output:
+        click.echo(f"{tool} config written to {output}")
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command("models")

@@ -38,6 +38,7 @@ class PlanResult:
     host_terms: list[M.Term] = field(default_factory=list)  # pinned host memory the savers take
     resolved: Optional[Any] = None  # planner.request.Resolved, for the savers' effects
     choice: Optional[Any] = None  # planner.decide.Choice
+    from_config: Optional[dict] = None  # plan --from: the tool config's keys, read and not (planner.formats)
 
     @property
     def host_gib(self) -> float:
@@ -149,4 +150,5 @@ class PlanResult:
             "suggestions": self.suggestions,
             "savers": self._savers_json(),
             "plan": plan.to_dict(),
+            "from_config": self.from_config,
         }
