@@ -195,7 +195,7 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
     cfg["bf16"] = t.dtype == "bfloat16"
     cfg["fp16"] = t.dtype == "float16"
     if sv.padding_free:
-        cfg["flash_attention"] = True
+        cfg["attn_implementation"] = "flash_attention_2"  # axolotl 0.19 deprecates flash_attention: true
     if plan.dataset.path:
         cfg["datasets"] = [{"path": plan.dataset.path, "ds_type": plan.dataset.path.rsplit(".", 1)[-1].replace("jsonl", "json")}]
     cfg["output_dir"] = plan.output_dir
