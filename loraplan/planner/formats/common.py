@@ -156,6 +156,9 @@ def hf_fsdp(tool: str, imp: Imported, cfg: dict) -> None:
     if not ({"full_shard", "hybrid_shard"} & set(words)):
         fail(tool, f"fsdp: {value!r} names no sharding (full_shard)")
     imp.take("fsdp", value)
+    if "hybrid_shard" in words:
+        imp.notes.append("fsdp: hybrid_shard shards within a node and replicates across nodes: planned as "
+                         "full_shard, which it equals on one node")
     fc = cfg.get("fsdp_config") or {}
     offload = "offload" in words or bool(fc.get("offload_params"))
     imp.strategy = "fsdp-offload" if offload else "fsdp"
