@@ -65,6 +65,8 @@ def main() -> None:
 
     \b
     loraplan plan MODEL --gpu CARD     what fits: adapter size, memory per GPU term by term, the decision
+    loraplan plan --from CONFIG.yaml   the same for an Axolotl, LLaMA-Factory or TRL config
+    loraplan export PLAN --to TOOL     a plan as an Axolotl, LLaMA-Factory or TRL config
     loraplan run PLAN.yaml             train what the plan says, then compare observed with predicted memory
     loraplan merge ADAPTER --output D  merge an adapter into its base model
     loraplan run --demo                the whole loop on a tiny model, on any machine
@@ -146,7 +148,7 @@ def plan_command(ctx: click.Context, model: Optional[str], from_config, from_for
                  loss, dataset, output, output_dir, learning_rate, epochs, max_steps, train_tokens, trust_remote_code,
                  no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
-    in the local Hugging Face cache.
+    in the local Hugging Face cache; or the Axolotl, LLaMA-Factory or TRL config --from names.
 
     Exit status: 0 when it fits, 1 when it does not (the output says what would), 2 on bad input.
     """
@@ -252,17 +254,19 @@ def models_command(as_json: bool) -> None:
         key_column(t, "name")
         text_column(t, "hub id")  # folds (never cut) only on a console too narrow for even the narrow layout
         key_column(t, "family")
-        for c in ("params", "vocab") if narrow else ("params", "layers", "hidden", "vocab"):
+        for c in ("params",) if narrow else ("params", "layers", "hidden", "vocab"):
             key_column(t, c, justify="right")
         for r in rows:
-            cells = [f"{r['params'] / 1e9:.2f} B"] + ([] if narrow else [str(r["layers"]), str(r["hidden"])])
-            t.add_row(r["name"], r["hub_id"] or "", r["family"], *cells, f"{r['vocab']:,}")
+            cells = [f"{r['params'] / 1e9:.2f} B"] + ([] if narrow else [str(r["layers"]), str(r["hidden"]),
+                                                                         f"{r['vocab']:,}"])
+            t.add_row(r["name"], r["hub_id"] or "", r["family"], *cells)
         return t
 
     t = table(narrow=False)
     if min_width(console, t) > console.width:  # fewer columns rather than cut names (80 columns: this one)
         t = table(narrow=True)
-        t.caption, t.caption_justify = "layers and hidden size: loraplan models --json, or a wider terminal", "left"
+        t.caption, t.caption_justify = ("layers, hidden size and vocabulary: loraplan models --json, or a wider "
+                                        "terminal"), "left"
     print_table(console, t)
 
 
