@@ -7,6 +7,7 @@ the merge with the command line, and the export header live here. None of it rea
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -90,8 +91,12 @@ def _targets(spec: Optional[str], model: str, trust_remote_code: bool) -> Option
         if part == "linear-modules":
             names += [p.peft_name for p in m.arch.projections if not p.param]
         elif part == "peft-default":
-            names += trl._peft_default_targets(m.arch.family) or [p.peft_name for p in m.arch.projections
-                                                                  if not p.param]
+            default = trl._peft_default_targets(m.arch.family)
+            if not default:  # peft itself then asks for target_modules
+                raise InputError(f"trl config: lora_target_modules is not set and peft (installed: "
+                                 f"{importlib.util.find_spec('peft') is not None}) has no default targets for "
+                                 f"{m.arch.family}: set lora_target_modules")
+            names += default
         else:
             names.append(part)
     return ",".join(dict.fromkeys(names))

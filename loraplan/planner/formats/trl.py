@@ -46,10 +46,30 @@ SPECIFIC_IGNORED = {
 
 
 def _peft_default_targets(model_type: str) -> list[str]:
-    """peft's own defaults for `target_modules=None` (what trl passes when lora_target_modules is absent)."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAP  # only on this path
+    """peft's own defaults for `target_modules=None` (what trl passes when lora_target_modules is absent).
 
-    return list(MAP.get(model_type) or [])
+    Read from the installed peft's `utils/constants.py` as a literal, without importing peft (which imports
+    torch and would make `plan` slow); [] when peft is not installed or the architecture is not in its table.
+    """
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "constants.py")
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError):
+        return []
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+                                                 for t in node.targets)):
+            try:
+                return list(ast.literal_eval(node.value).get(model_type) or [])
+            except ValueError:
+                return []
+    return []
 
 
 def to_request(cfg: dict, path: str) -> C.Imported:
