@@ -103,6 +103,13 @@ def summary(rows: list[dict], key: str) -> tuple[float, float]:
     return statistics.median(errs), max(errs)
 
 
+def worst_under(rows: list[dict]) -> str:
+    """The most negative error (planned too low: the dangerous direction), with its row."""
+    w = min(rows, key=lambda r: r["error"])
+    return (f"{min(w['error'], 0.0):+.1%} ({w['recipe']} {w['model']} {w['method']} {w['batch']} x {w['seq']} "
+            f"ckpt {'on' if w['grad_ckpt'] else 'off'})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="predicted vs measured peak memory on the calibration rows")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -129,11 +136,12 @@ def main() -> None:
     for recipe in ("plain", "trl-sft"):
         sub = [r for r in rows if r["recipe"] == recipe]
         med, mx = summary(sub, "error")
-        print(f"{recipe}: {len(sub)} rows, loraplan median |error| {med:.1%}, max {mx:.1%}; "
-              f"static table median {summary(sub, 'static_error')[0]:.0%}; 2 B/param median {summary(sub, 'two_bytes_error')[0]:.0%}")
+        print(f"{recipe}: {len(sub)} rows, loraplan median |error| {med:.1%}, max {mx:.1%}, "
+              f"worst under-prediction {worst_under(sub)}; static table median {summary(sub, 'static_error')[0]:.0%}; 2 B/param median {summary(sub, 'two_bytes_error')[0]:.0%}")
     med, mx = summary(rows, "error")
     print(f"static table: median |error| {summary(rows, 'static_error')[0]:.0%}, max {summary(rows, 'static_error')[1]:.0%}; "
           f"2 bytes/param: median {summary(rows, 'two_bytes_error')[0]:.0%}, max {summary(rows, 'two_bytes_error')[1]:.0%}")
+    print(f"loraplan worst under-prediction: {worst_under(rows)}")
     print(f"loraplan on all {len(rows)} rows: median |error| {med:.1%}, max |error| {mx:.1%}")
 
 
@@ -155,8 +163,10 @@ def print_held_out(rows: list[dict], markdown: bool) -> None:
     for recipe in ("plain", "trl-sft"):
         sub = [r for r in rows if r["recipe"] == recipe]
         med, mx = summary(sub, "error")
-        print(f"{recipe}: {len(sub)} rows, held-out median |error| {med:.1%}, max {mx:.1%}")
+        print(f"{recipe}: {len(sub)} rows, held-out median |error| {med:.1%}, max {mx:.1%}, "
+              f"worst under-prediction {worst_under(sub)}")
     med, mx = summary(rows, "error")
+    print(f"loraplan held out, worst under-prediction: {worst_under(rows)}")
     print(f"loraplan held out (each architecture predicted by a fit on the others) on all {len(rows)} rows: "
           f"median |error| {med:.1%}, max |error| {mx:.1%}")
 

@@ -5,9 +5,11 @@
 1. Device level: one non-negative least squares, weighted by 1 / measured (so it minimises relative error),
    of device_used - (predicted loaded weights + checkpointed bf16 inputs + LoRA gradients + AdamW states +
    CUDA context) against the shape-dependent features of planner/memory.py: [1, activations (plain recipe),
-   activations (trl recipe), recompute, extra per checkpoint, T x V, T x V when tied, T x h, V].
-2. Split for the report: the caching allocator's share of the transients, fitted on reserved - allocated
-   against [loss, activations]; memory.py shows it as its own row (the total does not change).
+   activations (trl recipe), recompute, extra per checkpoint, T x V, T x V when tied]; trl's fused loss is derived
+   (planner.memory.fused_loss_bytes) and subtracted with the other fixed terms.
+2. Split for the report: the caching allocator's share of the transients, fitted on reserved - allocated (less
+   c_ckpt's part, which is the allocator's too) against [loss, activations]; memory.py shows it as its own row
+   (the total does not change).
 The CUDA context is the median of device_used - peak_reserved.
 """
 
@@ -27,19 +29,18 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.calibration import load_rows, row_inputs  # noqa: E402
 from loraplan.planner import memory as M  # noqa: E402
 from loraplan.planner import throughput as TP  # noqa: E402
-from loraplan.planner.catalog import gpus  # noqa: E402
+from loraplan.tables import gpus  # noqa: E402
 from loraplan.tables import TABLES_DIR  # noqa: E402
 
 GIB = 2**30
 NAMES = [
     "misc_bytes", "activation_scale", "fused_activation_scale", "recompute_scale", "checkpoint_extra_bytes",
-    "full_loss_bytes_per_logit", "full_loss_tied_extra_bytes_per_logit", "fused_loss_bytes_per_token_hidden",
-    "fused_loss_chunk_bytes_per_vocab",
+    "full_loss_bytes_per_logit", "full_loss_tied_extra_bytes_per_logit",
 ]
 
 
 def features(arch, shape) -> list[float]:
-    x = M.layer_activation_bytes_per_token(arch, shape.seq_len)
+    x = M.layer_activation_bytes_per_token(arch, shape.seq_len, shape)
     t, v, h, n_layers = shape.tokens, arch.vocab_size, arch.hidden_size, arch.num_layers
     full, gc = shape.loss == "full", shape.grad_checkpointing
     act = x * t * (1 if gc else n_layers)
@@ -51,8 +52,6 @@ def features(arch, shape) -> list[float]:
         n_layers * h * t if gc else 0.0,
         t * v if full else 0.0,
         t * v if full and arch.tie_word_embeddings else 0.0,
-        0.0 if full else t * h,
-        0.0 if full else float(v),
     ]
 
 
@@ -70,6 +69,7 @@ def fit(rows: list[dict]) -> dict:
             + M.DTYPE_BYTES[shape.dtype] * (arch.num_layers * arch.hidden_size * shape.tokens if shape.grad_checkpointing else 0)
             + M.lora_gradients_bytes(p)
             + M.optimizer_states_bytes(p, shape.optimizer)
+            + (0.0 if shape.loss == "full" else M.fused_loss_bytes(arch, shape))  # derived from trl's source
             + context * GIB
         )
         loaded_err.append(M.loaded_bytes(arch, sel, shape) / GIB - row["loaded_alloc_gib"])
@@ -80,9 +80,12 @@ def fit(rows: list[dict]) -> dict:
     c, _ = nnls(X * w[:, None], y * w)
     fitted = {n: round(float(v), 4) for n, v in zip(NAMES, c)}
     # the allocator's share: reserved - allocated against the allocated transients (loss, activations)
-    loss_i, act_i = [5, 6, 7, 8], [1, 2, 3, 4]
-    X2 = np.array([[X[k][loss_i] @ c[loss_i] / 1.0, X[k][act_i] @ c[act_i]] for k in range(len(rows))])
-    y2 = np.array([(r["peak_reserved_gib"] - r["peak_alloc_gib"]) * GIB for r in rows])
+    # (c_ckpt, index 4, is itself the allocator's: refitted on peak allocated memory it is 0; memory.py puts it in
+    # allocator_reserve, so the shares are fitted on what remains of reserved - allocated)
+    loss_i, act_i = [5, 6], [1, 2, 3]
+    fused = [0.0 if s.loss == "full" else M.fused_loss_bytes(a, s) for a, _, s in (row_inputs(r) for r in rows)]
+    X2 = np.array([[X[k][loss_i] @ c[loss_i] + fused[k], X[k][act_i] @ c[act_i]] for k in range(len(rows))])
+    y2 = np.array([(r["peak_reserved_gib"] - r["peak_alloc_gib"]) * GIB - X[k][4] * c[4] for k, r in enumerate(rows)])
     rho, _ = nnls(X2 * w[:, None], y2 * w)
     fitted["reserve_share_of_loss"] = round(float(min(rho[0], 0.9)), 4)
     fitted["reserve_share_of_activations"] = round(float(min(rho[1], 0.9)), 4)

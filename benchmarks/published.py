@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from loraplan.planner.api import PlanRequest, make_plan  # noqa: E402
-from loraplan.planner.catalog import models as catalog_models  # noqa: E402
+from loraplan.tables import models as catalog_models  # noqa: E402
 from loraplan.tables import TABLES_DIR  # noqa: E402
 
 GIB = 2**30

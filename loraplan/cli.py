@@ -108,13 +108,14 @@ def main() -> None:
 @click.option("--targets", default=None, metavar="LIST",
               help="Comma list of q,k,v,o,gate,up,down (or module names), or all-linear. "
                    "Default: q,k,v,o,gate,up,down or the architecture's equivalents (fused qkv_proj, experts).")
-@click.option("--seq-len", type=SeqLen(), default=O.default("seq_len"), show_default=True,
-              help=f"Tokens per sequence, or max: the longest multiple of {O.SEQ_LEN_STEP} that fits (with the "
+@click.option("--seq-len", type=SeqLen(), default=None,
+              help=f"Tokens per sequence (default {O.default('seq_len')}, or the model's max_position_embeddings "
+                   f"when shorter), or max: the longest multiple of {O.SEQ_LEN_STEP} that fits (with the "
                    "savers --savers allows; by default the offloads and MLP tiling), shown for every card.")
 @click.option("--batch-size", type=int, default=None, help="Fixed micro-batch per GPU (default: the largest that fits).")
 @click.option("--global-batch-size", type=int, default=None,
-              help=f"Sequences per optimizer step over all GPUs (default {O.default('global_batch_size')}); "
-                   "accumulation is derived.")
+              help=f"Sequences per optimizer step over all GPUs (default {O.default('global_batch_size')}, "
+                   "rounded up to a multiple of the GPUs); accumulation is derived.")
 @click.option("--grad-checkpointing", type=click.Choice(O.CHECKPOINTING_CHOICES),
               default=O.default("gradient_checkpointing"), show_default=True, help="auto: only when needed to fit.")
 @click.option("--optimizer", type=click.Choice(tuple(O.OPTIMIZERS)), default=O.default("optimizer"),
@@ -131,6 +132,10 @@ def main() -> None:
                    "full: the model's own loss over materialized fp32 logits, as a plain training loop.")
 @click.option("--dataset", type=str, default=None, metavar="FILE",
               help="Training data (.jsonl/.json/.csv/.parquet): token statistics for the time estimate and the plan.")
+@click.option("--eval-path", type=str, default=None, metavar="FILE",
+              help="A held-out eval file in the training data's format: `run` evaluates on it at each save.")
+@click.option("--eval-fraction", type=float, default=None, metavar="SHARE",
+              help="Or hold out this share of --dataset for eval, in [0, 1) (seeded; default 0: no eval).")
 @click.option("--output", "-o", type=str, default=None, metavar="PLAN.yaml", help="Write the plan file here.")
 @click.option("--output-dir", type=str, default=None, help="Where `run` will write adapters and checkpoints (default out).")
 @click.option("--learning-rate", "--lr", type=float, default=None, help=f"Default {O.default('learning_rate'):g}.")
@@ -145,7 +150,7 @@ def main() -> None:
 @click.pass_context
 def plan_command(ctx: click.Context, model: Optional[str], from_config, from_format, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank,
                  alpha, dropout, targets, seq_len, batch_size, global_batch_size, grad_checkpointing, optimizer, savers,
-                 loss, dataset, output, output_dir, learning_rate, epochs, max_steps, train_tokens, trust_remote_code,
+                 loss, dataset, eval_path, eval_fraction, output, output_dir, learning_rate, epochs, max_steps, train_tokens, trust_remote_code,
                  no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
     in the local Hugging Face cache; or the Axolotl, LLaMA-Factory or TRL config --from names.
@@ -159,7 +164,8 @@ def plan_command(ctx: click.Context, model: Optional[str], from_config, from_for
         model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
         host_memory=host_memory, strategy=strategy, method=method, rank=rank, alpha=alpha,
         dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
-        grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, output_dir=output_dir,
+        grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, eval_path=eval_path,
+        eval_fraction=eval_fraction, output_dir=output_dir,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
         trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers,
     )
@@ -231,11 +237,13 @@ def export_command(plan_file: str, tool: str, output: Optional[str]) -> None:
 
 
 @main.command("models")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list instead: each model's name, display name, hub id, family, params, layers, "
+                   "hidden size and vocabulary.")
 def models_command(as_json: bool) -> None:
     """List the model catalog."""
     from loraplan.planner.arch import from_config
-    from loraplan.planner.catalog import models
+    from loraplan.tables import models
 
     rows = []
     for key, e in models().items():
@@ -271,10 +279,12 @@ def models_command(as_json: bool) -> None:
 
 
 @main.command("gpus")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the catalog as JSON instead: every field of tables/gpus.yaml per card (memory, bf16, peak "
+                   "FLOP/s, bandwidth, links, sources).")
 def gpus_command(as_json: bool) -> None:
     """List the GPU catalog."""
-    from loraplan.planner.catalog import gpus
+    from loraplan.tables import gpus
 
     if as_json:
         click.echo(json.dumps(gpus(), indent=2))

@@ -42,9 +42,9 @@ def test_weights_match_the_measured_parameter_bytes():
 
 
 # Leave one architecture out (benchmarks/accuracy.py --held-out): the coefficients refitted on the other
-# architectures' rows predict the left-out one's. Today: median 1.3 %, worst 19.8 % (Llama-3.1-8B's trl row at
-# 8,192 tokens without checkpointing); the README quotes these beside the in-sample figures.
-HELD_OUT_WORST, HELD_OUT_MEDIAN = 0.22, 0.02
+# architectures' rows predict the left-out one's. Today: median 1.1 %, worst 16.3 %, an under-prediction
+# (Llama-3.1-8B's trl row at 8,192 tokens without checkpointing); the README quotes these beside the in-sample figures.
+HELD_OUT_WORST, HELD_OUT_MEDIAN, HELD_OUT_WORST_UNDER = 0.18, 0.02, -0.18
 
 
 def test_held_out_architectures_within_the_quoted_bound():
@@ -58,6 +58,7 @@ def test_held_out_architectures_within_the_quoted_bound():
     assert len(rows) == len(evaluate())  # every row predicted once, by the fit that did not see its architecture
     worst = max(rows, key=lambda r: abs(r["error"]))
     assert abs(worst["error"]) <= HELD_OUT_WORST, worst
+    assert min(r["error"] for r in rows) >= HELD_OUT_WORST_UNDER  # planned too low: the dangerous direction
     assert statistics.median(abs(r["error"]) for r in rows) <= HELD_OUT_MEDIAN
     # a real refit: predictions move away from the in-sample fit's, and the planner's own table is back in use
     in_sample = {(r["recipe"], r["model"], r["method"], r["batch"], r["seq"], r["grad_ckpt"]): r["predicted"]

@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 
 from benchmarks.calibration import calibration_dir  # noqa: E402
 from loraplan.planner.arch import from_config, select_targets, trainable_params  # noqa: E402
-from loraplan.planner.catalog import models  # noqa: E402
+from loraplan.tables import models  # noqa: E402
 
 CALIBRATION = calibration_dir() / "configs"
 

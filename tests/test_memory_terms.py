@@ -70,7 +70,12 @@ def test_adapter_terms_by_hand():
 
 
 def _x():
-    return DER["act_bytes_per_hidden"] * h + DER["act_bytes_per_kv"] * kv + DER["act_bytes_per_intermediate"] * i
+    # two norms, sdpa's q, k, v, out, the MLP's gate, up, act(gate), and the seven adapted inputs' bf16 copies and
+    # dropout masks (q, k, v, o, gate, up: h wide; down: i wide) with lora_A's rank-r outputs
+    lora = (DER["lora_copy_bytes_per_input"] + DER["lora_dropout_bytes_per_input"]) * (6 * h + i)
+    return (2 * DER["norm_bytes_per_hidden"] * h + DER["attention_bytes_per_hidden"] * h
+            + DER["attention_bytes_per_kv"] * kv + DER["mlp_bytes_per_intermediate"] * i
+            + lora + 7 * DER["lora_bytes_per_rank"] * r)
 
 
 def test_activations_by_hand_without_and_with_checkpointing():
@@ -80,7 +85,11 @@ def test_activations_by_hand_without_and_with_checkpointing():
     gc = terms(shape(grad_checkpointing=True))
     assert gc["activations"] == pytest.approx(
         (1 - rho) * (FIT["fused_activation_scale"] + FIT["recompute_scale"]) * _x() * T)
-    assert gc["checkpointed_inputs"] == pytest.approx((2 + FIT["checkpoint_extra_bytes"]) * L * h * T)
+    assert gc["checkpointed_inputs"] == pytest.approx(2 * L * h * T)  # the bf16 layer inputs, nothing more
+    assert gc["allocator_reserve"] - terms(shape())["allocator_reserve"] == pytest.approx(
+        FIT["checkpoint_extra_bytes"] * L * h * T
+        + FIT["reserve_share_of_activations"] * FIT["recompute_scale"] * _x() * T
+        - FIT["reserve_share_of_activations"] * FIT["fused_activation_scale"] * _x() * (L - 1) * T)
     full = terms(shape(loss="full"))
     assert full["activations"] == pytest.approx((1 - rho) * FIT["activation_scale"] * _x() * L * T)
 
@@ -89,7 +98,7 @@ def test_loss_terms_by_hand():
     rho = FIT["reserve_share_of_loss"]
     fused = terms(shape())["fused_loss"]
     assert fused == pytest.approx(
-        (1 - rho) * (FIT["fused_loss_bytes_per_token_hidden"] * T * h + FIT["fused_loss_chunk_bytes_per_vocab"] * V))
+        (1 - rho) * (DER["fused_loss_bytes_per_token_hidden"] * T * h + 2 * min(T, 4096) * min(V, 32768)))
     full = terms(shape(loss="full"))["logits"]
     assert full == pytest.approx((1 - rho) * FIT["full_loss_bytes_per_logit"] * T * V)
 

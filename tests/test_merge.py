@@ -149,7 +149,7 @@ def test_merge_into_a_folder_another_merge_holds_is_refused(adapter_dir, tmp_pat
 
     merged = tmp_path / "merged"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom executor.outputs import lock_output_dir\n"
+        [sys.executable, "-c", "import sys, time\nfrom loraplan.executor.outputs import lock_output_dir\n"
          "with lock_output_dir(sys.argv[1], 'loraplan merge elsewhere', flag='--output'):\n"
          "    print('held', flush=True); time.sleep(60)\n", str(merged)],
         env=subprocess_env(), stdout=subprocess.PIPE, text=True)

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from loraplan.cli import main
-from loraplan.planner.plan import Plan
+from loraplan.planner.plan import PLAN_VERSION, Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_plan_file_round_trips_and_holds_what_run_needs(tmp_path):
     p = Plan.load(str(out))
     assert Plan.from_dict(yaml.safe_load(out.read_text())) == p
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
-    assert p.version == 1 and p.method == "qlora" and p.quantization.enabled
+    assert p.version == PLAN_VERSION == 2 and p.method == "qlora" and p.quantization.enabled
     assert p.lora.r == 64 and p.lora.lora_alpha == 128 and p.lora.lora_dropout == 0.05
     assert p.training.dtype == "float16" and p.quantization.compute_dtype == "float16"  # T4 has no bf16
     assert p.dataset.path == str(data_file) and p.dataset.rows == 10 and p.dataset.format == "text"

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from loraplan.cli import main
-from loraplan.planner.catalog import gpus, models
+from loraplan.tables import gpus, models
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -129,7 +129,11 @@ def test_plan_loss_picks_the_loss_path(tiny_model_dir, tmp_path):
     case depends on the other having run first."""
     fused = _first_step(tiny_model_dir, tmp_path / "fused", "fused")
     full = _first_step(tiny_model_dir, tmp_path / "full", "full")
-    assert "mean_token_accuracy" in fused[0] and "mean_token_accuracy" not in full[0]
+    from loraplan.planner.installed import trl_fused_loss_runs_on
+
+    # trl < 1.16 has no fused loss off Triton: on this CPU the fused plan falls back to the full path (installed.py)
+    assert ("mean_token_accuracy" in fused[0]) == trl_fused_loss_runs_on("cpu")
+    assert "mean_token_accuracy" not in full[0]
     assert fused[0]["loss"] == pytest.approx(full[0]["loss"], rel=1e-4)
 
 

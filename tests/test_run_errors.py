@@ -14,7 +14,7 @@ pytestmark = requires_run
 
 
 def test_executor_cli_imports_no_training_stack():
-    code = ("import sys, executor.cli; heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', "
+    code = ("import sys, loraplan.executor.cli; heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', "
             "'accelerate', 'bitsandbytes') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -303,9 +303,9 @@ def test_demo_trains_sharded_over_two_processes(tmp_path):
      ("distributed.fsdp_version 1 is not run: loraplan runs FSDP2 (torch's fully_shard; accelerate deprecates "
       "FSDP1); set distributed.fsdp_version: 2")),
     (dict(strategy="fsdp-offload", distributed={"offload_params": False}),
-     "strategy fsdp-offload needs distributed.offload_params: true (or strategy fsdp without offload)"),
+     "strategy fsdp-offload contradicts distributed.offload_params: false; set it to true, or use strategy fsdp"),
     (dict(distributed={"offload_params": True}),
-     "strategy fsdp contradicts distributed.offload_params: true; the offloading strategy is fsdp-offload"),
+     "strategy fsdp contradicts distributed.offload_params: true; set it to false, or use strategy fsdp-offload"),
     (dict(distributed={"wrap_class": "LlamaBlock"}),
      ("distributed.wrap_class LlamaBlock is not a module class of LlamaForCausalLM (its decoder layer: "
       "LlamaDecoderLayer)")),

@@ -50,22 +50,25 @@ def test_offloading_moves_exactly_the_checkpointed_inputs_and_pins_power_of_two_
     T = 32768
     plain = terms(D.candidate(r, "qlora", 1, True))
     for name, k in (("offload_checkpoints", 1), ("offload_activations", 2)):
-        c = D.candidate(r, "qlora", 1, True, S.SaverSet(offload=name))
+        c = D.candidate(r, "qlora", 1, True, S.SaverSet.of(name))
         t = terms(c)
-        assert plain["checkpointed_inputs"] - t["checkpointed_inputs"] == pytest.approx(2 * L * h * T)
-        assert t["checkpointed_inputs"] == pytest.approx(FIT["checkpoint_extra_bytes"] * L * h * T)  # c_ckpt stays
+        assert plain["checkpointed_inputs"] == pytest.approx(2 * L * h * T)
+        assert t["checkpointed_inputs"] == 0  # all a layer keeps across the forward moves (saved-tensor counts)
+        # the allocator's reserve around resident checkpoints follows them: L of them, then k
+        extra = FIT["checkpoint_extra_bytes"]
+        assert plain["allocator_reserve"] - t["allocator_reserve"] == pytest.approx(extra * (L - k) * h * T)
         assert t["offload_resident"] == k * 2 * h * T == SAVER_TABLE["savers"][name]["resident_inputs"] * 2 * h * T
         block = 2 * h * T  # 256 MiB: a power of two already
         assert c.host_gib * 2**30 == L * 2 ** math.ceil(math.log2(block))
     # one token more and torch's pinned allocator rounds each block up to the next power of two
     r2 = resolved(seq_len=T + 256)
-    c2 = D.candidate(r2, "qlora", 1, True, S.SaverSet(offload="offload_checkpoints"))
+    c2 = D.candidate(r2, "qlora", 1, True, S.SaverSet.of("offload_checkpoints"))
     assert c2.host_gib == pytest.approx(2 * L * 2 * h * T / 2**30)
 
 
 def test_layer_checkpointing_keeps_the_other_layers_activations():
     r = resolved(seq_len=2048)
-    s = D.shape(r, "qlora", 1, True, savers=S.SaverSet(every_n_layers=4))
+    s = D.shape(r, "qlora", 1, True, savers=S.SaverSet.of("layer_checkpointing", every_n_layers=4))
     full = D.shape(r, "qlora", 1, True)
     assert M.checkpointed_layers(r.arch, s) == 8
     x = M.layer_activation_bytes_per_token(r.arch, 2048)
@@ -80,11 +83,11 @@ def test_layer_checkpointing_keeps_the_other_layers_activations():
 def test_mlp_tiling_replaces_the_mlp_share_of_the_working_set_by_one_tile():
     r = resolved()
     plain = terms(D.candidate(r, "qlora", 1, True))
-    tiled = terms(D.candidate(r, "qlora", 1, True, S.SaverSet(mlp_tiling=True)))
+    tiled = terms(D.candidate(r, "qlora", 1, True, S.SaverSet.of("mlp_tiling")))
     rho, s = FIT["reserve_share_of_activations"], FIT["fused_activation_scale"] + FIT["recompute_scale"]
-    assert plain["activations"] - tiled["activations"] == pytest.approx((1 - rho) * s * (2 * h + 11 * i) * 32768)
+    assert plain["activations"] - tiled["activations"] == pytest.approx((1 - rho) * s * (2 * h + 9 * i + 6 * 16) * 32768)
     tile_tokens = 32768 // 8  # shards = ceil(32768 / 4096) = 8 (Liger's default)
-    assert tiled["mlp_tile"] == pytest.approx(s * (6 * h + 11 * i) * tile_tokens)
+    assert tiled["mlp_tile"] == pytest.approx(s * (6 * h + 9 * i + 6 * 16) * tile_tokens)  # 6 i + LoRA of gate, up, down
 
 
 # ---------------------------------------------------------------------------------------------- decision
@@ -127,7 +130,7 @@ def test_the_host_limits_the_offload_and_the_plan_refuses_what_it_cannot_pin():
     assert "over the 7.2 GiB usable" in res.plan.reasons["savers"]
     ok = make_plan(PlanRequest(model="llama-3.1-8b", gpu="rtx-4090", method="qlora", seq_len=32768, batch_size=1,
                                savers="offload-checkpoints", host_memory="16GiB", fit_table=False))
-    assert ok.feasible and ok.plan.fits() and ok.plan.savers.offload_checkpoints and ok.plan.savers.host_memory_gib == 16.0
+    assert ok.feasible and ok.plan.fits() and "offload_checkpoints" in ok.plan.savers.on and ok.plan.savers.host_memory_gib == 16.0
 
 
 def test_layer_checkpointing_gives_room_back_for_speed():
@@ -176,18 +179,28 @@ def test_the_plan_file_carries_the_savers_and_old_files_still_load(tmp_path):
     path = tmp_path / "plan.yaml"
     res.plan.save(str(path))
     back = Plan.load(str(path))
-    assert back == res.plan and back.savers.offload_checkpoints and back.savers.mlp_tiling
+    assert back == res.plan and {"offload_checkpoints", "mlp_tiling"} <= set(back.savers.on)
     data = yaml.safe_load(path.read_text())
     del data["savers"]  # a plan written before savers existed
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump(data))
     assert Plan.load(str(old)).savers == Savers()
+    # a version-1 file: one boolean per saver, read as the names of those set true
+    data["version"] = 1
+    data["savers"] = {"every_n_layers": 1, "offload_checkpoints": True, "offload_activations": False,
+                      "mlp_tiling": True, "padding_free": False, "pinned_host_gib": 1.5, "host_memory_gib": 64.0}
+    old.write_text(yaml.safe_dump(data))
+    v1 = Plan.load(str(old))
+    assert v1.savers.on == ["offload_checkpoints", "mlp_tiling"] and v1.savers.pinned_host_gib == 1.5
+    assert v1.version == 2 and Plan.from_dict(v1.to_dict()) == v1
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(offload_checkpoints=True, offload_activations=True), "offload the same tensors"),
+    (dict(on=["offload_checkpoints", "offload_activations"]), "offload the same tensors"),
     (dict(every_n_layers=0), "savers.every_n_layers must be at least 1"),
-    (dict(padding_free=True), "savers.padding_free needs training.packing"),
+    (dict(every_n_layers=2), "contradicts savers.on: layer_checkpointing is on exactly when"),
+    (dict(on=["offload_checkpoints", "frobnicate"]), "savers.on must be"),
+    (dict(on=["padding_free"]), "padding_free needs training.packing"),
     (dict(pinned_host_gib=-1.0), "savers.pinned_host_gib must be >= 0"),
 ])
 def test_plan_validation_of_the_savers(edit, message):
@@ -216,7 +229,9 @@ def test_unmet_requirements_say_what_the_machine_lacks_in_one_line():
 def _cpu_plan(model_dir, out, **savers):
     plan = build_plan(model_dir, data_file("instruction.jsonl"), str(out), grad_checkpointing=True, max_steps=8,
                       logging_steps=1, save_steps=100)
-    plan.savers = dataclasses.replace(plan.savers, **savers)
+    every = savers.pop("every_n_layers", 1)
+    plan.savers = dataclasses.replace(plan.savers, on=[n for n, on in savers.items() if on]
+                                      + (["layer_checkpointing"] if every > 1 else []), every_n_layers=every)
     plan.validate()
     return plan
 
@@ -235,7 +250,7 @@ def test_each_saver_reaches_the_trainer_as_planned(tiny_model_dir, tmp_path):
     assert cfg.activation_offloading is True and "offload" not in cfg.activation_checkpointing_kwargs
     pf = _cpu_plan(tiny_model_dir, tmp_path / "d")
     pf.training.packing, pf.training.attn_implementation = True, "flash_attention_2"
-    pf.savers.padding_free = True
+    pf.savers.on = ["padding_free"]
     pf.validate()
     cfg = sft_config(pf, place, False)
     assert cfg.packing and cfg.padding_free

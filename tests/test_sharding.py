@@ -100,15 +100,15 @@ def test_communication_volumes_by_hand():
     s = shape()
     w = 2 * PROJ + 2 * (2 * V * h + (2 * L + 1) * h)
     accum, tps = 4, 1000.0
-    ddp = step_time(ARCH, P, s, hw(), "ddp", accum, tps)
+    ddp = step_time(ARCH, P, s, hw(), STRATEGIES["ddp"], accum, tps)
     assert ddp.compute_s == pytest.approx(accum * 1024 / tps)
     assert ddp.collective_s == pytest.approx(2 * 4 * P * (N - 1) / N / 450e9)
-    fsdp = step_time(ARCH, P, s, hw(), "fsdp", accum, tps)
+    fsdp = step_time(ARCH, P, s, hw(), STRATEGIES["fsdp"], accum, tps)
     assert fsdp.collective_s == pytest.approx(accum * (2 * w + 4 * P) * (N - 1) / N / 450e9)
-    off = step_time(ARCH, P, s, hw(), "fsdp-offload", accum, tps)
+    off = step_time(ARCH, P, s, hw(), STRATEGIES["fsdp-offload"], accum, tps)
     assert off.offload_s == pytest.approx(accum * (2 * w + 4 * P) / N / 64e9)
     # across nodes the network's share per GPU is the slower link
-    two = step_time(ARCH, P, s, hw(n=8, nodes=2, network_gbs=12.5), "fsdp", accum, tps)
+    two = step_time(ARCH, P, s, hw(n=8, nodes=2, network_gbs=12.5), STRATEGIES["fsdp"], accum, tps)
     assert "network" in two.link and two.collective_s == pytest.approx(
         accum * (2 * w + 4 * P) * (15 / 16) / (12.5 / 8 * 1e9))
 

@@ -3,6 +3,7 @@
 A top-level `tables` would overwrite PyTables (pandas' HDF5 support), and `planner` / `executor` are names other
 packages use too: they live inside loraplan/.
 """
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,10 +19,14 @@ DATA_SUFFIXES = (".yaml", ".json", ".jsonl", ".md")
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory) -> list[str]:
     out = tmp_path_factory.mktemp("wheel")
-    build_dir = tmp_path_factory.mktemp("build")
+    # a copy of the tree, so that setuptools' build/ folder (which keeps files deleted since) never leaks into the
+    # wheel, and the checkout stays as it was
+    src = tmp_path_factory.mktemp("src") / "loraplan"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                              ".pytest_cache", "out", "runs"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                           "--disable-pip-version-check", "-w", str(out), str(ROOT)],
-                          capture_output=True, text=True, env={**__import__("os").environ, "TMPDIR": str(build_dir)})
+                           "--disable-pip-version-check", "-w", str(out), str(src)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = out.glob("loraplan-*.whl")
     with zipfile.ZipFile(wheel) as zf:

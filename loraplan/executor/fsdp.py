@@ -54,13 +54,14 @@ def refusal(plan: Plan) -> Optional[str]:
     if d.fsdp_version != 2:
         return (f"distributed.fsdp_version {d.fsdp_version} is not run: loraplan runs FSDP2 (torch's fully_shard; "
                 f"accelerate deprecates FSDP1); set distributed.fsdp_version: 2")
-    if plan.strategy == "fsdp-offload" and not d.offload_params:
-        return "strategy fsdp-offload needs distributed.offload_params: true (or strategy fsdp without offload)"
-    if plan.strategy == "fsdp" and d.offload_params:
-        return "strategy fsdp contradicts distributed.offload_params: true; the offloading strategy is fsdp-offload"
-    from loraplan.planner.strategies import STRATEGIES, broken_combination
+    from loraplan.planner.strategies import STRATEGIES
 
-    broken = broken_combination(STRATEGIES[plan.strategy], plan.method, t.optimizer)  # the planner's table
+    strategy = STRATEGIES[plan.strategy]
+    if strategy.offload_params != d.offload_params:
+        other = next(s.name for s in STRATEGIES.values() if s.sharded and s.offload_params == d.offload_params)
+        return (f"strategy {strategy.name} contradicts distributed.offload_params: {str(d.offload_params).lower()}; "
+                f"set it to {str(strategy.offload_params).lower()}, or use strategy {other}")
+    broken = strategy.refuses(plan.method, t.optimizer)  # the planner's table
     if broken:
         return broken
     if plan.quantization.enabled:

@@ -16,7 +16,7 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
 def demo_data_path(name: str = "demo.jsonl") -> str:
     """Path of a data file shipped under executor/data/."""
-    return str(resources.files("executor") / "data" / name)
+    return str(resources.files("loraplan.executor") / "data" / name)
 
 
 def _demo_corpus() -> list[str]:

@@ -21,6 +21,7 @@ from . import outputs
 
 from . import checkpoints
 from .errors import Interrupted, RunError, TrainingFailed
+from .saver_settings import apply_model_patches, checkpointing_settings, sft_config_settings
 from .summary import RunSummary
 
 GIB = 2**30
@@ -337,7 +338,10 @@ def _trainer_class():
                     self.is_fsdp_enabled = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.plan_loss == "full":
+            from .compat import use_fused_loss
+
+            if self.plan_loss == "full" or not use_fused_loss(self.plan_loss, self.args.device.type):
+                # (trl 1.15's fused loss is Triton only: on a CPU the loss comes from the full logits; planner/installed.py)
                 inputs = {**inputs, "use_cache": False}
                 return Trainer.compute_loss(
                     self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -362,35 +366,10 @@ def _trainer_class():
 
 def checkpointing_kwargs(plan: Plan) -> Optional[dict]:
     """What transformers' activation_checkpointing_enable gets (through TrainingArguments): non-reentrant, and the
-    plan's savers: every_n_layers (layer_checkpointing), offload (offload_checkpoints: save_on_cpu, pinned)."""
+    plan's savers' settings (executor/saver_settings.py: every_n_layers, offload)."""
     if not plan.training.grad_checkpointing:
         return None
-    kwargs: dict[str, Any] = {"use_reentrant": False}
-    if plan.savers.every_n_layers > 1:
-        kwargs["every_n_layers"] = plan.savers.every_n_layers
-    if plan.savers.offload_checkpoints:
-        kwargs["offload"] = True
-    return kwargs
-
-
-def apply_mlp_tiling(model) -> int:
-    """The plan's mlp_tiling saver: Liger-Kernel's tiled gated MLP, bound onto each decoder layer's MLP as Liger
-    documents for an already-built MLP (LigerTiledGLUMLP), so the peft-wrapped gate/up/down projections stay;
-    shards = ceil(seq_len / hidden_size), Liger's default. Returns how many MLPs it tiled."""
-    import types
-
-    from liger_kernel.transformers.tiled_mlp import LigerTiledGLUMLP
-
-    tiled = 0
-    for module in model.modules():
-        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            module.num_shards = None
-            module._mlp_forward = types.MethodType(LigerTiledGLUMLP._mlp_forward, module)
-            module.forward = types.MethodType(LigerTiledGLUMLP.forward, module)
-            tiled += 1
-    if not tiled:
-        raise RunError("the plan's saver mlp_tiling found no gated MLP (gate_proj, up_proj, down_proj) to tile")
-    return tiled
+    return {"use_reentrant": False, **checkpointing_settings(plan)}
 
 
 def sft_config(plan: Plan, place: Placement, has_eval: bool):
@@ -417,10 +396,9 @@ def sft_config(plan: Plan, place: Placement, has_eval: bool):
         fp16=t.dtype == "float16",
         gradient_checkpointing=t.grad_checkpointing,
         gradient_checkpointing_kwargs=checkpointing_kwargs(plan),
-        activation_offloading=plan.savers.offload_activations,  # trl: saved-tensor hooks, pinned memory, streams
         max_length=t.seq_len,
         packing=t.packing,
-        padding_free=plan.savers.padding_free,  # with packing: flash-attention's variable-length path
+        **sft_config_settings(plan),  # the savers': activation_offloading, padding_free (tables/savers.yaml `run`)
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -523,8 +501,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         device_map = None  # loaded on the host; fully_shard moves each rank's shards to its GPU, never the whole model
     model = load_base_model(plan, model_dir, device_map)
     model = wrap_lora(plan, model)
-    if plan.savers.mlp_tiling:
-        apply_mlp_tiling(model)
+    apply_model_patches(plan, model)  # the savers' model patches (mlp_tiling: Liger's tiled MLP)
     # Record where the base came from so `merge` finds it: the hub id when it came from the cache.
     base_ref = os.path.abspath(model_dir) if plan.model.path else plan.model.hub_id
     for cfg in model.peft_config.values():

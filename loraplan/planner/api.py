@@ -28,6 +28,7 @@ from .plan import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantiza
 from .request import PlanRequest, Resolved, resolve, with_seq_len
 from .strategies import STRATEGIES
 from .result import PlanResult
+from .scaling import fewer_is_faster
 from .targets import trainable_params
 
 
@@ -76,16 +77,14 @@ def _assumptions(r: Resolved, c: Choice) -> dict[str, str]:
 
 def _savers(r: Resolved, c: Choice) -> Savers:
     sv = c.savers
-    return Savers(every_n_layers=sv.every_n_layers, offload_checkpoints=sv.offload == "offload_checkpoints",
-                  offload_activations=sv.offload == "offload_activations", mlp_tiling=sv.mlp_tiling,
-                  padding_free=sv.padding_free, pinned_host_gib=round(c.host_gib, 4),
+    return Savers(on=list(sv.names), every_n_layers=sv.every_n_layers, pinned_host_gib=round(c.host_gib, 4),
                   host_memory_gib=round(r.host_memory_gib, 2) if r.uses_savers else None)
 
 
 def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[float], warnings: list[str]) -> Plan:
     c, ds = d.choice, r.dataset
     # padding-free packing: trl packs rows without padding and flash-attention's varlen kernel keeps them apart
-    attn = "flash_attention_2" if c.savers.padding_free else r.arch.attn_implementation
+    attn = "flash_attention_2" if "padding_free" in c.savers.on else r.arch.attn_implementation
     return Plan(
         model=r.model.ref,
         hardware=r.hardware,
@@ -97,14 +96,15 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
             seq_len=r.seq_len, micro_batch_size=c.micro_batch_size, grad_accum_steps=r.per_gpu_batch // c.micro_batch_size,
             global_batch_size=r.global_batch_size, grad_checkpointing=c.grad_checkpointing, optimizer=r.optimizer,
             loss=r.loss, learning_rate=r.learning_rate, num_epochs=r.epochs, max_steps=r.max_steps or -1,
-            logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing=c.savers.padding_free,
+            logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing="padding_free" in c.savers.on,
         ),
         prediction=Prediction(per_gpu_gib=round(M.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
                               margin=M.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),
         strategy=r.strategy.name,
         distributed=_distributed(r, d),
         dataset=Dataset(path=ds.path if ds else None, format=ds.format if ds else "auto", rows=ds.rows if ds else None,
-                        tokens_total=ds.tokens_total if ds else None, mean_tokens_per_row=ds.mean_tokens if ds else None),
+                        tokens_total=ds.tokens_total if ds else None, mean_tokens_per_row=ds.mean_tokens if ds else None,
+                        eval_path=r.eval_path, eval_fraction=r.eval_fraction),
         savers=_savers(r, c),
         output_dir=req.output_dir or "out",
         assumptions=_assumptions(r, c),
@@ -116,7 +116,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
 def _distributed(r: Resolved, d: Decision) -> Distributed:
     if not r.strategy.sharded:
         return Distributed()
-    return Distributed(offload_params=r.strategy.name == "fsdp-offload",
+    return Distributed(offload_params=r.strategy.offload_params,
                        cpu_ram_efficient_loading=bool(d.load and d.load.cpu_ram_efficient_loading),
                        quant_storage=r.dtype if d.choice.method == "qlora" else None)
 
@@ -128,7 +128,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
     d = place(r)
     r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
-    warnings = _warnings(r)
+    warnings = _warnings(r) + fewer_is_faster(r, est)  # more GPUs that are slower: say so (planner.scaling)
     plan = _plan(req, r, d, est.tokens_per_s, warnings)
     plan.validate()
     return PlanResult(

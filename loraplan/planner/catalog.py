@@ -17,40 +17,16 @@ from typing import Any, Optional
 
 import yaml
 
-from loraplan.tables import TABLES_DIR
+from loraplan.tables import gpus, models, networks
 
 from .arch import Architecture, from_config
+from .config_checks import check_config
 from .errors import ArchitectureError, InputError
 from .options import default
 from .plan import Hardware, ModelRef
 
 GIB = 2**30
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
-
-
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-@functools.lru_cache(maxsize=None)
-def load_table(name: str) -> dict[str, Any]:
-    with open(TABLES_DIR / name, encoding="utf-8") as f:
-        return yaml.load(f, Loader=_Loader)
-
-
-def models() -> dict[str, dict]:
-    return load_table("models.yaml")
-
-
-def networks() -> dict[str, dict]:
-    return load_table("networks.yaml")
-
-
-def gpus() -> dict[str, dict]:
-    return load_table("gpus.yaml")
-
-
-def hyperparameters() -> dict[str, dict]:
-    return load_table("hyperparameters.yaml")
 
 
 def _lookup(table: dict[str, dict], name: str) -> Optional[str]:
@@ -154,6 +130,7 @@ def _read_config(path: Path) -> dict:
 
 
 def _arch(cfg: dict, where: str) -> Architecture:
+    check_config(cfg, where)  # what transformers would refuse, in one line (planner.config_checks)
     try:
         return from_config(cfg)
     except ArchitectureError as exc:

@@ -17,10 +17,16 @@ from loraplan.tables import TABLES_DIR
 class Derived:
     """Bytes per token per layer per unit of width, derived from the modeling code (not fitted)."""
 
-    act_bytes_per_hidden: float
-    act_bytes_per_kv: float
-    act_bytes_per_intermediate: float
-    act_bytes_per_extra_norm: float
+    norm_bytes_per_hidden: float
+    attention_bytes_per_hidden: float
+    attention_bytes_per_kv: float
+    mlp_bytes_per_intermediate: float
+    lora_copy_bytes_per_input: float
+    lora_dropout_bytes_per_input: float
+    lora_bytes_per_rank: float
+    fused_loss_bytes_per_token_hidden: float
+    fused_loss_tile_tokens: int
+    fused_loss_tile_vocab: int
     softcap_bytes_per_logit: float
     eager_attention_bytes_per_score: float
 
@@ -36,8 +42,6 @@ class Fitted:
     checkpoint_extra_bytes: float
     full_loss_bytes_per_logit: float
     full_loss_tied_extra_bytes_per_logit: float
-    fused_loss_bytes_per_token_hidden: float
-    fused_loss_chunk_bytes_per_vocab: float
     reserve_share_of_loss: float
     reserve_share_of_activations: float
 

@@ -10,8 +10,14 @@ P trainable parameters (fp32 gradients), ring collectives moving (N-1)/N of the 
 - FSDP with CPU offload, in addition: each micro-step copies the weight shards to the GPU for both gathers and the
   gradient shards back: accum x (2 W + 4P) / N over the card's host link (tables/gpus.yaml host_link_gbs).
 
-Collectives overlap with compute (DDP's bucketed all-reduce, FSDP's prefetching), so a step takes
-max(compute, collectives); offload copies are added on top (they sit on the critical path of each layer's gather).
+What overlaps with compute (tables/communication.yaml, each with its source in torch's and accelerate's code):
+- DDP: the all-reduce runs on the last micro-step only, bucket by bucket during its backward, so only that
+  backward (backward_share x compute / accum) can hide it; the rest is exposed.
+- FSDP: each layer's all-gather is prefetched one layer ahead, so the first layer of each pass (1/L of the traffic)
+  is exposed, and the rest hides behind compute as far as compute lasts. Under CPU offload each shard's host copy
+  is made just before its all-gather (FSDP2's all_gather_inputs), on the same x16 link on PCIe cards: copies and
+  collectives add up, and only their sum overlaps.
+A step takes compute + the exposed time.
 The link is the slower of the GPU interconnect (tables/gpus.yaml interconnect_gbs) and, across nodes, the network's
 share per GPU (--network, GB/s per node / GPUs per node).
 """
@@ -19,7 +25,7 @@ share per GPU (--network, GB/s per node / GPUs per node).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 from . import memory as M
 from .architecture import Architecture
@@ -35,10 +41,30 @@ class StepTime:
     collective_s: float
     offload_s: float
     link: str  # what the collectives run over, and at how many GB/s
+    exposed_s: float = 0.0  # the communication that does not hide behind compute
+    moved_bytes: float = 0.0  # per rank and step over the links: collectives plus host copies
 
     @property
     def step_s(self) -> float:
-        return max(self.compute_s, self.collective_s) + self.offload_s
+        return self.compute_s + self.exposed_s
+
+
+def overlap(name: str):
+    """An entry of tables/communication.yaml (its value)."""
+    from loraplan.tables import load_table
+
+    return load_table("communication.yaml")[name]["value"]
+
+
+def _exposed(arch: Architecture, strategy: "Collectives", compute: float, collective: float, offload: float,
+             accum: int) -> float:
+    """Seconds of communication per step that compute does not hide (the rules in the module docstring)."""
+    if strategy.collective == "all-reduce":
+        window = overlap("backward_share") * compute / accum  # the last micro-step's backward
+        return max(0.0, collective - window) + offload
+    chain = collective + offload  # host copy, then the all-gather, per layer (offload_copy_in_chain)
+    first = chain * overlap("fsdp_prefetch_layers") / max(arch.num_layers, 1)  # nothing to prefetch behind
+    return first + max(0.0, chain - first - compute)
 
 
 def link_gbs(hw: Hardware) -> tuple[Optional[float], str]:
@@ -53,23 +79,38 @@ def link_gbs(hw: Hardware) -> tuple[Optional[float], str]:
     return intra, f"GPU interconnect {intra:g} GB/s per GPU"
 
 
-def step_time(arch: Architecture, p: int, shape: M.Shape, hw: Hardware, strategy: str, accum: int,
-              tokens_per_s_compute: float) -> StepTime:
-    """One optimizer step of one rank under `strategy` (a key of planner.strategies.STRATEGIES)."""
+class Collectives(Protocol):
+    """What a strategy moves (planner.strategies.Strategy's fields): its collective and whether it offloads."""
+
+    collective: str  # "none" | "all-reduce" | "all-gather+reduce-scatter"
+    offload_params: bool
+
+
+def step_bytes(arch: Architecture, p: int, shape: M.Shape, hw: Hardware, strategy: Collectives,
+               accum: int) -> tuple[float, float]:
+    """(collective bytes, host-copy bytes) one rank moves per optimizer step under `strategy` (the volumes above)."""
     n = hw.world_size
-    compute = accum * shape.tokens / tokens_per_s_compute
-    if n == 1 or strategy in ("single", "cpu"):
-        return StepTime(compute, 0.0, 0.0, "none (one process)")
-    bw, link = link_gbs(hw)
+    if n == 1 or strategy.collective == "none":
+        return 0.0, 0.0
     ring = (n - 1) / n
     w = weights_bytes(arch, shape)
-    if strategy == "ddp":
+    if strategy.collective == "all-reduce":  # the trainable gradients, fp32, reduce-scatter + all-gather
         volume = 2 * 4.0 * p * ring
     else:
         volume = accum * (2 * w + 4.0 * p) * ring
+    return volume, (accum * (2 * w + 4.0 * p) / n if strategy.offload_params else 0.0)
+
+
+def step_time(arch: Architecture, p: int, shape: M.Shape, hw: Hardware, strategy: Collectives, accum: int,
+              tokens_per_s_compute: float) -> StepTime:
+    """One optimizer step of one rank under `strategy` (an entry of planner.strategies.STRATEGIES)."""
+    compute = accum * shape.tokens / tokens_per_s_compute
+    if hw.world_size == 1 or strategy.collective == "none":
+        return StepTime(compute, 0.0, 0.0, "none (one process)")
+    bw, link = link_gbs(hw)
+    volume, offload_bytes = step_bytes(arch, p, shape, hw, strategy, accum)
     collective = volume / (bw * GB) if bw else 0.0
-    offload = 0.0
-    if strategy == "fsdp-offload":
-        host = hw.host_link_gbs or 0
-        offload = accum * (2 * w + 4.0 * p) / n / (host * GB) if host else 0.0
-    return StepTime(compute, collective, offload, link)
+    host = hw.host_link_gbs or 0
+    offload = offload_bytes / (host * GB) if host else 0.0
+    return StepTime(compute, collective, offload, link, _exposed(arch, strategy, compute, collective, offload, accum),
+                    volume + offload_bytes)

@@ -74,7 +74,8 @@ def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, 
                    grad_checkpointing=grad_checkpointing, loss=r.loss, optimizer=optimizer or r.optimizer,
                    dtype=r.dtype, double_quant=bool(O.default("double_quantization")),
                    blocksize=int(O.default("quant_blocksize")), num_gpus=hw.num_gpus,
-                   device="cpu" if hw.gpu == "cpu" else "cuda")
+                   device="cpu" if hw.gpu == "cpu" else "cuda",
+                   targets=tuple(p.peft_name for p in r.selection.projections), lora_dropout=r.dropout > 0)
     return S.apply(base, r.arch, savers)
 
 
@@ -176,7 +177,7 @@ def _fewer_checkpoints(r: Resolved, c: Choice) -> Choice:
     for n in sorted((int(x) for x in S.table()["savers"]["layer_checkpointing"]["every_n_layers"]), reverse=True):
         if n <= c.savers.every_n_layers or n >= r.arch.num_layers:
             continue
-        trial = candidate(r, c.method, c.micro_batch_size, True, dataclasses.replace(c.savers, every_n_layers=n))
+        trial = candidate(r, c.method, c.micro_batch_size, True, c.savers.every(n))
         if fits(r, trial):
             return trial
     return c
@@ -284,8 +285,12 @@ def reasons(r: Resolved, c: Choice, feasible: bool) -> dict[str, str]:
         "grad_checkpointing": _checkpointing_reason(r, c, feasible),
         "micro_batch_size": _micro_batch_reason(r, c, feasible),
         "grad_accum_steps": f"{accum} = global batch {r.global_batch_size} / (micro-batch {c.micro_batch_size} x "
-                            f"{hw.num_gpus if r.strategy.data_parallel else 1} GPU(s))",
+                            f"{hw.world_size if r.strategy.data_parallel else 1} GPU(s))",
     }
+    if "global_batch_size" in r.default_notes:  # the default global batch, fitted to the world size
+        out["grad_accum_steps"] += f"; {r.default_notes['global_batch_size']}"
+    if "seq_len" in r.default_notes:  # the default length, capped at the model's context
+        out["seq_len"] = r.default_notes["seq_len"]
     for k in ("learning_rate", "num_epochs", "rank", "alpha", "dropout", "warmup_ratio", "lr_scheduler"):
         out[k] = O.reason(k)
     if r.epochs_reason:

@@ -30,7 +30,8 @@ class Estimate:
     basis: str = BASIS.format(dtype="bf16")
     compute_s_per_step: Optional[float] = None  # one optimizer step of one rank
     collective_s_per_step: Optional[float] = None  # all-reduce / all-gather / reduce-scatter, overlapped with compute
-    offload_s_per_step: Optional[float] = None  # host <-> GPU copies under CPU offload, not overlapped
+    offload_s_per_step: Optional[float] = None  # host <-> GPU copies under CPU offload, chained with the gathers
+    exposed_s_per_step: Optional[float] = None  # the communication compute does not hide (planner.communication)
     link: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def estimate(r: Resolved, c: Choice, tokens_per_epoch: Optional[int] = None) -> 
     tps = st = None
     if compute_tps:
         accum = max(r.per_gpu_batch // c.micro_batch_size, 1)
-        st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name, accum, compute_tps)
+        st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy, accum, compute_tps)
         tps = compute_tps * st.compute_s / st.step_s
     total_tps = tps * hw.world_size if tps else None
     tokens = r.train_tokens if r.train_tokens else (int(tokens_per_epoch * r.epochs) if tokens_per_epoch else None)
@@ -54,6 +55,7 @@ def estimate(r: Resolved, c: Choice, tokens_per_epoch: Optional[int] = None) -> 
         mfu=M.coefficients().throughput.mfu(c.method), train_tokens=tokens if have else None,
         hours=tokens / total_tps / 3600 if have else None,
         compute_s_per_step=st.compute_s if st else None, collective_s_per_step=st.collective_s if st else None,
-        offload_s_per_step=st.offload_s if st else None, link=st.link if st else None,
+        offload_s_per_step=st.offload_s if st else None,
+        exposed_s_per_step=st.exposed_s if st else None, link=st.link if st else None,
         basis=BASIS.format(dtype="fp16" if r.dtype == "float16" else "bf16"),
     )

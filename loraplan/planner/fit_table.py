@@ -7,7 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .catalog import gpus, hardware_from_entry, host_memory_rule
+from loraplan.tables import gpus
+
+from .catalog import hardware_from_entry, host_memory_rule
 from .context_length import longest_seq_len
 from .estimate import estimate
 from .placement import best_option

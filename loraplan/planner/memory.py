@@ -17,7 +17,7 @@ keep, the fused loss's buffers, the caching allocator's fragmentation) are fitte
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .architecture import Architecture
 from .coefficients import coefficients
@@ -107,26 +107,69 @@ def ddp_buckets_bytes(p: int, num_gpus: int) -> float:
 # activations and loss
 
 
-def layer_activation_bytes_per_token(arch: Architecture, seq_len: int) -> float:
-    """Bytes one decoder layer saves for backward, per token (bf16 autocast, sdpa/flash attention, LoRA with
-    dropout on every projection), before the fitted scale:
+MLP_KINDS = frozenset({"gate", "up", "down"})
 
-        a_h x h + a_kv x kv + a_i x i + a_norm x h x (norms per layer - 2) [+ a_eager x heads x seq_len]
 
-    with a_h, a_kv, a_i, a_norm from tables/memory.yaml (derived: two RMSNorm fp32 inputs 4h each, LoRA
-    dropout mask + bf16 copy 3 bytes per input element of each adapted projection, flash attention's q, k, v,
-    out; the MLP's gate, up, activation and product outputs, 2 bytes each; see docs/memory-model.md).
-    For MoE, i is experts_per_token x expert intermediate size: each token runs through its top-k experts.
-    Eager attention (Gemma 2) materializes the scores: a_eager bytes per score, heads x seq_len per token.
+def adapted_projections(arch: Architecture, shape: Optional[Shape] = None) -> list:
+    """The projections LoRA adapts: shape.targets (peft names), or every projection (the calibration's recipe)."""
+    names = None if shape is None else shape.targets
+    return [p for p in arch.projections if names is None or p.peft_name in names]
+
+
+def lora_activation_bytes_per_token(arch: Architecture, shape: Optional[Shape] = None,
+                                    kinds: Optional[frozenset] = None) -> float:
+    """What the LoRA path of the adapted projections saves per token in one layer (of those whose kinds meet
+    `kinds`, when given):
+
+        sum over adapted projections of  (c_copy + c_drop) x in_features + c_r x r
+
+    peft's lora.Linear casts the input to the fp32 LoRA dtype (`_cast_input_dtype`) and autocast casts it back to
+    bf16 for lora_A, which saves that copy: c_copy = 2 B per input element, also with dropout 0 (peft's
+    nn.Identity then; the copy is per projection, so q, k and v, which share an input, save three). With dropout
+    the mask of CUDA's fused dropout (bool): c_drop = 1 B, 0 without. lora_B saves lora_A's output: c_r = 2 B x r.
+    The frozen base layer saves nothing (its weight needs no gradient). Fused expert weights (peft
+    target_parameters, no dropout) see each token experts_per_token times. Counted on the CPU for q,v / MLP /
+    all seven, dropout 0 and 0.05, LoRA and QLoRA (benchmarks/saved_tensors.py, tests/test_saved_tensors.py)."""
+    c = coefficients().derived
+    dropout = True if shape is None else shape.lora_dropout
+    r = 16 if shape is None else shape.r
+    total = 0.0
+    for p in adapted_projections(arch, shape):
+        if kinds is not None and not set(p.kinds) & kinds:
+            continue
+        per_layer = p.count / arch.num_layers
+        if p.param:
+            total += per_layer * arch.experts_per_token * (c.lora_copy_bytes_per_input * p.in_features
+                                                           + c.lora_bytes_per_rank * r)
+        else:
+            per_input = c.lora_copy_bytes_per_input + (c.lora_dropout_bytes_per_input if dropout else 0.0)
+            total += per_layer * (per_input * p.in_features + c.lora_bytes_per_rank * r)
+    return total
+
+
+def layer_activation_bytes_per_token(arch: Architecture, seq_len: int, shape: Optional[Shape] = None) -> float:
+    """Bytes one decoder layer saves for backward, per token (bf16 autocast, sdpa/flash attention), before the
+    fitted scale:
+
+        X = a_norm x h x norms + a_att_h x h + a_att_kv x kv + a_mlp x i + LoRA [+ a_eager x heads x seq_len]
+
+    a_norm = 4 (each RMSNorm keeps its fp32 input), a_att_h = 4 and a_att_kv = 4 (sdpa keeps q and its output,
+    2 h each, and k and v, 2 kv each), a_mlp = 6 (gate, up and act(gate), 2 i each; act(gate) x up is kept only
+    as the LoRA copy of down's input), LoRA = lora_activation_bytes_per_token (the adapted projections' input
+    copies, dropout masks and rank-r outputs; all seven with dropout when `shape` is None, the calibration's
+    recipe). Coefficients in tables/memory.yaml (derived), each counted with saved-tensor hooks on the CPU
+    (benchmarks/saved_tensors.py). For MoE, i is experts_per_token x expert intermediate size: each token runs
+    through its top-k experts. Eager attention (Gemma 2) materializes the scores: a_eager bytes per score,
+    heads x seq_len per token.
     """
     c = coefficients().derived
     i = arch.experts_per_token * arch.moe_intermediate_size if arch.is_moe else arch.intermediate_size
-    extra_norms = max(arch.norms_per_layer - 2, 0)
     return (
-        c.act_bytes_per_hidden * arch.hidden_size
-        + c.act_bytes_per_kv * arch.kv_dim
-        + c.act_bytes_per_intermediate * i
-        + c.act_bytes_per_extra_norm * arch.hidden_size * extra_norms
+        c.norm_bytes_per_hidden * arch.hidden_size * arch.norms_per_layer
+        + c.attention_bytes_per_hidden * arch.hidden_size
+        + c.attention_bytes_per_kv * arch.kv_dim
+        + c.mlp_bytes_per_intermediate * i
+        + lora_activation_bytes_per_token(arch, shape)
         + (c.eager_attention_bytes_per_score * arch.num_heads * seq_len if arch.attn_implementation == "eager" else 0)
     )
 
@@ -140,16 +183,33 @@ def checkpointed_layers(arch: Architecture, shape: Shape) -> int:
 
 
 def checkpointed_inputs_bytes(arch: Architecture, shape: Shape) -> float:
-    """With gradient checkpointing each checkpointed layer keeps its input hidden states, bf16: 2 x Lc x h x T,
-    plus what is kept beside each checkpoint (c_ckpt x Lc x h x T, fitted); Lc = checkpointed_layers (L unless
-    layer_checkpointing). With an offload saver the 2 B x Lc x h x T inputs live in pinned host memory
-    (planner.savers); c_ckpt stays on the GPU: it is fitted, not derived, so nothing says it moves (the tensors
-    torch's checkpoint saves outside its region are exactly one dtype x h per token and layer, counted on the
-    CPU with saved-tensor hooks; docs/memory-model.md)."""
-    if not shape.grad_checkpointing:
+    """With gradient checkpointing each checkpointed layer keeps its input hidden states, bf16: dtype x Lc x h x T,
+    Lc = checkpointed_layers (L unless layer_checkpointing). That is all torch's non-reentrant checkpoint saves
+    outside its regions (counted with saved-tensor hooks on the CPU: dtype x h per token and checkpointed layer,
+    benchmarks/saved_tensors.py). With an offload saver these tensors are what save_on_cpu / trl's hooks take to
+    pinned host memory (the same count: everything kept per layer moves), so nothing of this term stays on the GPU
+    (planner.savers; the inputs brought back are offload_resident_bytes). The caching allocator's reserve around
+    the resident checkpoints is checkpoint_reserve_bytes, in allocator_reserve."""
+    if not shape.grad_checkpointing or shape.checkpoints_offloaded:
         return 0.0
-    per = (0 if shape.checkpoints_offloaded else DTYPE_BYTES[shape.dtype]) + coefficients().fitted.checkpoint_extra_bytes
-    return per * checkpointed_layers(arch, shape) * arch.hidden_size * shape.tokens
+    return DTYPE_BYTES[shape.dtype] * checkpointed_layers(arch, shape) * arch.hidden_size * shape.tokens
+
+
+def resident_checkpoints(arch: Architecture, shape: Shape) -> int:
+    """Checkpointed layer inputs on the GPU at the peak: Lc, or with an offload the k brought back / in flight."""
+    if not shape.grad_checkpointing:
+        return 0
+    return shape.offload_resident_inputs if shape.checkpoints_offloaded else checkpointed_layers(arch, shape)
+
+
+def checkpoint_reserve_bytes(arch: Architecture, shape: Shape) -> float:
+    """What the caching allocator reserves beyond the resident checkpointed inputs: c_ckpt x n x h x T, n =
+    resident_checkpoints (Lc; k under an offload). c_ckpt (fitted, about 0.8 B per hidden element and token) is no
+    tensor: refitted on the calibration rows' peak allocated memory it is 0, on peak reserved (and on what
+    nvidia-smi shows) 0.8: each checkpoint is a long-lived block allocated between the layer's transients, so the
+    segments they free cannot be handed to the backward's larger requests. An offload frees each checkpoint on the
+    GPU as soon as it is copied, so only the k resident inputs hold segments."""
+    return coefficients().fitted.checkpoint_extra_bytes * resident_checkpoints(arch, shape) * arch.hidden_size * shape.tokens
 
 
 def offload_resident_bytes(arch: Architecture, shape: Shape) -> float:
@@ -161,12 +221,13 @@ def offload_resident_bytes(arch: Architecture, shape: Shape) -> float:
     return shape.offload_resident_inputs * DTYPE_BYTES[shape.dtype] * arch.hidden_size * shape.tokens
 
 
-def mlp_untiled_bytes_per_token(arch: Architecture) -> float:
+def mlp_untiled_bytes_per_token(arch: Architecture, shape: Optional[Shape] = None) -> float:
     """What one layer's MLP saves for backward per token, which MLP tiling no longer keeps for the whole
-    sequence: the LoRA dropout masks and bf16 copies of gate's and up's input (2 x 3 h) and the 11 i of the MLP
-    itself (tables/memory.yaml derived: gate, up, act(gate), act(gate) x up, down's LoRA mask and copy)."""
+    sequence: the MLP's own a_mlp x i (gate, up, act(gate)) and the LoRA path of the adapted gate, up and down
+    (their input copies and dropout masks: lora_activation_bytes_per_token over the MLP's kinds)."""
     c = coefficients().derived
-    return 6 * arch.hidden_size + c.act_bytes_per_intermediate * arch.intermediate_size
+    return (c.mlp_bytes_per_intermediate * arch.intermediate_size
+            + lora_activation_bytes_per_token(arch, shape, MLP_KINDS))
 
 
 def mlp_tiled_bytes_per_token(arch: Architecture) -> float:
@@ -178,20 +239,20 @@ def mlp_tiled_bytes_per_token(arch: Architecture) -> float:
 
 def mlp_tile_bytes(arch: Architecture, shape: Shape) -> float:
     """MLP tiling's working set: one tile's untiled MLP activations, recomputed in the backward:
-    (s + s_rc) x (6 h + 11 i) x tile_tokens, tile_tokens = micro-batch x ceil(seq / shards) with Liger's default
+    (s + s_rc) x M_mlp x tile_tokens (M_mlp = mlp_untiled_bytes_per_token), tile_tokens = micro-batch x ceil(seq / shards) with Liger's default
     shards = ceil(seq / h), so about micro-batch x h tokens (derived, not measured)."""
     if not shape.mlp_tile_tokens:
         return 0.0
     f = coefficients().fitted
     s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
-    return (s + f.recompute_scale) * mlp_untiled_bytes_per_token(arch) * shape.mlp_tile_tokens
+    return (s + f.recompute_scale) * mlp_untiled_bytes_per_token(arch, shape) * shape.mlp_tile_tokens
 
 
 def _activations_device_bytes(arch: Architecture, shape: Shape) -> float:
     f = coefficients().fitted
-    x = layer_activation_bytes_per_token(arch, shape.seq_len)
+    x = layer_activation_bytes_per_token(arch, shape.seq_len, shape)
     if shape.mlp_tile_tokens:
-        x += mlp_tiled_bytes_per_token(arch) - mlp_untiled_bytes_per_token(arch)
+        x += mlp_tiled_bytes_per_token(arch) - mlp_untiled_bytes_per_token(arch, shape)
     s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
     if shape.grad_checkpointing:
         kept = arch.num_layers - checkpointed_layers(arch, shape)  # layers that are not checkpointed keep theirs
@@ -209,7 +270,32 @@ def _loss_device_bytes(arch: Architecture, shape: Shape) -> float:
         if arch.config.get("final_logit_softcapping"):
             per += coefficients().derived.softcap_bytes_per_logit
         return per * t * v
-    return f.fused_loss_bytes_per_token_hidden * t * arch.hidden_size + f.fused_loss_chunk_bytes_per_vocab * v
+    return fused_loss_bytes(arch, shape)
+
+
+def fused_loss_bytes(arch: Architecture, shape: Shape) -> float:
+    """trl's fused LM head + cross-entropy (trl 1.16 `add_fused_lm_head`, kernels/chunked_logprob.py
+    `ChunkedLogProbFunction`), at its peak in the loss's backward, derived from the source (not fitted):
+
+        c_tok x h x T + dtype x min(T, 4096) x min(V, 32768)
+
+    c_tok = 12 B: the final RMSNorm's fp32 input (4 h, saved), the bf16 `hidden_states[mask]` copy the function
+    saves (2 h), the fp32 `grad_hidden` it accumulates the tiles' gradient GEMMs into (4 h) and its cast back to
+    bf16 on return (2 h). The tile buffer `mm_buf` is TOKEN_CHUNK_SIZE (4096) tokens x chunk_size (32768)
+    vocabulary entries in the compute dtype, one at a time (the forward's is freed before the backward's). The
+    per-token statistics for the loss and the metrics trl logs (log_z, entropy, is_top1: `outputs=("log_probs",
+    "entropy", "is_top1")`) are fp32 scalars per token, and `num_tokens` is a Python int: left out.
+    With torch < 2.8 (no `addmm(out_dtype=float32)`) the backward upcasts each tile and weight chunk to fp32:
+    + 4 x (tile + 32768 x h); the plan reads torch's version (planner.versions) and says which it assumed."""
+    from . import versions
+
+    c = coefficients().derived
+    t, v, h = shape.tokens, arch.vocab_size, arch.hidden_size
+    tile_t, tile_v = min(t, c.fused_loss_tile_tokens), min(v, c.fused_loss_tile_vocab)
+    total = c.fused_loss_bytes_per_token_hidden * h * t + DTYPE_BYTES[shape.dtype] * tile_t * tile_v
+    if not versions.torch_has_mm_out_dtype():
+        total += 4 * (tile_t * tile_v + tile_v * h)
+    return total
 
 
 def activations_bytes(arch: Architecture, shape: Shape) -> float:
@@ -222,7 +308,7 @@ def activations_bytes(arch: Architecture, shape: Shape) -> float:
     X = layer_activation_bytes_per_token; s = activation_scale, fitted (the fused recipe through trl has its
     own, fused_activation_scale: trl's collator and forward differ from a plain call); s_rc the backward's
     extra working set while a layer is recomputed, fitted. MLP tiling replaces the MLP's share of X,
-    6 h + 11 i, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
+    6 i + its LoRA path, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
     rho = coefficients().fitted.reserve_share_of_activations
     return (1 - rho) * _activations_device_bytes(arch, shape)
 
@@ -234,8 +320,8 @@ def logits_bytes(arch: Architecture, shape: Shape) -> float:
     c_full fitted (the derivation gives 10-14 B: 2 + 4 + 4 (+ 4) depending on what is freed before the peak;
     tied embeddings measure slightly more, c_tied); final-logit softcapping (Gemma 2) adds the tanh's saved
     output and bf16 copies: + c_softcap x T x V (derived).
-    fused (trl's chunked LM head + cross-entropy): the logits never exist; what remains is the per-token
-    work, c_tok x T x h, and one tile of logits, c_chunk x V (fitted)."""
+    fused (trl's chunked LM head + cross-entropy): the logits never exist; what remains is derived from trl's
+    source: c_tok x h x T + one tile buffer (fused_loss_bytes)."""
     rho = coefficients().fitted.reserve_share_of_loss
     return (1 - rho) * _loss_device_bytes(arch, shape)
 
@@ -249,11 +335,13 @@ def misc_bytes() -> float:
 def allocator_reserve_bytes(arch: Architecture, shape: Shape) -> float:
     """The caching allocator holds more than it hands out: freed blocks of transient tensors that no later
     request fits (fragmentation). It grows with the size of the transients, so it is a share of each:
-        rho_loss x loss + rho_act x activations   (before the split; shares fitted on reserved - allocated)."""
+        rho_loss x loss + rho_act x activations   (before the split; shares fitted on reserved - allocated)
+    plus, with checkpointing, c_ckpt x resident checkpoints x h x T (checkpoint_reserve_bytes)."""
     f = coefficients().fitted
     return (
         f.reserve_share_of_loss * _loss_device_bytes(arch, shape)
         + f.reserve_share_of_activations * _activations_device_bytes(arch, shape)
+        + checkpoint_reserve_bytes(arch, shape)
     )
 
 
@@ -289,27 +377,29 @@ def budget(arch: Architecture, selection: TargetSelection, shape: Shape,
     ]
     if shape.grad_checkpointing:
         layers = "L" if checkpointed_layers(arch, shape) == arch.num_layers else "ceil(L/n)"
-        per = "c_ckpt B" if shape.checkpoints_offloaded else f"({dt} + c_ckpt) B"
-        terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), f"{per} x {layers} x h x T", "activations"))
+        formula = "0: in pinned host memory" if shape.checkpoints_offloaded else f"{dt} B x {layers} x h x T"
+        terms.append(Term("checkpointed_inputs", checkpointed_inputs_bytes(arch, shape), formula, "activations"))
     act_formula = "(1-rho) (s + s_rc) x X x T" if shape.grad_checkpointing else "(1-rho) s x X x L x T"
     if shape.grad_checkpointing and checkpointed_layers(arch, shape) < arch.num_layers:
         act_formula += " + (1-rho) s x X x (L - ceil(L/n)) x T"
     if shape.mlp_tile_tokens:
-        act_formula += "; X less the MLP's 6h + 11i, plus 4h"
+        act_formula += "; X less the MLP's 6i + LoRA, plus 4h"
     terms += [Term("activations", activations_bytes(arch, shape), act_formula, "activations")]
     terms += list(saver_terms)
     terms += [
         Term(
             "logits" if shape.loss == "full" else "fused_loss",
             logits_bytes(arch, shape),
-            "(1-rho) c_full x T x V" if shape.loss == "full" else "(1-rho) (c_tok x T x h + c_chunk x V)",
+            "(1-rho) c_full x T x V" if shape.loss == "full" else "(1-rho) (12 B x h x T + dt x min(T,4096) x min(V,32768))",
             "loss",
         ),
         Term("misc", misc_bytes(), "constant", "runtime"),
     ]
     if shape.device == "cuda":
         terms += [
-            Term("allocator_reserve", allocator_reserve_bytes(arch, shape), "rho_loss x loss + rho_act x activations", "runtime"),
+            Term("allocator_reserve", allocator_reserve_bytes(arch, shape),
+                 "rho_loss x loss + rho_act x activations" + (" + c_ckpt x resident ckpts x h x T" if shape.grad_checkpointing else ""),
+                 "runtime"),
             Term("cuda_context", cuda_context_bytes(), "context + library workspaces", "runtime"),
         ]
     return terms

@@ -6,6 +6,7 @@ decision build and pass them too; planner.memory re-exports both (`M.Shape`, `M.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 GIB = 2**30
 
@@ -31,6 +32,9 @@ class Shape:
     checkpoints_offloaded: bool = False  # offload_*: the checkpointed layer inputs live in pinned host memory
     offload_resident_inputs: int = 0  # offload_*: layer inputs on the GPU meanwhile (brought back / in flight)
     mlp_tile_tokens: int = 0  # mlp_tiling: tokens per MLP tile (0: the MLP is not tiled)
+    # What LoRA adapts, as far as the activations see it; the defaults are the calibration's recipe.
+    targets: Optional[tuple[str, ...]] = None  # peft names of the adapted projections (None: every projection)
+    lora_dropout: bool = True  # dropout > 0: peft applies nn.Dropout (a mask per adapted input); 0: nn.Identity
 
     @property
     def tokens(self) -> int:

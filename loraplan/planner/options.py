@@ -11,6 +11,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, get_args
 
+from loraplan.tables import hyperparameters
+from loraplan.tables import savers as savers_table
+
 Method = Literal["lora", "qlora"]
 MethodChoice = Literal["auto", "lora", "qlora"]
 Checkpointing = Literal["auto", "on", "off"]
@@ -26,9 +29,9 @@ LOSSES: tuple[str, ...] = get_args(Loss)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 DATASET_FORMATS: tuple[str, ...] = get_args(DatasetFormat)
 SAVER_MODES: tuple[str, ...] = get_args(SaverMode)
-# The memory savers, in the order the report lists them; planner/savers.py holds one table entry for each.
-SAVERS: tuple[str, ...] = ("layer_checkpointing", "offload_checkpoints", "offload_activations", "mlp_tiling",
-                           "padding_free")
+# The memory savers, in the order the report lists them: tables/savers.yaml names them (with their facts and
+# default modes), planner/savers.py holds one table entry for each.
+SAVERS: tuple[str, ...] = tuple(savers_table()["savers"])
 # `--seq-len max`: the planner's answer is a multiple of this many tokens.
 SEQ_LEN_STEP = 256
 
@@ -60,8 +63,6 @@ LOSS_DESCRIPTIONS = {
 
 @functools.lru_cache(maxsize=1)
 def _table() -> dict[str, dict]:
-    from .catalog import hyperparameters
-
     return hyperparameters()
 
 
@@ -92,10 +93,10 @@ def check_choice(what: str, value: Any, allowed, error: type[Exception] = ValueE
 
 
 def saver_defaults(seq_len_max: bool = False) -> dict[str, str]:
-    """Each saver's default mode (tables/hyperparameters.yaml `savers`): `value` for a fixed --seq-len,
+    """Each saver's default mode (tables/savers.yaml, each saver's `default`): `fixed` for a fixed --seq-len,
     `seq_len_max` for --seq-len max."""
-    table = _table()["savers"]
-    return dict(table["seq_len_max" if seq_len_max else "value"])
+    key = "seq_len_max" if seq_len_max else "fixed"
+    return {name: entry["default"][key] for name, entry in savers_table()["savers"].items()}
 
 
 def parse_savers(text: Optional[str], seq_len_max: bool = False, error: type[Exception] = ValueError) -> dict[str, str]:

@@ -20,13 +20,12 @@ from . import decide as D
 from . import memory as M
 from . import suggest
 from . import throughput as TP
-from .communication import step_time
+from .communication import overlap, step_bytes, step_time
 from .loading import LoadPeak, load_peak
 from .request import Resolved
-from .strategies import STRATEGIES, Strategy, broken_combination
+from .strategies import STRATEGIES, Strategy, auto_candidates, sharded_strategies
 from .targets import trainable_params
 
-AUTO_SHARDING = ("ddp", "fsdp", "fsdp-offload")
 
 
 @dataclass(frozen=True)
@@ -39,13 +38,17 @@ class StrategyOption:
     tokens_per_s: Optional[float]  # over all GPUs, with communication; None when unknown (CPU, custom card)
     why_not: Optional[str]  # when it does not fit: what binds
     binds: Optional[str] = None  # when it does not fit: "training", "loading", "host memory" or "combination"
+    moved_gb: Optional[float] = None  # per rank and optimizer step over the links: collectives plus host copies
+
+    def moved(self) -> float:
+        return self.moved_gb if self.moved_gb is not None else float("inf")
 
     def to_dict(self) -> dict:
         return {"strategy": self.strategy, "fits": self.fits, "method": self.choice.method,
                 "micro_batch_size": self.choice.micro_batch_size, "grad_checkpointing": self.choice.grad_checkpointing,
                 "per_gpu_gib": self.choice.peak_gib, "load_gpu_gib": self.load.gpu_gib, "host_gib": self.host_gib,
                 "loading": self.load.mode, "tokens_per_s": self.tokens_per_s, "why_not": self.why_not,
-                "binds": self.binds}
+                "binds": self.binds, "moved_gb_per_step": self.moved_gb}
 
 
 def _runtime_gib(terms) -> float:
@@ -54,7 +57,7 @@ def _runtime_gib(terms) -> float:
 
 def _load(r: Resolved, c: D.Choice) -> LoadPeak:
     s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
-    return load_peak(r.arch, s, r.strategy.sharded, r.strategy.name == "fsdp-offload", r.hardware.world_size,
+    return load_peak(r.arch, s, r.strategy.sharded, r.strategy.offload_params, r.hardware.world_size,
                      _runtime_gib(c.terms))
 
 
@@ -69,9 +72,22 @@ def tokens_per_s(r: Resolved, c: D.Choice) -> Optional[float]:
     compute = TP.tokens_per_second(r.arch, s, hw.peak_bf16_tflops) if hw.gpu != "cpu" else None
     if not compute:
         return None
-    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy.name,
+    st = step_time(r.arch, trainable_params(r.selection, r.rank), s, hw, r.strategy,
                    max(r.per_gpu_batch // c.micro_batch_size, 1), compute)
     return compute * st.compute_s / st.step_s * hw.world_size
+
+
+def moved_gb(r: Resolved, c: D.Choice) -> float:
+    """GB one rank moves per optimizer step over the links (planner.communication.step_bytes)."""
+    s = D.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
+    volume, copies = step_bytes(r.arch, trainable_params(r.selection, r.rank), s, r.hardware, r.strategy,
+                                max(r.per_gpu_batch // c.micro_batch_size, 1))
+    return (volume + copies) / 1e9
+
+
+def tie_band() -> float:
+    """Estimates this close to the fastest are a tie (tables/communication.yaml strategy_tie_band)."""
+    return float(overlap("strategy_tie_band"))
 
 
 def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
@@ -86,7 +102,7 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
         choice, small = D.choose(rm)
         if smallest is None or small.peak_gib < smallest[0].peak_gib:
             smallest = (small, rm)
-        broken = broken_combination(strategy, method, r.optimizer)
+        broken = strategy.refuses(method, r.optimizer)
         if broken:
             reasons.append(f"{method}: {broken}")
             continue
@@ -105,7 +121,8 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
                            f"{host_usable:.0f} GiB usable of {rs.hardware.host_memory_gib:.0f} (--host-memory)")
             trained = trained or (choice, rm, load, host, "host memory")
         else:
-            return StrategyOption(strategy.name, True, choice, load, host, tokens_per_s(rm, choice), None)
+            return StrategyOption(strategy.name, True, choice, load, host, tokens_per_s(rm, choice), None,
+                                  moved_gb=moved_gb(rm, choice))
     if trained:  # the closest: its training fits, and what binds is said
         choice, rm, load, host, binds = trained
         return StrategyOption(strategy.name, False, choice, load, host, None, "; ".join(reasons), binds)
@@ -120,7 +137,7 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
 def strategies_to_try(r: Resolved) -> list[Strategy]:
     if r.strategy_choice != "auto" or r.hardware.world_size == 1 or r.hardware.gpu == "cpu":
         return [r.strategy]
-    return [STRATEGIES[name] for name in AUTO_SHARDING]
+    return auto_candidates()
 
 
 def _strategy_reason(r: Resolved, best: StrategyOption, options: list[StrategyOption]) -> str:
@@ -132,12 +149,12 @@ def _strategy_reason(r: Resolved, best: StrategyOption, options: list[StrategyOp
         return text
     fitting = [o for o in options if o.fits]
     if best.fits and len(fitting) > 1 and all(o.tokens_per_s for o in fitting):
-        speeds = ", ".join(f"{o.strategy} {o.tokens_per_s:,.0f}" for o in fitting)
-        ties = [o for o in fitting if o is not best and o.tokens_per_s >= best.tokens_per_s * 0.995]
-        if ties:  # communication hidden behind compute either way: the one that moves less wins
-            return (f"{text}; as fast as {', '.join(o.strategy for o in ties)} by the estimate (tokens/s: {speeds}), "
-                    "and it moves less over the links")
-        return f"{text}; the fastest that fits (tokens/s: {speeds})"
+        speeds = ", ".join(f"{o.strategy} {o.tokens_per_s:,.0f} tokens/s, {o.moved():,.1f} GB/step" for o in fitting)
+        fastest = max(fitting, key=lambda o: o.tokens_per_s)
+        if fastest is not best:  # within the error band of the fastest, and it moves less
+            return (f"{text}; within the {tie_band():.0%} error band of {fastest.strategy}'s estimate, and it moves "
+                    f"less over the links ({speeds}; tables/communication.yaml)")
+        return f"{text}; the fastest that fits ({speeds})"
     missed = [f"{o.strategy} does not fit ({o.why_not})" for o in others if not o.fits]
     return text + ("; " + "; ".join(missed) if missed else "")
 
@@ -146,8 +163,12 @@ def best_option(r: Resolved) -> tuple[StrategyOption, list[StrategyOption]]:
     """(the fastest strategy that fits, or the first tried when none does; every strategy tried)."""
     options = [evaluate(r, s) for s in strategies_to_try(r)]
     fitting = [o for o in options if o.fits]
-    if fitting:
-        return max(fitting, key=lambda o: o.tokens_per_s or 0.0), options
+    if fitting:  # the fastest; within the estimates' error band of it, the one that moves least over the links
+        fastest = max(fitting, key=lambda o: o.tokens_per_s or 0.0)
+        if fastest.tokens_per_s is None:
+            return fastest, options
+        ties = [o for o in fitting if (o.tokens_per_s or 0.0) >= fastest.tokens_per_s * (1 - tie_band())]
+        return min(ties, key=lambda o: (o.moved(), -(o.tokens_per_s or 0.0))), options
     # none fits: the closest, an option whose training fits before one whose does not, then the smallest peak
     return min(options, key=lambda o: (o.binds == "training", o.choice.peak_gib)), options
 
@@ -188,7 +209,7 @@ def _beyond_training(r: Resolved, best: StrategyOption) -> list[str]:
     """What would help when training fits and loading or the host does not: relaxing the training shape would
     not, so say what binds and what would hold the load (a card whose usable memory holds the load peak; more host
     memory)."""
-    from .catalog import gpus
+    from loraplan.tables import gpus
 
     out = [best.why_not or ""]
     margin = M.coefficients().decision.safety_margin
@@ -218,9 +239,10 @@ def more_gpus(r: Resolved) -> list[str]:
         big = dataclasses.replace(hw, num_gpus=gpus, num_nodes=nodes, network_gbs=network)
         per_gpu = max(r.global_batch_size // big.world_size, 1)
         rb = dataclasses.replace(r, hardware=big, per_gpu_batch=per_gpu, global_batch_size=per_gpu * big.world_size)
-        for name in ("fsdp", "fsdp-offload"):
-            o = evaluate(rb, STRATEGIES[name])
+        for strategy in sharded_strategies():
+            o = evaluate(rb, strategy)
             if o.fits:
+                name = strategy.name
                 flags = f"--num-gpus {gpus}" + (f" --num-nodes {nodes}" if nodes > 1 else "")
                 return [f"sharded over {nodes} x {gpus} GPUs ({name}) it fits at {o.choice.peak_gib:.1f} GiB per GPU "
                         f"({o.choice.method}): {flags}"]

@@ -6,6 +6,8 @@ typed rebuilding and atomic writing of files are planner.plan_io.
 
 Version history:
 - 1: first schema (the `savers` section came later, with defaults: files without it load unchanged).
+- 2: `savers.on` lists the savers on by name, instead of one boolean per saver; a version-1 file loads, its
+  booleans read as names (Savers.upgrade).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from . import options as O
 from .errors import PlanError
 from .plan_io import atomic_write_text, build_dataclass, numbers_in, read_plan_file
 
-PLAN_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PLAN_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_SEQ_LEN = 2**24  # far above any model's context; a larger number is a typo, not a plan
 
 
@@ -125,23 +127,33 @@ class Distributed:
 
 @dataclass
 class Savers:
-    """The memory savers `run` applies (planner/savers.py; docs/plan-json.md). All off by default, so a plan
-    written before savers existed loads unchanged and trains as it did."""
+    """The memory savers `run` applies (planner/savers.py; docs/plan-json.md): the names of those on, and
+    layer_checkpointing's setting. None by default, so a plan written before savers existed loads unchanged and
+    trains as it did."""
 
+    on: list[str] = field(default_factory=list)  # keys of planner.savers.SAVERS, in the table's order
     every_n_layers: int = 1  # layer_checkpointing: checkpoint every n-th decoder layer (1: every layer)
-    offload_checkpoints: bool = False  # transformers: activation_checkpointing_kwargs offload=True
-    offload_activations: bool = False  # trl: SFTConfig(activation_offloading=True)
-    mlp_tiling: bool = False  # Liger-Kernel's tiled MLP on every decoder layer
-    padding_free: bool = False  # trl: SFTConfig(packing=True, padding_free=True), flash-attention varlen
     pinned_host_gib: float = 0.0  # predicted pinned host memory on the machine (all its processes)
     host_memory_gib: Optional[float] = None  # the host RAM the plan was checked against
 
     @property
     def names(self) -> list[str]:
-        on = {"layer_checkpointing": self.every_n_layers > 1, "offload_checkpoints": self.offload_checkpoints,
-              "offload_activations": self.offload_activations, "mlp_tiling": self.mlp_tiling,
-              "padding_free": self.padding_free}
-        return [n for n in O.SAVERS if on[n]]
+        return [n for n in O.SAVERS if n in self.on]
+
+    @staticmethod
+    def upgrade(data: dict) -> dict:
+        """A version-1 savers section (one boolean per saver) as this one: the names of those set true."""
+        if not isinstance(data, dict) or not any(k in data for k in _V1_SAVER_FLAGS):
+            return data
+        data = dict(data)
+        on = [n for n in _V1_SAVER_FLAGS if data.pop(n, False)]
+        if isinstance(data.get("every_n_layers"), int) and data["every_n_layers"] > 1:
+            on.insert(0, "layer_checkpointing")
+        return {**data, "on": list(data.get("on") or []) + on}
+
+
+# the booleans a version-1 plan file's savers section held, one per saver
+_V1_SAVER_FLAGS = ("offload_checkpoints", "offload_activations", "mlp_tiling", "padding_free")
 
 
 @dataclass
@@ -197,7 +209,9 @@ class Plan:
             raise PlanError(
                 f"unknown plan version {version!r} (this loraplan reads versions {', '.join(map(str, SUPPORTED_VERSIONS))})"
             )
-        plan = build_dataclass(cls, data, "plan")
+        if version == 1 and "savers" in data:
+            data = {**data, "savers": Savers.upgrade(data["savers"])}
+        plan = build_dataclass(cls, {**data, "version": PLAN_VERSION}, "plan")
         plan.validate()
         return plan
 
@@ -245,19 +259,26 @@ class Plan:
         self._check_numbers()
 
     def _check_savers(self) -> None:
+        from .savers import SAVERS, conflict  # lazy: savers -> memory -> ... -> plan
+
         sv, t = self.savers, self.training
+        if not isinstance(sv.on, list) or not all(isinstance(n, str) for n in sv.on):
+            raise PlanError(f"savers.on must be a list of saver names, got {sv.on!r}")
+        for name in sv.on:
+            O.check_choice("savers.on", name, O.SAVERS, PlanError)
         if isinstance(sv.every_n_layers, int) and sv.every_n_layers < 1:
             raise PlanError(f"savers.every_n_layers must be at least 1, got {sv.every_n_layers}")
-        if sv.offload_checkpoints and sv.offload_activations:
-            raise PlanError("savers.offload_checkpoints and savers.offload_activations offload the same tensors: "
-                            "set one of them")
-        needs = [n for n, on in (("every_n_layers > 1", sv.every_n_layers > 1),
-                                 ("offload_checkpoints", sv.offload_checkpoints),
-                                 ("offload_activations", sv.offload_activations)) if on]
+        if ("layer_checkpointing" in sv.on) != (sv.every_n_layers > 1):
+            raise PlanError(f"savers.every_n_layers {sv.every_n_layers} contradicts savers.on: layer_checkpointing is "
+                            "on exactly when every_n_layers > 1")
+        clash = conflict(sv.on)
+        if clash:
+            raise PlanError(f"savers.on: {clash}")
+        needs = [n for n in sv.names if SAVERS[n].needs_checkpointing]
         if needs and not t.grad_checkpointing:
-            raise PlanError(f"savers.{needs[0]} needs training.grad_checkpointing: true")
-        if sv.padding_free and not (t.packing and t.attn_implementation.startswith("flash_attention")):
-            raise PlanError("savers.padding_free needs training.packing: true and a flash_attention "
+            raise PlanError(f"savers.on: {needs[0]} needs training.grad_checkpointing: true")
+        if "padding_free" in sv.on and not (t.packing and t.attn_implementation.startswith("flash_attention")):
+            raise PlanError("savers.on: padding_free needs training.packing: true and a flash_attention "
                             f"attn_implementation, got packing {t.packing}, {t.attn_implementation}")
         if sv.pinned_host_gib < 0:
             raise PlanError(f"savers.pinned_host_gib must be >= 0, got {sv.pinned_host_gib:g}")

@@ -6,7 +6,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .api import PlanResult
+from .result import PlanResult
+from .savers import SAVERS
 
 GIB = 2**30
 
@@ -82,19 +83,29 @@ def _host_and_strategies(res: PlanResult, console: Console) -> None:
     if len(res.strategies) > 1:
         st = new_table("Strategies tried (same request)")
         for col in ("strategy", "fits", "method", "micro-\nbatch", "grad\nckpt", "peak\nGiB", "load\nGiB",
-                    "host\nGiB", "tokens/s"):
+                    "host\nGiB", "tokens/s", "moved\nGB/step"):
             key_column(st, col, justify="left" if col in ("strategy", "fits", "method") else "right")
-        text_column(st, "why not")
+        text_column(st, "why (not)")
+        chosen = next((o for o in res.strategies if o.strategy == res.plan.strategy), None)
         for o in res.strategies:
             c = o.choice
             st.add_row(o.strategy, "[green]yes" if o.fits else "[red]no", c.method.upper(), str(c.micro_batch_size),
                        "on" if c.grad_checkpointing else "off", f"{c.peak_gib:.1f}", f"{o.load.gpu_gib:.1f}",
-                       f"{o.host_gib:.0f}", f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else "-", o.why_not or "")
+                       f"{o.host_gib:.0f}", f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else "-",
+                       f"{o.moved_gb:,.1f}" if o.moved_gb is not None else "-", _why(o, chosen))
         print_table(console, st)
 
-# short names for the fit table's savers column
-SAVER_SHORT = {"layer_checkpointing": "every-n", "offload_checkpoints": "offload", "offload_activations": "offload-trl",
-               "mlp_tiling": "tiled-mlp", "padding_free": "packed"}
+def _why(o, chosen) -> str:
+    """One strategy's row: why it was chosen, or not."""
+    if not o.fits:
+        return o.why_not or ""
+    if o is chosen:
+        return "chosen (Decision, strategy)"
+    if chosen is None or not (o.tokens_per_s and chosen.tokens_per_s):
+        return "fits"
+    if o.tokens_per_s > chosen.tokens_per_s:
+        return f"faster by the estimate, but within its error band of {chosen.strategy}, which moves less"
+    return f"fits, slower than {chosen.strategy} by the estimate"
 
 
 def _savers_tables(res: PlanResult, console: Console) -> None:
@@ -117,8 +128,6 @@ def _savers_tables(res: PlanResult, console: Console) -> None:
         key_column(buys, col, justify="right")
     text_column(buys, "how `run` applies it (speed figure)")
     for e in effects:
-        from .savers import SAVERS
-
         how = e.speed_source.split(":", 1)[0]  # derived | cited: the sources are in --json and tables/savers.yaml
         buys.add_row(e.name, f"{e.gib_saved:.2f}", f"{e.host_gib:.2f}", f"{e.slowdown - 1:+.1%}",
                      f"{SAVERS[e.name].applied_short} ({how})")
@@ -307,11 +316,17 @@ def _fit_cells(row, margin: float) -> tuple[dict[str, str], bool]:
         "strategy": row.strategy or "-", "method": (row.method or "").upper() if ok else "-",
         "micro-\nbatch": str(row.micro_batch_size) if ok else "-",
         "grad\nckpt": ("on" if row.grad_checkpointing else "off") if ok else "-",
-        "savers": ("+".join(SAVER_SHORT[n] for n in row.savers or []) or "-") if ok else "-",
+        "savers": ("+".join(SAVERS[n].short for n in row.savers or []) or "-") if ok else "-",
         "host\nGiB": f"{row.host_gib:.1f}" if ok and row.host_gib else "-",
         "peak\nGiB": f"{row.per_gpu_gib:.1f}", "headroom\nGiB": room,
         "tokens/s": f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
     }, short
+
+
+def _gpus(hw) -> str:
+    """The world the plan trains on, in words that match --json's world_size: "16 x H100 (2 nodes x 8)"."""
+    nodes = f" ({hw.num_nodes} nodes x {hw.num_gpus})" if hw.num_nodes > 1 else ""
+    return f"{hw.world_size} x {hw.gpu_name}{nodes}"
 
 
 def _verdict(res: PlanResult, console: Console) -> None:
@@ -328,7 +343,7 @@ def _verdict(res: PlanResult, console: Console) -> None:
         savers = (f", with {', '.join(plan.savers.names)}" if plan.savers.names else "")
         host = f" and {res.host_gib:.1f} GiB of pinned host memory" if res.host_terms else ""
         console.print(f"[bold green]FITS[/bold green]{': ' + longest.rstrip(', ') if longest else ''} on "
-                      f"{plan.hardware.num_gpus} x {plan.hardware.gpu_name}{savers}: {total:.1f} of "
+                      f"{_gpus(plan.hardware)}{savers}: {total:.1f} of "
                       f"{plan.hardware.memory_gib:.1f} GiB per GPU{host}, {head:.1f} GiB headroom")
     else:
         console.print(f"[bold red]DOES NOT FIT[/bold red] on {plan.hardware.gpu_name}. What would:")

@@ -18,9 +18,10 @@ from . import savers as S
 from .architecture import Architecture
 from .catalog import ResolvedModel, resolve_hardware, resolve_model, resolve_topology
 from .datasets import DatasetStats, dataset_stats
+from .eval_set import check_eval_set
 from .errors import ArchitectureError, InputError
 from .plan import Hardware
-from .strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, broken_combination, strategy_for
+from .strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, strategy_for
 from .targets import TargetSelection, select_targets
 
 # Longest sequence a request may name: beyond any model's context and any card's memory, but still arithmetic
@@ -45,13 +46,15 @@ class PlanRequest:
     alpha: Optional[int] = None
     dropout: Optional[float] = None
     targets: Optional[str] = None
-    seq_len: Union[int, str] = field(default_factory=lambda: O.default("seq_len"))  # or "max": the longest that fits
+    seq_len: Union[int, str, None] = None  # or "max": the longest that fits; None: the default, or the model's context when shorter
     batch_size: Optional[int] = None  # fixed micro-batch; None: choose
     global_batch_size: Optional[int] = None
     grad_checkpointing: str = field(default_factory=lambda: O.default("gradient_checkpointing"))  # CHECKPOINTING_CHOICES
     optimizer: str = field(default_factory=lambda: O.default("optimizer"))  # options.OPTIMIZERS
     loss: str = field(default_factory=lambda: O.default("loss"))  # options.LOSSES
     dataset: Optional[str] = None
+    eval_path: Optional[str] = None  # a held-out eval file (plan.dataset.eval_path)
+    eval_fraction: Optional[float] = None  # or a share of --dataset held out for eval (plan.dataset.eval_fraction)
     output_dir: Optional[str] = None
     learning_rate: Optional[float] = None
     epochs: Optional[float] = None
@@ -100,6 +103,9 @@ class Resolved:
     host_note: str = ""
     seq_len_max: bool = False  # --seq-len max: seq_len is the longest that fits (planner.context_length.longest_seq_len)
     seq_len_limit: int = MAX_SEQ_LEN  # the longest --seq-len max considers: the model's context when known
+    default_notes: dict[str, str] = field(default_factory=dict)  # a default fitted to the request: key -> why
+    eval_path: Optional[str] = None  # absolute, checked by the dataset reader
+    eval_fraction: float = 0.0
 
     @property
     def arch(self) -> Architecture:
@@ -141,8 +147,8 @@ def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = Fal
 def validate(req: PlanRequest) -> None:
     """One-line InputErrors for options that no plan can be built from."""
     if req.seq_len is None:
-        raise InputError("--seq-len must be a positive number of tokens, got None")
-    if isinstance(req.seq_len, str):
+        pass  # the default (resolve: the model's context when shorter)
+    elif isinstance(req.seq_len, str):
         if req.seq_len.strip().lower() != SEQ_LEN_MAX:
             raise InputError(f"--seq-len must be a positive number of tokens or max, got {req.seq_len!r}")
     else:
@@ -161,7 +167,6 @@ def validate(req: PlanRequest) -> None:
     O.check_choice("--grad-checkpointing", req.grad_checkpointing, O.CHECKPOINTING_CHOICES, InputError)
     O.check_choice("--optimizer", req.optimizer, tuple(O.OPTIMIZERS), InputError)
     O.check_choice("--loss", req.loss, O.LOSSES, InputError)
-    O.check_choice("--strategy", req.strategy, STRATEGY_CHOICES, InputError)
     O.parse_savers(req.savers, error=InputError)
 
 
@@ -173,8 +178,9 @@ def _savers(req: PlanRequest, arch: Architecture, hw: Hardware, seq_len_max: boo
         why = S.SAVERS[name].applies(arch, hw)
         if why:
             raise InputError(f"--savers {S.cli_name(name)}=on: {why}")
-    if all(n in on for n in S.OFFLOADS):
-        raise InputError("--savers: offload-checkpoints and offload-activations offload the same tensors; turn one on")
+    clash = S.conflict(on)
+    if clash:
+        raise InputError(f"--savers: {clash}")
     ckpt = [n for n in on if S.SAVERS[n].needs_checkpointing]
     if ckpt and req.grad_checkpointing == "off":
         raise InputError(f"--savers {S.cli_name(ckpt[0])}=on needs gradient checkpointing, which "
@@ -219,19 +225,15 @@ def _adapter(arch: Architecture, req: PlanRequest) -> tuple[TargetSelection, int
 
 def _strategy(req: PlanRequest, hw: Hardware) -> Strategy:
     """The strategy asked for, checked against the topology; else the hardware's default."""
+    O.check_choice("--strategy", req.strategy, STRATEGY_CHOICES, InputError)  # the table's names: checked here
     if req.strategy == "auto":
         return strategy_for(hw)
     s = STRATEGIES[req.strategy]
-    if s.name == "cpu" and hw.gpu != "cpu":
-        raise InputError("--strategy cpu is for --gpu cpu")
-    if s.name in ("single", "cpu") and hw.world_size > 1:
-        raise InputError(f"--strategy {s.name} trains in one process; this plan has {hw.world_size} GPUs")
-    if s.name == "ddp" and hw.world_size == 1:
-        raise InputError("--strategy ddp needs --num-gpus 2 or more")
-    if s.sharded and hw.gpu == "cpu" and hw.world_size == 1:
-        raise InputError(f"--strategy {s.name} on the CPU needs --num-gpus 2 or more (processes)")
+    unusable = s.unusable_on(hw)
+    if unusable:
+        raise InputError(unusable)
     methods = O.METHODS if req.method == "auto" else (req.method,)
-    broken = [broken_combination(s, m, req.optimizer) for m in methods]
+    broken = [s.refuses(m, req.optimizer) for m in methods]
     if all(broken):  # every method the request allows is a combination the stack breaks
         raise InputError(broken[-1])
     return s
@@ -269,24 +271,38 @@ def resolve(req: PlanRequest) -> Resolved:
     notes += topology.notes
     sel, r, alpha, dropout = _adapter(model.arch, req)
     strategy = _strategy(dataclasses.replace(req, method=method), hw)
-    gbs = req.global_batch_size if req.global_batch_size is not None else int(O.default("global_batch_size"))
     ways = hw.world_size if strategy.data_parallel else 1
+    defaults: dict[str, str] = {}  # defaults fitted to the request, with why
+    gbs = req.global_batch_size
+    if gbs is None:  # the default, rounded up to a multiple of the world so that it divides
+        default_gbs = int(O.default("global_batch_size"))
+        gbs = -(-default_gbs // ways) * ways
+        if gbs != default_gbs:
+            defaults["global_batch_size"] = (f"global batch {gbs}: the default {default_gbs} rounded up to a multiple of "
+                                              f"the {ways} GPUs (--global-batch-size)")
     if gbs % ways:
         raise InputError(f"--global-batch-size {gbs} is not divisible by {hw.world_size} GPUs")
     per_gpu_batch = gbs // ways
     if req.batch_size and per_gpu_batch % req.batch_size:
         raise InputError(f"--batch-size {req.batch_size} does not divide the per-GPU batch {per_gpu_batch} "
-                         f"(global batch {gbs} over {hw.num_gpus} GPU(s))")
+                         f"(global batch {gbs} over {ways} GPU(s))")
     seq_len_max = isinstance(req.seq_len, str)
     context = model.arch.config.get("max_position_embeddings")
     limit = min(MAX_SEQ_LEN, context) if isinstance(context, int) and context >= O.SEQ_LEN_STEP else MAX_SEQ_LEN
     limit -= limit % O.SEQ_LEN_STEP
     seq_len = limit if seq_len_max else req.seq_len  # --seq-len max: planner.api searches below the limit
+    if seq_len is None:
+        seq_len = int(O.default("seq_len"))
+        if isinstance(context, int) and 0 < context < seq_len:
+            defaults["seq_len"] = (f"{context:,}: the model's context (max_position_embeddings), shorter than the "
+                                   f"default {seq_len:,}")
+            seq_len = context
     savers = _savers(req, model.arch, hw, seq_len_max)
     dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
     # the model's own tokenizer.json counts the tokens when the model is a local folder (else 4 chars per token)
     ds = dataset_stats(dataset, seq_len, tokenizer_dir=model.ref.path) if dataset else None
     epochs, epochs_reason = _epochs(req, ds)
+    eval_path, eval_fraction = check_eval_set(req.eval_path, req.eval_fraction, ds.format if ds else None)
     return Resolved(
         model=model, selection=sel, hardware=hw, hardware_note="; ".join(notes), strategy=strategy,
         strategy_choice=req.strategy, host_memory_assumed=topology.host_assumed,
@@ -298,5 +314,5 @@ def resolve(req: PlanRequest) -> Resolved:
         epochs=epochs, epochs_reason=epochs_reason, max_steps=req.max_steps, train_tokens=req.train_tokens,
         dataset=ds, savers=savers, host_memory_gib=hw.host_memory_gib or 0.0, host_note=topology.host_note,
         seq_len_max=seq_len_max,
-        seq_len_limit=limit,
+        seq_len_limit=limit, default_notes=defaults, eval_path=eval_path, eval_fraction=eval_fraction,
     )

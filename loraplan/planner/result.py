@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import versions
 from . import memory as M
 from .architecture import Architecture
 from .catalog import ResolvedModel
@@ -139,6 +140,7 @@ class PlanResult:
             },
             "training": dict(plan.to_dict()["training"]),
             "assumptions": plan.assumptions,
+            "assumed_versions": versions.assumed(),
             "warnings": self.warnings,
             "strategies": [o.to_dict() for o in self.strategies],
             "loading": None if self.load is None else dataclasses.asdict(self.load),

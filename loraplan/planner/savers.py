@@ -17,10 +17,11 @@ Nothing here imports torch: `unmet_requirements` takes what the machine has as a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from loraplan.tables import savers as savers_table
 
 from . import memory as M
 from . import options as O
@@ -28,16 +29,11 @@ from . import throughput as TP
 from .architecture import Architecture
 from .plan import Hardware
 
-GIB = 2**30
-OFFLOADS = ("offload_checkpoints", "offload_activations")
 
 
-@functools.lru_cache(maxsize=1)
 def table() -> dict:
     """tables/savers.yaml: the savers' coefficients and sources."""
-    from .catalog import load_table
-
-    return load_table("savers.yaml")
+    return savers_table()
 
 
 def host_pinned_share() -> float:
@@ -50,35 +46,42 @@ def host_link_bytes_per_s() -> float:
 
 @dataclass(frozen=True)
 class SaverSet:
-    """Which savers a configuration uses. The default is none: the plan without savers."""
+    """Which savers a configuration uses: a set of names (keys of SAVERS), and layer_checkpointing's setting.
+    The default is none: the plan without savers."""
 
-    every_n_layers: int = 1  # layer_checkpointing when > 1
-    offload: Optional[str] = None  # offload_checkpoints | offload_activations | None
-    mlp_tiling: bool = False
-    padding_free: bool = False
+    on: frozenset[str] = frozenset()
+    every_n_layers: int = 1  # layer_checkpointing's setting: > 1 exactly when it is on
+
+    def __post_init__(self):
+        object.__setattr__(self, "on", frozenset(self.on))
+        unknown = self.on - set(SAVERS)
+        if unknown:
+            raise ValueError(f"unknown savers {sorted(unknown)}")
+        if ("layer_checkpointing" in self.on) != (self.every_n_layers > 1):
+            raise ValueError("layer_checkpointing is on exactly when every_n_layers > 1")
+
+    @classmethod
+    def of(cls, *names: str, every_n_layers: int = 2) -> "SaverSet":
+        """The set of `names`; layer_checkpointing among them checkpoints every `every_n_layers` layers."""
+        return cls(frozenset(names), every_n_layers if "layer_checkpointing" in names else 1)
 
     @property
     def names(self) -> tuple[str, ...]:
-        on = {"layer_checkpointing": self.every_n_layers > 1, "offload_checkpoints": self.offload == OFFLOADS[0],
-              "offload_activations": self.offload == OFFLOADS[1], "mlp_tiling": self.mlp_tiling,
-              "padding_free": self.padding_free}
-        return tuple(n for n in O.SAVERS if on[n])
+        return tuple(n for n in SAVERS if n in self.on)
 
     def without(self, name: str) -> "SaverSet":
-        if name == "layer_checkpointing":
-            return dataclasses.replace(self, every_n_layers=1)
-        if name in OFFLOADS:
-            return dataclasses.replace(self, offload=None)
-        return dataclasses.replace(self, **{name: False})
+        return SaverSet(self.on - {name}, 1 if name == "layer_checkpointing" else self.every_n_layers)
+
+    def every(self, n: int) -> "SaverSet":
+        """The same set with layer_checkpointing every n layers (n = 1: off)."""
+        on = self.on | {"layer_checkpointing"} if n > 1 else self.on - {"layer_checkpointing"}
+        return SaverSet(on, n)
 
     def describe(self) -> str:
         parts = []
         for n in self.names:
             parts.append(f"layer_checkpointing (every {self.every_n_layers} layers)" if n == "layer_checkpointing" else n)
         return ", ".join(parts) or "none"
-
-
-NONE = SaverSet()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,11 +147,60 @@ def _offload_terms(arch: Architecture, shape: M.Shape) -> list[M.Term]:
 
 
 def _mlp_tile_terms(arch: Architecture, shape: M.Shape) -> list[M.Term]:
-    return [M.Term("mlp_tile", M.mlp_tile_bytes(arch, shape), "(s + s_rc) x (6h + 11i) x tile tokens", "activations")]
+    return [M.Term("mlp_tile", M.mlp_tile_bytes(arch, shape), "(s + s_rc) x (6i + MLP LoRA) x tile tokens", "activations")]
 
 
 def _no_terms(arch: Architecture, shape: M.Shape) -> list[M.Term]:
     return []
+
+
+def _pinned_terms(arch: Architecture, shape: M.Shape, processes: int) -> list[M.Term]:
+    """Pinned host memory on the machine: per process, times the processes sharing the host."""
+    per = pinned_host_bytes(arch, shape)
+    where = f" x {processes} processes" if processes > 1 else ""
+    return [M.Term("pinned_checkpoints", per * processes, f"ceil(L/n) x 2^ceil(log2(dtype x h x T)){where}", "host")]
+
+
+def _no_host_terms(arch: Architecture, shape: M.Shape, processes: int) -> list[M.Term]:
+    return []
+
+
+# what a saver changes in the Shape the memory terms read, given the set it is in
+
+
+def _every_n(shape: M.Shape, arch: Architecture, savers: "SaverSet", name: str) -> M.Shape:
+    return dataclasses.replace(shape, every_n_layers=savers.every_n_layers)
+
+
+def _offloaded(shape: M.Shape, arch: Architecture, savers: "SaverSet", name: str) -> M.Shape:
+    resident = int(table()["savers"][name]["resident_inputs"])
+    return dataclasses.replace(shape, checkpoints_offloaded=True, offload_resident_inputs=resident)
+
+
+def _tiled(shape: M.Shape, arch: Architecture, savers: "SaverSet", name: str) -> M.Shape:
+    shards = max(1, math.ceil(shape.seq_len / arch.hidden_size))  # Liger's default num_shards
+    return dataclasses.replace(shape, mlp_tile_tokens=shape.micro_batch_size * math.ceil(shape.seq_len / shards))
+
+
+def _unchanged(shape: M.Shape, arch: Architecture, savers: "SaverSet", name: str) -> M.Shape:
+    return shape
+
+
+# the time a saver adds per token on one GPU, given the compute time per token
+
+
+def _copy_seconds(arch: Architecture, shape: M.Shape, compute_s: float, name: str) -> float:
+    """The offload's copies over the host link: blocking copies add 2 x transfer / link; copies on a second stream
+    add only what exceeds the compute they overlap, plus a cited overhead (tables/savers.yaml)."""
+    copy = 2 * transfer_bytes_per_token(arch, shape) / host_link_bytes_per_s()
+    c = table()["savers"][name]
+    if c.get("overlap"):
+        return max(0.0, copy - compute_s) + float(c.get("async_overhead", 0.0)) * compute_s
+    return copy
+
+
+def _no_seconds(arch: Architecture, shape: M.Shape, compute_s: float, name: str) -> float:
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,15 +209,22 @@ def _no_terms(arch: Architecture, shape: M.Shape) -> list[M.Term]:
 
 @dataclass(frozen=True)
 class Saver:
+    """One saver, with every condition on it. Its facts (coefficients, sources, default modes, how `run` applies
+    it, its short name) are its entry in tables/savers.yaml; adding a saver is an entry here and there."""
+
     name: str
-    summary: str  # what it does, in a line
     needs_checkpointing: bool
     applies: Callable[[Architecture, Hardware], Optional[str]]
+    reshape: Callable[[M.Shape, Architecture, "SaverSet", str], M.Shape]  # what it changes in the memory terms
     gpu_terms: Callable[[Architecture, M.Shape], list[M.Term]]  # terms it adds to each GPU's budget
+    host_terms: Callable[[Architecture, M.Shape, int], list[M.Term]]  # host memory it takes on the machine
+    extra_seconds: Callable[[Architecture, M.Shape, float, str], float]  # time per token it adds to the compute
+    excludes: Optional[str]  # a group of savers that move the same tensors: at most one of a group is on
     needs_cuda: bool  # `run` refuses it on a machine without a CUDA device
     library: Optional[str]  # an import `run` needs beyond the [run] extra
     install: Optional[str]
     chosen_automatically: bool  # False: only `--savers NAME=on` adds it (it changes no planned memory)
+    settings: Callable[["Saver", str, Architecture], list[int]]  # a mode -> the settings to try, 0 meaning off
 
     @property
     def coefficients(self) -> dict:
@@ -183,20 +242,67 @@ class Saver:
     def applied_short(self) -> str:
         return self.coefficients["applied_short"]
 
+    @property
+    def short(self) -> str:
+        return self.coefficients["short"]
+
+    @property
+    def run(self) -> dict:
+        """How `run` applies it (executor/saver_settings.py): {checkpointing: kwargs} | {sft_config: fields} |
+        {model_patch: name}; the value `setting` stands for the saver's setting."""
+        return self.coefficients["run"]
+
+
+
+def _on_off(saver: Saver, mode: str, arch: Architecture) -> list[int]:
+    """A saver without a setting: on -> [1], auto -> [0, 1] when the planner chooses it itself, off -> [0]."""
+    if mode == "on":
+        return [1]
+    return [0, 1] if mode == "auto" and saver.chosen_automatically else [0]
+
+
+def _every_n_values(saver: Saver, mode: str, arch: Architecture) -> list[int]:
+    """layer_checkpointing's setting is every_n_layers (1 is plain checkpointing, so 0 and 1 both mean off): the
+    values of tables/savers.yaml below the model's depth, from the fastest down."""
+    ns = [n for n in (int(x) for x in saver.coefficients["every_n_layers"]) if n < arch.num_layers]
+    return {"on": ns or [2], "auto": [0] + ns}.get(mode, [0])
+
+
+_CKPT_OFFLOAD = "checkpointed layer inputs"  # the offloads move the same tensors: at most one of them
 
 SAVERS: dict[str, Saver] = {s.name: s for s in (
-    Saver("layer_checkpointing", "checkpoint every n-th decoder layer only; the others keep their activations",
-          True, _always, _no_terms, False, None, None, True),
-    Saver("offload_checkpoints", "checkpointed layer inputs in pinned host memory (blocking copies)",
-          True, _device_only, _offload_terms, True, None, None, True),
-    Saver("offload_activations", "checkpointed layer inputs in pinned host memory (copies on a second stream)",
-          True, _device_only, _offload_terms, True, None, None, True),
-    Saver("mlp_tiling", "the MLP over the sequence in tiles, recomputed in the backward",
-          False, _dense_gated_mlp, _mlp_tile_terms, True, "liger_kernel", "pip install liger-kernel", True),
-    Saver("padding_free", "rows packed without padding (flash-attention's variable-length kernel)",
-          False, _flash_attention, _no_terms, True, "flash_attn", "pip install flash-attn", False),
+    Saver("layer_checkpointing", needs_checkpointing=True, applies=_always, reshape=_every_n, gpu_terms=_no_terms,
+          host_terms=_no_host_terms, extra_seconds=_no_seconds, excludes=None, needs_cuda=False, library=None,
+          install=None, chosen_automatically=True, settings=_every_n_values),
+    Saver("offload_checkpoints", needs_checkpointing=True, applies=_device_only, reshape=_offloaded,
+          gpu_terms=_offload_terms, host_terms=_pinned_terms, extra_seconds=_copy_seconds, excludes=_CKPT_OFFLOAD,
+          needs_cuda=True, library=None, install=None, chosen_automatically=True, settings=_on_off),
+    Saver("offload_activations", needs_checkpointing=True, applies=_device_only, reshape=_offloaded,
+          gpu_terms=_offload_terms, host_terms=_pinned_terms, extra_seconds=_copy_seconds, excludes=_CKPT_OFFLOAD,
+          needs_cuda=True, library=None, install=None, chosen_automatically=True, settings=_on_off),
+    Saver("mlp_tiling", needs_checkpointing=False, applies=_dense_gated_mlp, reshape=_tiled,
+          gpu_terms=_mlp_tile_terms, host_terms=_no_host_terms, extra_seconds=_no_seconds, excludes=None,
+          needs_cuda=True, library="liger_kernel", install="pip install liger-kernel", chosen_automatically=True,
+          settings=_on_off),
+    Saver("padding_free", needs_checkpointing=False, applies=_flash_attention, reshape=_unchanged, gpu_terms=_no_terms,
+          host_terms=_no_host_terms, extra_seconds=_no_seconds, excludes=None, needs_cuda=True, library="flash_attn",
+          install="pip install flash-attn", chosen_automatically=False,
+          settings=_on_off),
 )}
-assert tuple(SAVERS) == O.SAVERS, "planner.options.SAVERS and the table must list the same savers"
+assert tuple(SAVERS) == O.SAVERS, "tables/savers.yaml and the table must list the same savers, in the same order"
+NONE = SaverSet()
+
+
+def conflict(names) -> Optional[str]:
+    """Two savers of one `excludes` group, in one line; None when the names can be on together."""
+    seen: dict[str, str] = {}
+    for n in names:
+        group = SAVERS[n].excludes
+        if group and group in seen:
+            return f"{seen[group]} and {n} offload the same tensors ({group}): set one of them"
+        if group:
+            seen[group] = n
+    return None
 
 
 def cli_name(name: str) -> str:
@@ -207,14 +313,11 @@ def apply(shape: M.Shape, arch: Architecture, savers: SaverSet) -> M.Shape:
     """The shape with the savers' effects on the memory terms."""
     if savers == NONE:
         return shape
-    resident = int(SAVERS[savers.offload].coefficients["resident_inputs"]) if savers.offload else 0
-    tile = 0
-    if savers.mlp_tiling:
-        shards = max(1, math.ceil(shape.seq_len / arch.hidden_size))  # Liger's default num_shards
-        tile = shape.micro_batch_size * math.ceil(shape.seq_len / shards)
-    return dataclasses.replace(shape, every_n_layers=savers.every_n_layers,
-                               checkpoints_offloaded=savers.offload is not None, offload_resident_inputs=resident,
-                               mlp_tile_tokens=tile)
+    out = dataclasses.replace(shape, every_n_layers=1, checkpoints_offloaded=False, offload_resident_inputs=0,
+                              mlp_tile_tokens=0)
+    for name in savers.names:
+        out = SAVERS[name].reshape(out, arch, savers, name)
+    return out
 
 
 def gpu_terms(arch: Architecture, shape: M.Shape, savers: SaverSet) -> list[M.Term]:
@@ -225,12 +328,11 @@ def gpu_terms(arch: Architecture, shape: M.Shape, savers: SaverSet) -> list[M.Te
 
 
 def host_terms(arch: Architecture, shape: M.Shape, savers: SaverSet, processes: int) -> list[M.Term]:
-    """Pinned host memory the savers take on the machine: per process, times the processes sharing the host."""
-    if not savers.offload:
-        return []
-    per = pinned_host_bytes(arch, shape)
-    where = f" x {processes} processes" if processes > 1 else ""
-    return [M.Term("pinned_checkpoints", per * processes, f"ceil(L/n) x 2^ceil(log2(dtype x h x T)){where}", "host")]
+    """Host memory the savers take on the machine (pinned): per process, times the processes sharing the host."""
+    out: list[M.Term] = []
+    for name in savers.names:
+        out += SAVERS[name].host_terms(arch, shape, processes)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,18 +341,11 @@ def host_terms(arch: Architecture, shape: M.Shape, savers: SaverSet, processes: 
 
 def seconds_per_token(arch: Architecture, shape: M.Shape, savers: SaverSet, peak_tflops: Optional[float]) -> float:
     """Time per token on one GPU: the FLOP model (planner.throughput, with the recompute of partial checkpointing
-    and the MLP tiling's extra forward) plus the offload's copies over the host link:
-    blocking copies add 2 x transfer / link; copies on a second stream add only what exceeds the compute they
-    overlap, plus a cited overhead (tables/savers.yaml). Without a known peak, the nominal one orders savers."""
+    and the MLP tiling's extra forward) plus what each saver adds (the offloads' copies over the host link).
+    Without a known peak, the nominal one orders savers."""
     peak = peak_tflops or float(table()["nominal_peak_tflops"])
     compute = 1.0 / TP.tokens_per_second(arch, shape, peak)
-    if not savers.offload:
-        return compute
-    copy = 2 * transfer_bytes_per_token(arch, shape) / host_link_bytes_per_s()
-    c = SAVERS[savers.offload].coefficients
-    if c.get("overlap"):
-        return compute + max(0.0, copy - compute) + float(c.get("async_overhead", 0.0)) * compute
-    return compute + copy
+    return compute + sum(SAVERS[n].extra_seconds(arch, shape, compute, n) for n in savers.names)
 
 
 def tokens_per_second(arch: Architecture, shape: M.Shape, savers: SaverSet,
@@ -267,9 +362,7 @@ def tokens_per_second(arch: Architecture, shape: M.Shape, savers: SaverSet,
 
 def forced(modes: dict[str, str]) -> SaverSet:
     """The savers the request turns on (`--savers NAME=on`), as a set; layer_checkpointing on starts at every 2."""
-    offload = next((n for n in OFFLOADS if modes.get(n) == "on"), None)
-    return SaverSet(every_n_layers=2 if modes.get("layer_checkpointing") == "on" else 1, offload=offload,
-                    mlp_tiling=modes.get("mlp_tiling") == "on", padding_free=modes.get("padding_free") == "on")
+    return SaverSet.of(*(n for n in SAVERS if modes.get(n) == "on"), every_n_layers=2)
 
 
 def allowed(modes: dict[str, str], arch: Architecture, hw: Hardware) -> dict[str, str]:
@@ -278,31 +371,24 @@ def allowed(modes: dict[str, str], arch: Architecture, hw: Hardware) -> dict[str
 
 
 def candidate_sets(modes: dict[str, str], arch: Architecture, hw: Hardware) -> list[SaverSet]:
-    """Every saver set the modes allow on this model and card (on: always in; auto: in or out; off: out)."""
+    """Every saver set the modes allow on this model and card (on: always in; auto: in or out; off: out), in the
+    table's order; a saver whose group another saver forced on stays out."""
     modes = allowed(modes, arch, hw)
-
-    def choices(name: str) -> list:
-        m = modes[name]
-        auto = m == "auto" and SAVERS[name].chosen_automatically
-        return [m == "on"] if not auto else [False, True]
-
-    ns = [int(n) for n in table()["savers"]["layer_checkpointing"]["every_n_layers"]]
-    if modes["layer_checkpointing"] == "on":
-        every = [n for n in ns if n < arch.num_layers] or [2]
-    elif modes["layer_checkpointing"] == "auto":
-        every = [1] + [n for n in ns if n < arch.num_layers]
-    else:
-        every = [1]
-    offloads: list[Optional[str]] = [n for n in OFFLOADS if modes[n] == "on"]
-    if not offloads:
-        offloads = [None] + [n for n in OFFLOADS if modes[n] == "auto"]
-    out = []
-    for n in every:
-        for off in offloads:
-            for tile in choices("mlp_tiling"):
-                for pf in choices("padding_free"):
-                    out.append(SaverSet(every_n_layers=n, offload=off, mlp_tiling=tile, padding_free=pf))
-    return out
+    forced_groups = {SAVERS[n].excludes for n, m in modes.items() if m == "on" and SAVERS[n].excludes}
+    sets: list[tuple[frozenset[str], int]] = [(frozenset(), 1)]
+    for name, saver in SAVERS.items():
+        mode = modes[name]
+        if mode == "auto" and saver.excludes in forced_groups:
+            mode = "off"
+        grown = []
+        for on, every in sets:
+            for setting in saver.settings(saver, mode, arch):
+                if not setting:
+                    grown.append((on, every))
+                elif not conflict(on | {name}):  # the one setting a set holds is layer_checkpointing's
+                    grown.append((on | {name}, setting if saver.settings is _every_n_values else every))
+        sets = grown
+    return [SaverSet(on, every) for on, every in sets]
 
 
 def needs_checkpointing(savers: SaverSet) -> bool:

@@ -2,8 +2,7 @@
 
 Each entry says when it is the default, how the global batch divides, how it turns the single-GPU memory terms into
 one rank's (planner.memory -> this rank), how `run` launches it and how the adapter is saved. Adding a strategy is
-adding an entry here (and, when it launches differently, a launcher in `executor/runner.py`'s table keyed by
-`launcher`).
+adding an entry here (and, when it launches differently, a launcher in the executor's table keyed by `launcher`).
 """
 
 from __future__ import annotations
@@ -21,15 +20,42 @@ Budget = Callable[[Sequence[Term], Architecture, int, Shape, Hardware], list[Ter
 
 @dataclass(frozen=True)
 class Strategy:
+    """One way to spread a plan over devices. Every condition on a strategy lives in its entry: nothing outside this
+    table compares strategy names."""
+
     name: str
     default_for: Callable[[Hardware], bool]  # the first entry whose test passes is the default for that hardware
     data_parallel: bool  # True: each of the world's processes takes global_batch / world sequences per step
     multi_node: bool  # can span nodes (hardware.num_nodes > 1)
     sharded: bool  # the model's weights are sharded over the ranks (FSDP)
+    offload_params: bool  # the weight and adapter shards live in host memory between uses (FSDP's CPU offload)
+    collective: str  # what a step moves between ranks: "none" | "all-reduce" | "all-gather+reduce-scatter"
+    min_world_size: int  # fewer processes than this: the strategy cannot run (ddp and fsdp need 2)
+    max_world_size: Optional[int]  # more processes than this: it cannot run (in-process strategies take 1)
+    device: str  # "cpu": only on --gpu cpu; "any": on a GPU, or on the CPU with processes
+    auto: bool  # tried by the decision across strategies (--strategy auto) when the world has several processes
     launcher: str  # "in-process" (this process trains) | "accelerate" (accelerate's launcher starts workers)
-    saves: str  # who writes checkpoints and the adapter
+    saves: str  # who writes checkpoints and the adapter (shown in the plan's strategy reason)
     budget: Budget  # the single-GPU terms -> one rank's terms, given trainable params P
     describe: Callable[[Hardware], str]  # the reason shown in the plan
+
+    def unusable_on(self, hw: Hardware) -> Optional[str]:
+        """Why this strategy cannot run on the hardware, in one line; None when it can."""
+        if self.device == "cpu" and hw.gpu != "cpu":
+            return f"--strategy {self.name} is for --gpu cpu"
+        if self.max_world_size is not None and hw.world_size > self.max_world_size:
+            return f"--strategy {self.name} trains in one process; this plan has {hw.world_size} GPUs"
+        if hw.world_size < self.min_world_size:
+            return f"--strategy {self.name} needs --num-gpus {self.min_world_size} or more"
+        if self.sharded and hw.gpu == "cpu" and hw.world_size == 1:  # FSDP's process group on the CPU: gloo, 2+ ranks
+            return f"--strategy {self.name} on the CPU needs --num-gpus 2 or more (processes)"
+        if hw.num_nodes > 1 and not self.multi_node:
+            return f"--strategy {self.name} runs on one machine; this plan has {hw.num_nodes} nodes"
+        return None
+
+    def refuses(self, method: str, optimizer: str) -> Optional[str]:
+        """Why the stack cannot run this method and optimizer under this strategy (a known break), or None."""
+        return BROKEN.get((self.sharded, method, optimizer))
 
 
 def _as_is(terms, arch, p, shape, hw) -> list[Term]:
@@ -60,23 +86,34 @@ def _where(hw: Hardware) -> str:
     return f"{hw.num_gpus} GPUs" if hw.num_nodes == 1 else f"{hw.num_nodes} nodes x {hw.num_gpus} GPUs"
 
 
+_RANK0_SAVES = "rank 0, after the gradients' all-reduce"
+_SHARDS_SAVE = "every rank its shard (sharded checkpoints); the adapter gathered whole by rank 0"
+
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("cpu", lambda hw: hw.gpu == "cpu" and hw.world_size == 1, False, False, False, "in-process",
-             "this process", _as_is, lambda hw: "no GPU: trains on the CPU (for small models and tests)"),
-    Strategy("single", lambda hw: hw.world_size == 1, False, False, False, "in-process", "this process",
-             _as_is, lambda hw: "one GPU, in-process"),
-    Strategy("ddp", lambda hw: hw.world_size > 1, True, True, False, "accelerate",
-             "rank 0, after the gradients' all-reduce", _ddp,
-             lambda hw: f"data-parallel over {_where(hw)} through accelerate's launcher: each holds a whole copy of "
-                        "the model"),
-    Strategy("fsdp", lambda hw: False, True, True, True, "accelerate",
-             "every rank its shard (sharded checkpoints); the adapter gathered whole by rank 0", _fsdp,
-             lambda hw: f"fully sharded (torch FSDP2 through accelerate) over {_where(hw)}: each rank holds 1/"
-                        f"{hw.world_size} of the weights and adapter states, and gathers two layers at a time"),
-    Strategy("fsdp-offload", lambda hw: False, True, True, True, "accelerate",
-             "every rank its shard (sharded checkpoints); the adapter gathered whole by rank 0", _fsdp_offload,
-             lambda hw: f"fully sharded with CPU offload over {_where(hw)}: the weight and adapter shards live in "
-                        "host memory and are copied in layer by layer"),
+    Strategy("cpu", lambda hw: hw.gpu == "cpu" and hw.world_size == 1, data_parallel=False, multi_node=False,
+             sharded=False, offload_params=False, collective="none", min_world_size=1, max_world_size=1,
+             device="cpu", auto=False, launcher="in-process", saves="this process", budget=_as_is,
+             describe=lambda hw: "no GPU: trains on the CPU (for small models and tests)"),
+    Strategy("single", lambda hw: hw.world_size == 1, data_parallel=False, multi_node=False, sharded=False,
+             offload_params=False, collective="none", min_world_size=1, max_world_size=1, device="any", auto=False,
+             launcher="in-process", saves="this process", budget=_as_is,
+             describe=lambda hw: "one GPU, in-process"),
+    Strategy("ddp", lambda hw: hw.world_size > 1, data_parallel=True, multi_node=True, sharded=False,
+             offload_params=False, collective="all-reduce", min_world_size=2, max_world_size=None, device="any",
+             auto=True, launcher="accelerate", saves=_RANK0_SAVES, budget=_ddp,
+             describe=lambda hw: f"data-parallel over {_where(hw)} through accelerate's launcher: each holds a whole "
+                                 "copy of the model"),
+    Strategy("fsdp", lambda hw: False, data_parallel=True, multi_node=True, sharded=True, offload_params=False,
+             collective="all-gather+reduce-scatter", min_world_size=1, max_world_size=None, device="any", auto=True,
+             launcher="accelerate", saves=_SHARDS_SAVE, budget=_fsdp,
+             describe=lambda hw: f"fully sharded (torch FSDP2 through accelerate) over {_where(hw)}: each rank holds "
+                                 f"1/{hw.world_size} of the weights and adapter states, and gathers two layers at a "
+                                 "time"),
+    Strategy("fsdp-offload", lambda hw: False, data_parallel=True, multi_node=True, sharded=True, offload_params=True,
+             collective="all-gather+reduce-scatter", min_world_size=1, max_world_size=None, device="any", auto=True,
+             launcher="accelerate", saves=_SHARDS_SAVE, budget=_fsdp_offload,
+             describe=lambda hw: f"fully sharded with CPU offload over {_where(hw)}: the weight and adapter shards "
+                                 "live in host memory and are copied in layer by layer"),
 )}
 
 
@@ -113,6 +150,10 @@ BROKEN = {
 }
 
 
-def broken_combination(strategy: Strategy, method: str, optimizer: str) -> Optional[str]:
-    """Why the stack cannot run this combination, or None."""
-    return BROKEN.get((strategy.sharded, method, optimizer))
+def auto_candidates() -> list[Strategy]:
+    """What --strategy auto tries over several processes, in the table's order (ties go to the earlier entry)."""
+    return [s for s in STRATEGIES.values() if s.auto]
+
+
+def sharded_strategies() -> list[Strategy]:
+    return [s for s in STRATEGIES.values() if s.sharded]

@@ -13,7 +13,7 @@ from typing import Optional
 
 from . import memory as M
 from . import savers as S
-from .catalog import gpus
+from loraplan.tables import gpus
 from .decide import Choice, candidate, checkpointing_to_try, host_bound, methods_to_try, micro_batches_to_try
 from .request import Resolved
 

@@ -36,7 +36,7 @@ def calibration_cases() -> list[dict]:
 
 
 def catalog_cases() -> list[dict]:
-    from loraplan.planner.catalog import models
+    from loraplan.tables import models
 
     cases = []
     for name in models():

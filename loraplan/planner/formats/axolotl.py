@@ -182,19 +182,19 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
         cfg["lora_target_parameters"] = list(lora.target_parameters)
     cfg.update(sequence_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                gradient_accumulation_steps=t.grad_accum_steps,
-               gradient_checkpointing="offload" if sv.offload_checkpoints else bool(t.grad_checkpointing),
+               gradient_checkpointing="offload" if "offload_checkpoints" in sv.on else bool(t.grad_checkpointing),
                optimizer=_hf_optim(t.optimizer), learning_rate=t.learning_rate, num_epochs=t.num_epochs)
     if t.max_steps and t.max_steps > 0:
         cfg["max_steps"] = t.max_steps
-    cfg["sample_packing"] = bool(sv.padding_free)
-    if sv.mlp_tiling:
+    cfg["sample_packing"] = "padding_free" in sv.on
+    if "mlp_tiling" in sv.on:
         cfg["tiled_mlp"] = True
     if t.loss == "fused":
         cfg["plugins"] = [CCE_PLUGIN]
         cfg["cut_cross_entropy"] = True
     cfg["bf16"] = t.dtype == "bfloat16"
     cfg["fp16"] = t.dtype == "float16"
-    if sv.padding_free:
+    if "padding_free" in sv.on:
         cfg["attn_implementation"] = "flash_attention_2"  # axolotl 0.19 deprecates flash_attention: true
     if plan.dataset.path:
         cfg["datasets"] = [{"path": plan.dataset.path, "ds_type": plan.dataset.path.rsplit(".", 1)[-1].replace("jsonl", "json")}]
@@ -208,7 +208,7 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
     cannot = []
     if sv.every_n_layers > 1:
         cannot.append(f"checkpointing every {sv.every_n_layers}th layer only (axolotl checkpoints every layer)")
-    if sv.offload_activations:
+    if "offload_activations" in sv.on:
         cannot.append("offloading every activation to the host (trl's activation_offloading)")
     if plan.dataset.path:
         cannot.append("the dataset's row format: set `type:` under datasets (alpaca, chat_template, completion, ...)")

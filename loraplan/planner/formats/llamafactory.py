@@ -157,8 +157,8 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
                optim=OPTIMIZERS[t.optimizer].hf_name, learning_rate=t.learning_rate, num_train_epochs=t.num_epochs)
     if t.max_steps and t.max_steps > 0:
         cfg["max_steps"] = t.max_steps
-    cfg["packing"] = bool(sv.padding_free)
-    if sv.padding_free:
+    cfg["packing"] = "padding_free" in sv.on
+    if "padding_free" in sv.on:
         cfg["neat_packing"] = True  # packed rows kept apart (block-diagonal attention), as padding-free trl does
     cfg["enable_liger_kernel"] = t.loss == "fused"
     cfg["bf16"] = t.dtype == "bfloat16"
@@ -174,9 +174,9 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
                       + "): lora_target names modules only, so the experts stay frozen")
     if sv.every_n_layers > 1:
         cannot.append(f"checkpointing every {sv.every_n_layers}th layer only")
-    if sv.offload_checkpoints or sv.offload_activations:
+    if "offload_checkpoints" in sv.on or "offload_activations" in sv.on:
         cannot.append("offloading checkpoints or activations to the host")
-    if sv.mlp_tiling:
+    if "mlp_tiling" in sv.on:
         cannot.append("tiled MLP")
     cannot.append("the dataset: register " + (plan.dataset.path or "your data") + " in dataset_info.json and set "
                   "`dataset:` and `template:`")

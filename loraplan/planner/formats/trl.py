@@ -191,8 +191,8 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
                gradient_accumulation_steps=t.grad_accum_steps, gradient_checkpointing=bool(t.grad_checkpointing),
                optim=OPTIMIZERS[t.optimizer].hf_name, learning_rate=t.learning_rate, num_train_epochs=t.num_epochs,
                max_steps=t.max_steps if t.max_steps and t.max_steps > 0 else -1,
-               packing=bool(sv.padding_free), padding_free=bool(sv.padding_free),
-               activation_offloading=bool(sv.offload_activations),
+               packing="padding_free" in sv.on, padding_free="padding_free" in sv.on,
+               activation_offloading="offload_activations" in sv.on,
                bf16=t.dtype == "bfloat16", fp16=t.dtype == "float16", output_dir=plan.output_dir)
     if plan.strategy in ("fsdp", "fsdp-offload"):
         cfg["fsdp"] = "full_shard auto_wrap" + (" offload" if plan.strategy == "fsdp-offload" else "")
@@ -204,9 +204,9 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
                       "(a plan with --loss full predicts more memory than trl uses)")
     if sv.every_n_layers > 1:
         cannot.append(f"checkpointing every {sv.every_n_layers}th layer only")
-    if sv.offload_checkpoints:
+    if "offload_checkpoints" in sv.on:
         cannot.append("offloading checkpoints only (trl's activation_offloading offloads every activation)")
-    if sv.mlp_tiling:
+    if "mlp_tiling" in sv.on:
         cannot.append("tiled MLP")
     cannot.append("the dataset: set `dataset_name:` (a Hub id, or a local folder `load_dataset` reads)"
                   + (f"; the plan's is {plan.dataset.path}" if plan.dataset.path else ""))
