@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from loraplan.tables import load_table
+
 PREQUANTIZED_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
 # instruct/chat spellings, with the base spelling the catalog may carry in their place
 _VARIANT = re.compile(r"-(instruct|it|chat|base|pt)(?=-|$)")
@@ -34,8 +36,6 @@ class NameMatch:
 
 
 def _table() -> dict:
-    from .catalog import load_table  # the catalog module is our caller; its cache is the one place tables load
-
     return load_table("model_names.yaml")
 
 
