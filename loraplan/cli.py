@@ -65,6 +65,8 @@ def main() -> None:
 
     \b
     loraplan plan MODEL --gpu CARD     what fits: adapter size, memory per GPU term by term, the decision
+    loraplan plan --from CONFIG.yaml   the same for an Axolotl, LLaMA-Factory or TRL config
+    loraplan export PLAN --to TOOL     a plan as an Axolotl, LLaMA-Factory or TRL config
     loraplan run PLAN.yaml             train what the plan says, then compare observed with predicted memory
     loraplan merge ADAPTER --output D  merge an adapter into its base model
     loraplan run --demo                the whole loop on a tiny model, on any machine
@@ -75,7 +77,12 @@ def main() -> None:
 
 
 @main.command("plan")
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option("--from", "from_config", default=None, metavar="CONFIG.yaml",
+              help="Plan an Axolotl, LLaMA-Factory or TRL (`trl sft --config`) config as written; flags given here "
+                   "override its keys (docs/other-tools.md).")
+@click.option("--from-format", type=click.Choice(("axolotl", "llamafactory", "trl")), default=None,
+              help="The tool --from is written for (default: detected from its keys).")
 @click.option("--gpu", default=None, metavar="NAME|auto|cpu",
               help="Card from the catalog (`loraplan gpus`), `auto` to read the detected GPUs through torch, or `cpu`. "
                    "Default: auto, or custom when --gpu-memory is given.")
@@ -146,12 +153,13 @@ def main() -> None:
                    "memory (matplotlib: pip install 'loraplan[plot]').")
 @click.option("--no-fit-table", is_flag=True, help="Skip the table across catalog cards.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every fact (docs/plan-json.md).")
-def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host_memory, strategy, method, rank,
-                 alpha, dropout, targets, seq_len, batch_size, global_batch_size, grad_checkpointing, optimizer, savers,
-                 loss, dataset, eval_path, eval_fraction, output, output_dir, learning_rate, epochs, max_steps,
+@click.pass_context
+def plan_command(ctx: click.Context, model: Optional[str], from_config, from_format, gpu, gpu_memory, num_gpus,
+                 num_nodes, network, host_memory, strategy, method, rank, alpha, dropout, targets, seq_len, batch_size,
+                 global_batch_size, grad_checkpointing, optimizer, savers, loss, dataset, eval_path, eval_fraction, output, output_dir, learning_rate, epochs, max_steps,
                  train_tokens, trust_remote_code, report_to, plot, no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
-    in the local Hugging Face cache.
+    in the local Hugging Face cache; or the Axolotl, LLaMA-Factory or TRL config --from names.
 
     Exit status: 0 when it fits, 1 when it does not (the output says what would), 2 on bad input.
     """
@@ -159,8 +167,8 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
     from loraplan.planner.api import make_plan
     from loraplan.planner.errors import InputError
 
-    req = plan_request(
-        model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
+    kwargs = dict(
+        model=model, gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, num_nodes=num_nodes, network=network,
         host_memory=host_memory, strategy=strategy, method=method, rank=rank, alpha=alpha,
         dropout=dropout, targets=targets, seq_len=seq_len, batch_size=batch_size, global_batch_size=global_batch_size,
         grad_checkpointing=grad_checkpointing, optimizer=optimizer, loss=loss, dataset=dataset, eval_path=eval_path,
@@ -168,12 +176,25 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
         trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers, report_to=report_to,
     )
+    imported = None
     try:
         if plot:
             from loraplan.planner.report.plot import check_plot_path
 
             check_plot_path(plot)  # before any work: a wrong extension or no matplotlib is one line
-        res = make_plan(req)
+        if from_config:  # the config's keys, then every flag typed on the command line over them
+            from click.core import ParameterSource
+
+            from loraplan.planner import formats
+
+            given = {n for n in kwargs if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+            imported = formats.load(from_config, from_format)
+            kwargs = formats.request(imported[1], kwargs, given | ({"model"} if model else set()))
+        elif not model:
+            raise InputError("name a MODEL, or a tool config with --from CONFIG.yaml")
+        res = make_plan(plan_request(kwargs.pop("model"), **kwargs))
+        if imported:
+            res.from_config = formats.from_config_json(*imported, res.suggestions)
         if output:
             res.plan.save(output)
         if plot:
@@ -192,12 +213,44 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
 
         console = _console()
         render(res, console)
+        if imported:
+            formats.render(*imported, res.suggestions, console)
         if output:
             console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
                           + (f"; run it with: loraplan run {output}" if res.feasible else ""))
         if plot:
             console.print(f"Memory plot written to {plot}")
     sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)
+
+
+@main.command("export")
+@click.argument("plan_file", metavar="PLAN.yaml")
+@click.option("--to", "tool", type=click.Choice(("axolotl", "llamafactory", "trl")), required=True,
+              help="The tool whose config to write.")
+@click.option("--output", "-o", default=None, metavar="FILE", help="Write it here (default: print it).")
+def export_command(plan_file: str, tool: str, output: Optional[str]) -> None:
+    """Write a config for Axolotl, LLaMA-Factory or TRL that reproduces PLAN.yaml's decisions: model, method,
+    adapter, sequence length, micro-batch and accumulation, checkpointing, optimizer, the savers the tool has,
+    and FSDP. Its header says what the tool cannot express. `loraplan plan --from FILE` plans it again."""
+    from loraplan.planner import formats
+    from loraplan.planner.errors import InputError, PlanError
+    from loraplan.planner.planfile.schema import Plan
+
+    try:
+        plan = Plan.load(plan_file)
+        text = formats.export_text(plan, tool, plan_file, output or f"{tool}.yaml")
+        if output:
+            from loraplan.planner.planfile.io import atomic_write_text
+
+            atomic_write_text(output, text)
+    except (InputError, PlanError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    if output:
+        click.echo(f"{tool} config written to {output}")
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command("models")
@@ -226,17 +279,19 @@ def models_command(as_json: bool) -> None:
         key_column(t, "name")
         text_column(t, "hub id")  # folds (never cut) only on a console too narrow for even the narrow layout
         key_column(t, "family")
-        for c in ("params", "vocab") if narrow else ("params", "layers", "hidden", "vocab"):
+        for c in ("params",) if narrow else ("params", "layers", "hidden", "vocab"):
             key_column(t, c, justify="right")
         for r in rows:
-            cells = [f"{r['params'] / 1e9:.2f} B"] + ([] if narrow else [str(r["layers"]), str(r["hidden"])])
-            t.add_row(r["name"], r["hub_id"] or "", r["family"], *cells, f"{r['vocab']:,}")
+            cells = [f"{r['params'] / 1e9:.2f} B"] + ([] if narrow else [str(r["layers"]), str(r["hidden"]),
+                                                                         f"{r['vocab']:,}"])
+            t.add_row(r["name"], r["hub_id"] or "", r["family"], *cells)
         return t
 
     t = table(narrow=False)
     if min_width(console, t) > console.width:  # fewer columns rather than cut names (80 columns: this one)
         t = table(narrow=True)
-        t.caption, t.caption_justify = "layers and hidden size: loraplan models --json, or a wider terminal", "left"
+        t.caption, t.caption_justify = ("layers, hidden size and vocabulary: loraplan models --json, or a wider "
+                                        "terminal"), "left"
     print_table(console, t)
 
 

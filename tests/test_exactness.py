@@ -50,7 +50,8 @@ def test_catalog_default_targets_match_peft(name):
     assert arch.total_params == total
 
 
-@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3.5-mini", "mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3.5-mini", "mixtral-8x7b", "qwen3-30b-a3b",
+                                  "gemma-3-1b", "smollm3-3b", "gpt-oss-20b", "phi-4-mini"])
 @pytest.mark.parametrize("spec,r", [("all-linear", 64), ("q,v", 8), ("o,down", 32)])
 def test_catalog_other_targets_and_ranks_match_peft(name, spec, r):
     cfg = _clean(models()[name]["config"])

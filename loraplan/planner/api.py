@@ -46,7 +46,7 @@ def _logging_steps(r: Resolved) -> int:
 
 
 def _warnings(r: Resolved) -> list[str]:
-    out = []
+    out = list(r.model.notes)  # what the model's name or catalog entry implies (planner.model_names, plan_notes)
     context = r.arch.config.get("max_position_embeddings")
     if isinstance(context, int) and r.seq_len > context:
         out.append(f"--seq-len {r.seq_len:,} is beyond the model's max_position_embeddings ({context:,}): positions "

@@ -5,7 +5,7 @@ Pure arithmetic, no torch. Families are a plug-in table (`FAMILIES`): each maps 
 after the table, is a meta-device build by transformers (planner.architecture.meta_build) for any other decoder.
 
 Counting follows transformers' own modeling files (v5): the dense decoders (Llama, Mistral, Qwen2, Qwen3,
-Gemma 2, Phi-3) build `nn.Linear` projections per layer; the MoE families (Mixtral, Qwen3-MoE) keep every
+Gemma 2, Gemma 3, Phi-3, SmolLM3) build `nn.Linear` projections per layer; the MoE families (Mixtral, Qwen3-MoE, gpt-oss) keep every
 expert's weights fused in two 3-D parameters per layer (`mlp.experts.gate_up_proj` of shape
 [E, 2*I, H] and `mlp.experts.down_proj` of shape [E, H, I]) which peft targets with `target_parameters`.
 
@@ -194,6 +194,36 @@ def _moe(cfg: dict, family: str, experts_key: str, expert_size_key: str, qk_norm
     )
 
 
+def _gpt_oss(cfg: dict) -> Architecture:
+    """gpt-oss (transformers `GptOssForCausalLM`): every layer MoE, biases everywhere, attention sinks.
+
+    Per layer: q/k/v/o with bias; experts fused as `gate_up_proj` [E, H, 2I] + bias [E, 2I] and `down_proj`
+    [E, I, H] + bias [E, H] (peft's target_parameters; LoRA's count E*r*(in+out) does not depend on the
+    orientation); a router `nn.Linear(H, E)` with bias; `sinks` [heads]; two RMSNorms.
+    """
+    family = "gpt_oss"
+    layers = _req(cfg, "num_hidden_layers", family)
+    bias = bool(cfg.get("attention_bias", True))
+    h, heads, kv_heads, head_dim, projs = _attention(cfg, family, layers, bias, bias)
+    experts = _req(cfg, "num_local_experts", family)
+    top_k = _req(cfg, "num_experts_per_tok", family)
+    ei = _req(cfg, "intermediate_size", family)
+    projs += [
+        Projection("gate_up_proj", h, 2 * ei, layers, True, ("gate", "up"), experts, True, False),
+        Projection("down_proj", ei, h, layers, True, ("down",), experts, True, False),
+    ]
+    vocab, emb, head, tied = _embeddings(cfg, family, h)
+    return Architecture(
+        family=family, hidden_size=h, intermediate_size=ei, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied, projections=projs,
+        embedding_params=emb, lm_head_params=head, norm_params=layers * 2 * h + h,
+        other_params=layers * (experts * h + experts + heads),  # router weight and bias, attention sinks
+        num_experts=experts, experts_per_token=top_k, moe_intermediate_size=ei,
+        activation=str(cfg.get("hidden_act") or "silu"), max_position_embeddings=cfg.get("max_position_embeddings"),
+        config=cfg,
+    )
+
+
 FAMILIES: dict[str, Callable[[dict], Architecture]] = {
     "llama": lambda c: _dense(c, "llama"),
     "mistral": lambda c: _dense(c, "mistral"),
@@ -203,7 +233,13 @@ FAMILIES: dict[str, Callable[[dict], Architecture]] = {
     "gemma2": lambda c: _dense(
         c, "gemma2", norms_per_layer=4, activation_key="hidden_activation", tie_default=True
     ),
+    # Gemma 3's language model: four norms per layer as Gemma 2, plus per-head q_norm/k_norm
+    "gemma3_text": lambda c: _dense(
+        c, "gemma3_text", norms_per_layer=4, qk_norm=True, activation_key="hidden_activation", tie_default=True
+    ),
     "phi3": lambda c: _dense(c, "phi3", fused=True),
+    "smollm3": lambda c: _dense(c, "smollm3"),  # Llama's layout; NoPE layers change no parameter
+    "gpt_oss": _gpt_oss,
     "mixtral": lambda c: _moe(c, "mixtral", "num_local_experts", "intermediate_size", qk_norm=False),
     "qwen3_moe": lambda c: _moe(c, "qwen3_moe", "num_experts", "moe_intermediate_size", qk_norm=True),
 }
@@ -217,6 +253,9 @@ ARCHITECTURE_CLASSES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Phi3ForCausalLM": "phi3",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "SmolLM3ForCausalLM": "smollm3",
+    "GptOssForCausalLM": "gpt_oss",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }

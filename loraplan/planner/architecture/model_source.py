@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +17,7 @@ from loraplan.tables import models
 
 from ..errors import ArchitectureError, InputError
 from ..facts.lookup import closest_names, find_name
+from ..facts.model_names import resolve_name
 from ..facts.model_ref import ModelRef
 from .config_checks import check_config
 from .families import Architecture, from_config
@@ -30,6 +31,29 @@ class ResolvedModel:
     config: dict
     arch: Architecture
     display_name: str
+    notes: list[str] = field(default_factory=list)  # what the plan should say about the name (model_names, plan_notes)
+    method: Optional[str] = None  # "qlora" when the named weights are already 4-bit
+
+
+def _catalog_model(key: str, trust_remote_code: bool, name: Optional[str] = None, hub_id: Optional[str] = None,
+                   notes: Optional[list[str]] = None, method: Optional[str] = None) -> ResolvedModel:
+    entry = models()[key]
+    cfg = dict(entry["config"])
+    return ResolvedModel(
+        ModelRef(name=name or key, source="catalog", family=str(cfg.get("model_type")),
+                 hub_id=hub_id or entry.get("hub_id"), trust_remote_code=trust_remote_code),
+        cfg, _arch(cfg, f"catalog entry {key}"), entry.get("display_name", key),
+        notes=list(notes or []) + ([str(entry["plan_notes"])] if entry.get("plan_notes") else []), method=method,
+    )
+
+
+def _typed_name(name: str, trust_remote_code: bool) -> Optional[ResolvedModel]:
+    """An instruct variant, mirror, pre-quantized or derived repository of a catalog entry (planner.model_names)."""
+    orgs = {str(e.get("hub_id", "")).split("/")[0].lower() for e in models().values()}
+    match = resolve_name(name, lambda n: find_name(models(), n), orgs)
+    if match is None:
+        return None
+    return _catalog_model(match.key, trust_remote_code, name.strip(), match.hub_id, match.notes, match.method)
 
 
 def hf_cache_dir() -> Path:
@@ -89,13 +113,8 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
         raise InputError("no model given")
     key = find_name(models(), name)
     if key is not None and not os.path.exists(name):
-        entry = models()[key]
-        cfg = dict(entry["config"])
-        return ResolvedModel(
-            ModelRef(name=key, source="catalog", family=str(cfg.get("model_type")), hub_id=entry.get("hub_id"),
-                     trust_remote_code=trust_remote_code),
-            cfg, _arch(cfg, f"catalog entry {key}"), entry.get("display_name", key),
-        )
+        typed_hub_id = name.strip() if re.fullmatch(r"[\w.-]+/[\w.-]+", name.strip()) else None
+        return _catalog_model(key, trust_remote_code, hub_id=typed_hub_id)  # the repository typed is what run loads
     path = Path(name).expanduser()
     looks_like_path = os.sep in name or name.startswith(".") or name.endswith(".json") or path.exists()
     if path.exists():
@@ -126,8 +145,14 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
                          trust_remote_code=trust_remote_code),
                 cfg, arch, name,
             )
+        typed = _typed_name(name, trust_remote_code)
+        if typed is not None:
+            return typed
         raise InputError(
             f"{name} is not in the catalog, not a path, and not in the local Hugging Face cache ({hf_cache_dir()});"
             " loraplan never downloads: pass a model directory or config.json" + closest_names(models(), name)
         )
+    typed = _typed_name(name, trust_remote_code)
+    if typed is not None:
+        return typed
     raise InputError(f"unknown model {name!r}" + (closest_names(models(), name) or "; see `loraplan models`"))

@@ -173,12 +173,21 @@ def _epochs(req: PlanRequest, ds: Optional[DatasetStats]) -> tuple[float, Option
     return float(options.default("num_epochs")), None
 
 
+def _named_method(req: PlanRequest, model: ResolvedModel) -> str:
+    """The method a model's weights impose (pre-quantized 4-bit repos: qlora), against --method."""
+    if req.method != "auto":
+        raise InputError(f"--method {req.method}: {model.ref.name} holds 4-bit weights, so only {model.method} "
+                         "trains on it; name the unquantized repository for LoRA")
+    return model.method
+
+
 def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
     """Check the request and resolve the model, card, adapter, batch and dataset (InputError on bad input).
     `known`: the same request already resolved on another card (planner.decision.fit_table); its model and dataset
     statistics are taken as they are rather than read again."""
     validate(req)
     model = known.model if known is not None else resolve_model(req.model, req.trust_remote_code)
+    method = req.method if model.method is None or req.method == model.method else _named_method(req, model)
     hw, hw_note = resolve_hardware(req.gpu, req.gpu_memory, req.num_gpus)
     if hw.memory_gib <= 0:
         raise InputError("--gpu custom needs --gpu-memory (e.g. --gpu-memory 24GiB)")
@@ -187,7 +196,7 @@ def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
     topology = resolve_topology(hw, req.num_nodes, req.network, req.host_memory, detected=detected)
     notes += topology.notes
     sel, r, alpha, dropout = _adapter(model.arch, req)
-    strategy = _strategy(req, hw)
+    strategy = _strategy(dataclasses.replace(req, method=method), hw)
     ways = strategy.batch_ways(hw)
     defaults: dict[str, str] = {}  # defaults fitted to the request, with why
     gbs = req.global_batch_size
@@ -228,7 +237,7 @@ def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
         strategy_choice=req.strategy, host_memory_assumed=topology.host_assumed,
         rank=r, alpha=alpha,
         dropout=dropout, dtype=compute_dtype(hw), seq_len=seq_len, global_batch_size=gbs,
-        per_gpu_batch=per_gpu_batch, method=req.method, grad_checkpointing=req.grad_checkpointing,
+        per_gpu_batch=per_gpu_batch, method=method, grad_checkpointing=req.grad_checkpointing,
         batch_size=req.batch_size, optimizer=req.optimizer, loss=req.loss,
         learning_rate=req.learning_rate if req.learning_rate is not None else float(options.default("learning_rate")),
         epochs=epochs, epochs_reason=epochs_reason, max_steps=req.max_steps, train_tokens=req.train_tokens,

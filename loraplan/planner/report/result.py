@@ -40,6 +40,7 @@ class PlanResult:
     host_terms: list[memory.Term] = field(default_factory=list)  # pinned host memory the savers take
     resolved: Optional[Any] = None  # planner.decision.resolve.Resolved, for the savers' effects
     choice: Optional[Any] = None  # planner.decision.rules.Choice
+    from_config: Optional[dict] = None  # plan --from: the tool config's keys, read and not (planner.formats)
 
     @property
     def host_gib(self) -> float:
@@ -151,4 +152,5 @@ class PlanResult:
             "suggestions": self.suggestions,
             "savers": self._savers_json(),
             "plan": plan.to_dict(),
+            "from_config": self.from_config,
         }
