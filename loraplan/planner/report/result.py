@@ -45,7 +45,8 @@ class PlanResult:
 
     @property
     def host_gib(self) -> float:
-        return memory.Term.sum_gib(self.host_terms)
+        """Every pinned host term, the savers' and the backend's (planner.decision.rules.Choice.host_gib)."""
+        return sum(t.bytes for t in self.host_terms) / GIB
 
     def saver_effects(self) -> list:
         """What each saver of the plan buys (planner.decision.saver_effects)."""

@@ -177,7 +177,7 @@ def _backends_table(res: PlanResult, console: Console) -> None:
         table.add_row(row.backend + chosen, peak, longest, tps, escape(row.needs))
     print_table(console, table)
     for note in notes:
-        console.print(f"[dim]{note}[/dim]", soft_wrap=True)
+        console.print(f"[dim]{note}[/dim]")
     if notes:
         console.print()
 
