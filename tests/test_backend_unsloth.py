@@ -135,3 +135,17 @@ def _steps(out):
         except json.JSONDecodeError:  # a line being written
             pass
     return [r["step"] for r in rows if r.get("kind") == "train"]
+
+
+@needs_unsloth
+@pytest.mark.slow
+def test_the_launchers_workers_import_unsloth_first(tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = _finish(_demo(out, "--num-processes", "2", steps=8))
+    assert code == 0, stderr[-3000:]
+    assert "strategy: ddp" in (out / "plan.yaml").read_text()
+    # `import unsloth` announces its CPU backend: once in `loraplan run`, once in each of the two workers
+    # (executor/worker.py calls the backend's prepare_process before anything else)
+    said = (stdout + stderr).count("no GPU found, training on CPU")
+    assert said == 3, (stdout + stderr)[-3000:]
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
