@@ -211,7 +211,8 @@ def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: R
         console.print(f"launching {plan.hardware.num_gpus} processes (accelerate){where}{config}; their log: "
                       f"{log_path}", soft_wrap=True)
     try:
-        code, forwarded = _run_launcher(cmd, env, log_path)
+        lock_path = os.path.join(out, outputs.LOCK_FILE) if rdzv.is_main_machine else None
+        code, forwarded = _run_launcher(cmd, env, log_path, lock_path)
         return _outcome(code, forwarded, error_file, summary_path, log_path, rdzv, plan)
     finally:
         if private:
@@ -220,11 +221,14 @@ def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: R
             shutil.rmtree(private, ignore_errors=True)
 
 
-def _run_launcher(cmd: list[str], env: dict, log_path: str) -> tuple[int, list[int]]:
+def _run_launcher(cmd: list[str], env: dict, log_path: str, lock_path: Optional[str] = None) -> tuple[int, list[int]]:
+    from . import lifetime  # the launcher and its workers never outlive this process
+
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=None, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=lifetime.launcher_env(env, lock_path), stdout=None, stderr=log,
+                                start_new_session=True, preexec_fn=lifetime.launcher_preexec(os.getpid()))
 
         forwarded: list[int] = []
 
@@ -241,6 +245,7 @@ def _run_launcher(cmd: list[str], env: dict, log_path: str) -> tuple[int, list[i
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            lifetime.end_group(proc, lock_path)
     return code, forwarded
 
 

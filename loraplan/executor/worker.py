@@ -19,6 +19,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume-from", default=None)
     parser.add_argument("--error-file", default=None)
     args = parser.parse_args(argv)
+    from . import lifetime
+
+    lifetime.bind_worker()  # die with the launcher, and never start as an orphan
+    lifetime.hold_folder_lock()  # the run's folder stays locked while this process lives
 
     from loraplan.planner.errors import PlanError
     from loraplan.planner.plan import Plan
