@@ -94,3 +94,52 @@ def test_kill_9_of_the_run_takes_its_workers_with_it_and_resume_finishes(tiny_mo
     assert done.exit_code == 0, done.output + (out / "launch.log").read_text()[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 60 and summary["resumed_from_step"] >= 2
+
+
+# --- item 3: every plan field checked at load against one definition -----------------------------------------------
+
+def test_lr_schedulers_are_transformers_scheduler_types():
+    pytest.importorskip("transformers")
+    from transformers.trainer_utils import SchedulerType
+
+    from loraplan.planner.options import LR_SCHEDULERS
+
+    assert list(LR_SCHEDULERS) == [s.value for s in SchedulerType]
+
+
+def test_attn_implementations_are_transformers_own():
+    pytest.importorskip("transformers")
+    from transformers import AttentionInterface
+
+    from loraplan.planner.options import ATTN_IMPLEMENTATIONS
+
+    known = set(AttentionInterface._global_mapping) | {"eager"}
+    assert set(ATTN_IMPLEMENTATIONS) <= known
+
+
+@pytest.mark.parametrize("section, field, value, fragment", [
+    ("training", "lr_scheduler", "warp", "training.lr_scheduler must be linear, cosine"),
+    ("lora", "task_type", "SEQ_CLS", "lora.task_type must be CAUSAL_LM, not 'SEQ_CLS'"),
+    ("training", "attn_implementation", "flash", "training.attn_implementation must be eager, sdpa"),
+    ("lora", "bias", "some", "lora.bias must be none, all or lora_only"),
+    ("quantization", "quant_type", "int4", "quantization.quant_type must be nf4 or fp4"),
+    ("quantization", "compute_dtype", "fp8", "quantization.compute_dtype must be"),
+    ("model", "source", "web", "model.source must be catalog"),
+    ("model", "family", "", "model.family must be a non-empty string"),
+    ("distributed", "quant_storage", "int8", "distributed.quant_storage must be"),
+    ("distributed", "wrap_class", "Llama Layer", "distributed.wrap_class must be a class name"),
+])
+def test_a_hand_edited_field_is_refused_at_load_in_one_line(tmp_path, section, field, value, fragment):
+    import yaml
+    from click.testing import CliRunner
+
+    from loraplan.executor.cli import run_command
+
+    plan = build_plan(str(tmp_path / "model"), data_file("instruction.jsonl"), str(tmp_path / "out"))
+    data = plan.to_dict()
+    data[section][field] = value
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(run_command, [str(path)], catch_exceptions=False)
+    one_line_error(result, 2, fragment)
+    assert not (tmp_path / "out").exists()

@@ -251,12 +251,45 @@ class Plan:
         O.check_choice("training.loss", t.loss, O.LOSSES, PlanError)
         O.check_choice("training.dtype", t.dtype, O.DTYPES, PlanError)
         O.check_choice("dataset.format", self.dataset.format, O.DATASET_FORMATS, PlanError)
+        self._check_choices()
         if self.quantization.enabled and self.quantization.compute_dtype != t.dtype:
             raise PlanError(
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"
             )
         self._check_savers()
         self._check_numbers()
+
+    def _check_choices(self) -> None:
+        """Every other string field with a fixed set of values, each against its one definition (planner.options)."""
+        t, q, d = self.training, self.quantization, self.distributed
+        choices = [
+            ("training.lr_scheduler", t.lr_scheduler, O.LR_SCHEDULERS),
+            ("training.attn_implementation", t.attn_implementation, O.ATTN_IMPLEMENTATIONS),
+            ("lora.task_type", self.lora.task_type, O.TASK_TYPES),
+            ("lora.bias", self.lora.bias, O.LORA_BIASES),
+            ("quantization.quant_type", q.quant_type, O.QUANT_TYPES),
+            ("quantization.compute_dtype", q.compute_dtype, O.DTYPES),
+            ("model.source", self.model.source, O.MODEL_SOURCES),
+        ]
+        if d.quant_storage is not None:
+            choices.append(("distributed.quant_storage", d.quant_storage, O.DTYPES))
+        for what, value, allowed in choices:
+            O.check_choice(what, value, allowed, PlanError)
+        for what, value in (("model.name", self.model.name), ("model.family", self.model.family),
+                            ("hardware.gpu", self.hardware.gpu), ("hardware.gpu_name", self.hardware.gpu_name)):
+            if not isinstance(value, str) or not value.strip():
+                raise PlanError(f"{what} must be a non-empty string, got {value!r}")
+        for what, names in (("lora.target_modules", self.lora.target_modules),
+                            ("lora.target_parameters", self.lora.target_parameters)):
+            if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+                raise PlanError(f"{what} must be a list of module names, got {names!r}")
+        if d.wrap_class is not None and not (isinstance(d.wrap_class, str) and d.wrap_class.isidentifier()):
+            raise PlanError(f"distributed.wrap_class must be a class name such as LlamaDecoderLayer, "
+                            f"got {d.wrap_class!r}")
+        for what, value in (("dataset.path", self.dataset.path), ("dataset.eval_path", self.dataset.eval_path),
+                            ("model.path", self.model.path), ("output_dir", self.output_dir)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise PlanError(f"{what} must be a path, got {value!r}")
 
     def _check_savers(self) -> None:
         from .savers import SAVERS, conflict  # lazy: savers -> memory -> ... -> plan
