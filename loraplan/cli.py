@@ -158,7 +158,9 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
     try:
         res = make_plan(req)
         if output:
-            res.plan.save(output)
+            from loraplan.planner import plan_paths
+
+            plan_paths.save(res.plan, output)  # relative paths in the file are relative to the file
     except InputError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -168,13 +170,14 @@ def plan_command(model: str, gpu, gpu_memory, num_gpus, num_nodes, network, host
         data["plan_file"] = output
         click.echo(json.dumps(data, indent=2))
     else:
+        from loraplan.planner.plan_paths import shell_command
         from loraplan.planner.report import render
 
         console = _console()
         render(res, console)
         if output:
             console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
-                          + (f"; run it with: loraplan run {output}" if res.feasible else ""))
+                          + (f"; run it with: {shell_command('loraplan', 'run', output)}" if res.feasible else ""))
     sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)
 
 

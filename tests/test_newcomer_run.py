@@ -143,3 +143,206 @@ def test_a_hand_edited_field_is_refused_at_load_in_one_line(tmp_path, section, f
     result = CliRunner().invoke(run_command, [str(path)], catch_exceptions=False)
     one_line_error(result, 2, fragment)
     assert not (tmp_path / "out").exists()
+
+
+# --- item 2: a plan's relative paths are relative to the plan file -----------------------------------------------
+
+@requires_run
+@pytest.mark.slow
+def test_relative_paths_are_relative_to_the_plan_file_from_any_directory(tiny_model_dir, tmp_path, cli_run,
+                                                                          monkeypatch):
+    import shutil
+
+    import yaml
+
+    wf = tmp_path / "my work"
+    wf.mkdir()
+    shutil.copy(data_file("instruction.jsonl"), wf / "train.jsonl")
+    data = build_plan(tiny_model_dir, data_file("instruction.jsonl"), "out", max_steps=4, save_steps=2,
+                      logging_steps=2).to_dict()
+    data["dataset"]["path"] = "train.jsonl"  # hand-edited, relative
+    (wf / "plan.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    first = cli_run(wf / "plan.yaml")
+    assert first.exit_code == 0, first.output
+    out = wf / "out"
+    assert (out / "adapter").is_dir() and not (elsewhere / "out").exists()
+    copy = yaml.safe_load((out / "plan.yaml").read_text())
+    assert copy["output_dir"] == "." and copy["dataset"]["path"] == os.path.join("..", "train.jsonl")
+
+    os.unlink(out / "checkpoint-4" / "COMPLETE")
+    shutil.rmtree(out / "adapter")
+    monkeypatch.chdir(tmp_path)  # a third folder: the run's own copy of the plan still finds its folder and data
+    resumed = cli_run(out / "plan.yaml", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert not (tmp_path / "out").exists()
+
+
+@requires_run
+def test_resume_on_a_folder_without_a_run_is_refused(tiny_model_dir, tmp_path, cli_run):
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(tmp_path / "out"), max_steps=2)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"), "--resume")
+    one_line_error(result, 2, "nothing to resume in", "holds no checkpoint")
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(tmp_path / "out"))
+
+
+def test_the_planner_writes_paths_relative_to_its_plan_file(tmp_path, monkeypatch):
+    from loraplan.planner import plan_paths
+
+    monkeypatch.chdir(tmp_path)
+    plan = build_plan(str(tmp_path / "model"), data_file("instruction.jsonl"), "out")
+    plan.model.path = "model"
+    plan_paths.save(plan, "plans/p.yaml")
+    back = plan_paths.load(str(tmp_path / "plans" / "p.yaml"))
+    assert back.output_dir == str(tmp_path / "out") and back.model.path == str(tmp_path / "model")
+    raw = (tmp_path / "plans" / "p.yaml").read_text()
+    assert "output_dir: ../out" in raw and f"path: {data_file('instruction.jsonl')}" in raw
+    # written back where it came from, the file is unchanged byte for byte
+    assert plan_paths.text_for(back, str(tmp_path / "plans" / "p.yaml")) == raw
+
+
+def test_suggested_commands_are_shell_quoted(tmp_path, monkeypatch):
+    import shlex
+
+    from loraplan.planner.plan_paths import resume_command
+
+    monkeypatch.chdir(tmp_path)
+    cmd = resume_command(str(tmp_path / "my runs" / "out"))
+    assert cmd == "loraplan run 'my runs/out/plan.yaml' --resume"
+    assert shlex.split(cmd)[2] == "my runs/out/plan.yaml"
+    elsewhere = resume_command("/data/it's here/out")
+    assert shlex.split(elsewhere)[2] == "/data/it's here/out/plan.yaml"
+
+
+def test_plan_hint_is_shell_quoted(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from loraplan.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["plan", "llama-3.1-8b", "--gpu", "h100-80gb", "--no-fit-table",
+                                       "--output", "my plans/p.yaml"])
+    assert "run it with: loraplan run 'my plans/p.yaml'" in " ".join(result.output.split()), result.output
+
+
+# --- item 10: the rows run drops are the rows plan counts as dropped -----------------------------------------------
+
+@requires_run
+def test_plan_counts_the_rows_run_drops_and_their_steps_agree(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from loraplan.executor.data import load_rows, tokenize_rows
+    from loraplan.planner.api import PlanRequest, make_plan
+    from loraplan.planner.datasets import dataset_stats
+
+    path = tmp_path / "forty.jsonl"
+    long_prompt = " ".join(f"word{i}" for i in range(120))  # alone far beyond 64 tokens
+    rows = [{"instruction": long_prompt if i % 2 else f"say {i}", "output": f"answer {i}"} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for tokenizer_dir in (tiny_model_dir, None):  # counted with the tokenizer, and estimated
+        stats = dataset_stats(str(path), 64, tokenizer_dir=tokenizer_dir)
+        assert stats.rows == 40 and stats.rows_dropped == 20 and stats.rows_trained == 20
+    stats = dataset_stats(str(path), 64, tokenizer_dir=tiny_model_dir)
+    data, fmt = load_rows(str(path), "auto")
+    _, report = tokenize_rows(data, fmt, tiny_tokenizer, 64, str(path))
+    assert (report.dropped, report.rows, report.tokens) == (stats.rows_dropped, stats.rows_trained, stats.tokens_total)
+
+    res = make_plan(PlanRequest(model=tiny_model_dir, dataset=str(path), output_dir=str(tmp_path / "out"), gpu="cpu",
+                                method="lora", rank=8, seq_len=64, batch_size=4, global_batch_size=4, epochs=1))
+    assert res.plan.dataset.rows == 20  # the rows run trains on: 5 steps an epoch, not 10
+
+
+# --- item 14: prompt/completion rows and a `datasets` save_to_disk folder ------------------------------------------
+
+def _prompt_completion_rows():
+    return [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(6)]
+
+
+@requires_run
+@pytest.mark.parametrize("shape", ["jsonl", "save_to_disk", "dataset_dict"])
+def test_prompt_completion_and_save_to_disk_read_the_same_in_plan_and_run(shape, tiny_model_dir, tiny_tokenizer,
+                                                                          tmp_path):
+    import datasets
+
+    from loraplan.executor.data import load_rows, tokenize_rows
+    from loraplan.planner.datasets import dataset_stats
+
+    rows = _prompt_completion_rows()
+    if shape == "jsonl":
+        path = tmp_path / "pc.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif shape == "save_to_disk":
+        path = tmp_path / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    else:
+        path = tmp_path / "saved_dict"
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                              "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(path))
+    stats = dataset_stats(str(path), 64, tokenizer_dir=tiny_model_dir)
+    data, fmt = load_rows(str(path), "auto")
+    assert fmt == stats.format == "prompt_completion" and len(data) == stats.rows == 6
+    assert data == rows
+    train, report = tokenize_rows(data, fmt, tiny_tokenizer, 64, str(path))
+    assert report.tokens == stats.tokens_total and report.dropped == stats.rows_dropped == 0
+    # completion-only loss: the prompt's tokens carry no label, the completion's and EOS do
+    prompt_ids = tiny_tokenizer(rows[3]["prompt"])["input_ids"]
+    labels = train[3]["labels"]
+    assert labels[:len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert all(x != -100 for x in labels[len(prompt_ids):]) and labels[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_a_conversational_prompt_completion_row_is_refused_in_one_line(tmp_path):
+    from loraplan.planner.datasets import dataset_stats
+    from loraplan.planner.errors import InputError
+
+    path = tmp_path / "conv.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "completion": "x"}) + "\n")
+    with pytest.raises(InputError, match="line 1 has a conversational `prompt`"):
+        dataset_stats(str(path), 64)
+
+
+@requires_run
+@pytest.mark.slow
+def test_a_prompt_completion_save_to_disk_folder_trains(tiny_model_dir, tmp_path, cli_run):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(_prompt_completion_rows()).save_to_disk(str(folder))
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, str(folder), str(out), max_steps=2, save_steps=2, micro_batch_size=2)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert json.loads((out / "dataset_fingerprint.json").read_text())["dataset"]["size"] > 0
+
+
+# --- item 15: the eval row at the last step once; a symlink loop named ---------------------------------------------
+
+@requires_run
+@pytest.mark.slow
+def test_the_eval_row_of_the_last_step_is_written_once(tiny_model_dir, tmp_path, cli_run):
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=4, save_steps=2,
+                      logging_steps=2, micro_batch_size=2, eval_path=data_file("instruction.jsonl"))
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r["step"] for r in rows if r["kind"] == "eval"]
+    assert evals == [2, 4], evals
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss"] == [r for r in rows if r["kind"] == "eval"][-1]["eval_loss"]
+
+
+def test_a_symlink_loop_as_the_model_says_so(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from loraplan.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    for name in ("loop", "./loop"):
+        result = CliRunner().invoke(main, ["plan", name, "--gpu", "cpu", "--no-fit-table"])
+        one_line_error(result, 2, "is a symlink loop")

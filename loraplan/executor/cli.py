@@ -102,9 +102,12 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
         else:
             if not plan_file:
                 raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
-            plan = Plan.load(plan_file)
+            from loraplan.planner import plan_paths
+
+            plan = plan_paths.load(plan_file)  # its relative paths are relative to the plan file
             if output_dir:
                 plan.output_dir = output_dir
+                plan_paths.forget(plan, "output_dir")
             if max_steps:
                 plan.training.max_steps = max_steps
             plan.validate()

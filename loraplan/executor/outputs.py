@@ -29,6 +29,7 @@ import time
 from typing import Any, Iterator, Optional
 
 from loraplan.planner.errors import PlanError, first_line
+from loraplan.planner import plan_paths
 from loraplan.planner.plan import Plan
 from loraplan.planner.plan_io import atomic_write_text
 
@@ -141,11 +142,14 @@ def prepare_output_dir(plan: Plan, *, resume: bool, overwrite: bool) -> Optional
         clear_run(out)
         return None
     if not _holds_run(out):
+        if resume:
+            raise RunError(f"nothing to resume in {out}: it holds no checkpoint and no adapter; start the run "
+                           f"without --resume (or check the plan's output_dir)")
         return None  # nothing trained here yet (at most a plan.yaml from a run that failed to start)
     saved: Optional[Plan] = None
     if os.path.exists(saved_path):
         try:
-            saved = Plan.load(saved_path)
+            saved = plan_paths.load(saved_path)
         except PlanError as exc:
             raise RunError(f"output dir {out} holds a run with an unreadable plan.yaml ({exc}); "
                            f"pass --overwrite to replace it") from None
@@ -191,6 +195,14 @@ def replace_dir(tmp_dir: str, final_dir: str) -> None:
 
 
 def _fingerprint(path: str) -> dict:
+    if os.path.isdir(path):  # a `datasets` save_to_disk folder: its data files, in order (planner.dataset_reader)
+        import hashlib
+
+        from loraplan.planner.dataset_reader import saved_dataset_files
+
+        files = saved_dataset_files(path) or []
+        digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+        return {"path": path, "size": sum(os.path.getsize(f) for f in files), "sha256": digest}
     return {"path": path, "size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
@@ -409,7 +421,7 @@ def _same_text(path: str, text: str) -> bool:
 def save_plan(plan: Plan, path: str) -> None:
     """Write the run's plan.yaml unless it already holds exactly this plan (e.g. `run out/plan.yaml --resume`):
     the user's file is left byte for byte as it was."""
-    text = plan.to_yaml()
+    text = plan_paths.text_for(plan, path)  # its paths relative to the file (planner.plan_paths)
     if not _same_text(path, text):
         atomic_write_text(path, text)
 
@@ -460,6 +472,6 @@ def disk_full_message(output_dir: str, step: int) -> str:
         free = "unknown"
     latest = latest_complete_checkpoint(output_dir)
     kept = (f"the last complete checkpoint is {latest[1]}; free some space and continue with "
-            f"`loraplan run {os.path.join(output_dir, PLAN_FILE)} --resume`" if latest
+            f"`{plan_paths.resume_command(output_dir)}`" if latest
             else "no checkpoint is complete yet")
     return f"the disk is full: saving {what} failed ({free} free in {output_dir}); {kept}"

@@ -86,7 +86,10 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
                           f"({plan.output_dir})", soft_wrap=True)
         return _launch(plan, None, console, rdzv)
     out = plan.output_dir
-    claim = dict(use_existing=use_existing_dir, plan_file=plan_file, plan_text=plan.to_yaml())
+    from loraplan.planner.plan_paths import text_for
+
+    claim = dict(use_existing=use_existing_dir, plan_file=plan_file,
+                 plan_text=text_for(plan, os.path.join(out, outputs.PLAN_FILE)))
     outputs.check_claim(out, **claim)  # a folder that is not loraplan's is refused before the lock file is made
     with outputs.lock_output_dir(out, command):
         outputs.claim_output_dir(out, **claim)

@@ -676,7 +676,9 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
 
     eval_loss = None
     if has_eval and not interrupted:
-        eval_loss = trainer.evaluate().get("eval_loss")
+        from .evaluation import final_eval_loss
+
+        eval_loss = final_eval_loss(trainer)
 
     if getattr(trainer, "sharded", False):
         from .fsdp import local_parameter_bytes
@@ -746,6 +748,7 @@ def _train_and_save(plan: Plan, trainer, place: Placement, meter: MemoryMeter, s
     if interrupted:
         saved = f"checkpoint saved at step {stopper.stopped_at} ({latest[1]})" if latest else "no checkpoint saved"
         cause = f"signal {flag.signum}" if flag.signum else "a signal to another process"
-        raise Interrupted(f"interrupted by {cause}: {saved}; continue with `loraplan run "
-                          f"{os.path.join(out, outputs.PLAN_FILE)} --resume`")
+        from loraplan.planner.plan_paths import resume_command
+
+        raise Interrupted(f"interrupted by {cause}: {saved}; continue with `{resume_command(out)}`")
     return summary

@@ -35,7 +35,9 @@ def main(argv=None) -> int:
 
         from .train import train_plan
 
-        plan = Plan.load(args.plan)
+        from loraplan.planner import plan_paths
+
+        plan = plan_paths.load(args.plan)
         resume_from = args.resume_from
         if plan.hardware.num_nodes > 1:
             resume_from = _agree_across_machines(plan, resume_from)

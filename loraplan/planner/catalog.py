@@ -124,6 +124,11 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
             cfg, _arch(cfg, f"catalog entry {key}"), entry.get("display_name", key),
         )
     path = Path(name).expanduser()
+    from .plan_paths import symlink_loop
+
+    if symlink_loop(str(path)):
+        raise InputError(f"model path {name} is a symlink loop (a link that leads back to itself); point it at a "
+                         f"model directory or config.json")
     looks_like_path = os.sep in name or name.startswith(".") or name.endswith(".json") or path.exists()
     if path.exists():
         if path.is_dir():

@@ -19,7 +19,7 @@ MethodChoice = Literal["auto", "lora", "qlora"]
 Checkpointing = Literal["auto", "on", "off"]
 Loss = Literal["fused", "full"]
 Dtype = Literal["bfloat16", "float16", "float32"]
-DatasetFormat = Literal["auto", "instruction", "chat", "text"]
+DatasetFormat = Literal["auto", "instruction", "chat", "text", "prompt_completion"]
 SaverMode = Literal["auto", "on", "off"]
 # transformers' SchedulerType values (transformers 5.24; the planner does not import transformers, so the list is
 # written here and tests/test_newcomer_run.py checks it against the installed enum)
