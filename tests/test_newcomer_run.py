@@ -346,3 +346,66 @@ def test_a_symlink_loop_as_the_model_says_so(tmp_path, monkeypatch):
     for name in ("loop", "./loop"):
         result = CliRunner().invoke(main, ["plan", name, "--gpu", "cpu", "--no-fit-table"])
         one_line_error(result, 2, "is a symlink loop")
+
+
+# --- item 9: merge ---------------------------------------------------------------------------------------------------
+
+@requires_run
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merge_defaults_to_the_plans_dtype_with_umask_modes_and_a_qlora_note(method, tiny_model_dir, tmp_path,
+                                                                               cli_run):
+    import stat
+
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from loraplan.executor.cli import merge_command
+
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), method=method, max_steps=2,
+                      save_steps=2, micro_batch_size=2)  # a float32 plan
+    assert cli_run(write_plan(plan, tmp_path / "plan.yaml")).exit_code == 0
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(merge_command, [str(out / "adapter"), "--output", str(tmp_path / "merged")],
+                                    catch_exceptions=False)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert "dtype fp32 (the run's training.dtype, float32" in result.output
+    assert ("trained against 4-bit (NF4) weights" in result.output) == (method == "qlora")
+    modes = {n: stat.S_IMODE(os.stat(tmp_path / "merged" / n).st_mode) for n in os.listdir(tmp_path / "merged")}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype.is_floating_point
+        import torch
+
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+@requires_run
+@pytest.mark.slow
+def test_ctrl_c_during_merge_is_one_line_and_130(tiny_model_dir, tmp_path, cli_run):
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=2, save_steps=2,
+                      micro_batch_size=2)
+    assert cli_run(write_plan(plan, tmp_path / "plan.yaml")).exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "loraplan.executor.cli", "merge", str(out / "adapter"), "--output",
+                             str(tmp_path / "merged")], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:  # inside the merge: torch is being imported (then transformers, peft: seconds)
+        assert proc.poll() is None and time.time() < deadline
+        try:
+            if "libtorch" in open(f"/proc/{proc.pid}/maps").read():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert stderr.strip().splitlines()[-1].startswith("Error: interrupted; nothing was saved"), stderr
+    assert "Aborted" not in stderr + stdout and "saved to" not in stdout
+    assert not (tmp_path / "merged").exists() or not os.listdir(tmp_path / "merged")

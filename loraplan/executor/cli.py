@@ -148,10 +148,11 @@ def _execute(plan: Plan, resume: bool, overwrite: bool, use_existing_dir: bool, 
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--output", "output", required=True, type=click.Path(),
               help="Folder for the merged model (must not exist or be empty).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-              help="dtype the base model is loaded and saved in.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="dtype the base model is loaded and saved in (default: the run's training.dtype, from the plan.yaml "
+              "beside the adapter; bf16 without one).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the base model's own modelling code to run.")
-def merge_command(adapter_dir: str, output: str, dtype: str, trust_remote_code: bool) -> None:
+def merge_command(adapter_dir: str, output: str, dtype: Optional[str], trust_remote_code: bool) -> None:
     """Merge the LoRA adapter in ADAPTER_DIR into its base model and save a model directory that
     `AutoModelForCausalLM.from_pretrained` loads. The base (adapter_config.json's base_model_name_or_path) must be a
     local folder or in the local Hugging Face cache; a QLoRA adapter merges into the unquantized base."""
@@ -159,12 +160,20 @@ def merge_command(adapter_dir: str, output: str, dtype: str, trust_remote_code: 
 
     library_log.quiet_library_logs()  # bitsandbytes speaks when peft imports it
     try:
+        from . import merge_facts
         from .merge import merge_adapter
 
+        if dtype is None:
+            dtype, why = merge_facts.default_dtype(adapter_dir)
+            click.echo(f"dtype {dtype} ({why}; --dtype sets another)")
+        if merge_facts.trained_on_4bit(adapter_dir):
+            click.echo(merge_facts.QLORA_NOTE)
         path = merge_adapter(adapter_dir, output, dtype=dtype, trust_remote_code=trust_remote_code)
-        click.echo(f"merged model saved to {os.path.abspath(path)}")
     except RunError as exc:
         _fail(exc.message, exc.exit_code)
+    except KeyboardInterrupt:  # before the merged model was swapped in (the swap itself ignores SIGINT)
+        _fail(f"interrupted; nothing was saved ({output} is as it was)", 130)
+    click.echo(f"merged model saved to {os.path.abspath(path)}")
 
 
 @click.group()

@@ -126,6 +126,9 @@ def _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, Pef
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code,
                                       local_files_only=True).save_pretrained(tmp)
+        from .merge_facts import apply_umask_modes
+
+        apply_umask_modes(tmp)  # safetensors' file is written 0600 through a temporary file
     except Exception as exc:
         if not outputs.is_disk_full(exc):
             raise
@@ -141,6 +144,18 @@ def _swap_in(tmp: str, output_dir: str) -> None:
 
     lock = os.path.join(output_dir, outputs.LOCK_FILE)
     moved = os.path.exists(lock)
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a few renames: a Ctrl-C now would leave it half-swapped
+    try:
+        _swap(tmp, output_dir, lock, moved)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _swap(tmp: str, output_dir: str, lock: str, moved: bool) -> None:
+    from . import outputs
+
     if moved:
         os.replace(lock, os.path.join(tmp, outputs.LOCK_FILE))
     try:
