@@ -409,3 +409,48 @@ def test_ctrl_c_during_merge_is_one_line_and_130(tiny_model_dir, tmp_path, cli_r
     assert stderr.strip().splitlines()[-1].startswith("Error: interrupted; nothing was saved"), stderr
     assert "Aborted" not in stderr + stdout and "saved to" not in stdout
     assert not (tmp_path / "merged").exists() or not os.listdir(tmp_path / "merged")
+
+
+# --- item 7: machine 1 waits for machine 0 in words, and not forever ------------------------------------------------
+
+@requires_run
+@pytest.mark.slow
+def test_machine_1_without_machine_0_times_out_in_one_line_and_leaves_nothing(tiny_model_dir, tmp_path):
+    import glob
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), strategy="fsdp", num_gpus=1,
+                      num_nodes=2, micro_batch_size=2, max_steps=2, save_steps=2)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "loraplan-machine-1-*")))
+    t0 = time.monotonic()
+    proc = _run_cli(write_plan(plan, tmp_path / "plan.yaml"), "--machine-rank", 1, "--main-process-ip", "127.0.0.1",
+                    "--main-process-port", port, "--rendezvous-timeout", 3)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (stdout, stderr)
+    assert f"waiting for machine 0 at 127.0.0.1:{port}" in " ".join(stdout.split())
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: machine 0 did not answer at 127.0.0.1:{port} within 3 s")
+    assert time.monotonic() - t0 < 60
+    assert not out.exists()  # the wait made it, and removed it
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "loraplan-machine-1-*"))) == before
+    assert not _descendants(proc.pid)
+
+
+@requires_run
+def test_the_rendezvous_timeout_reaches_the_launcher(tiny_model_dir, tmp_path):
+    from loraplan.executor.launch import Rendezvous, launch_command
+
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(tmp_path / "out"), strategy="ddp",
+                      num_gpus=1, num_nodes=2)
+    cmd, _ = launch_command(plan, "p.yaml", None, "e.json", Rendezvous(1, "10.0.0.1", 29500, "flags", timeout_s=42))
+    assert cmd[cmd.index("--rdzv_conf") + 1] == "timeout=42"
+    # and accelerate's launcher takes it as torchrun's own rendezvous setting
+    from accelerate.commands.launch import launch_command_parser
+
+    args = launch_command_parser().parse_args(cmd[3:])
+    assert args.rdzv_conf == "timeout=42"

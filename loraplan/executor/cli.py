@@ -50,6 +50,9 @@ def _console():
 @click.option("--main-process-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="The rendezvous port on machine 0 (default: MASTER_PORT, else 29500 on several nodes and a free "
               "port on one).")
+@click.option("--rendezvous-timeout", type=click.IntRange(min=1), default=600, show_default=True, metavar="SECONDS",
+              help="Multi-node plans: how long a machine other than 0 waits for machine 0 to answer at "
+              "--main-process-ip:--main-process-port (and the launcher's rendezvous timeout).")
 @click.option("--strategy", "demo_strategy", type=click.Choice([n for n in STRATEGIES if n != "single"]), default=None,
               help="--demo only: how the demo spreads over --num-processes CPU processes (default: cpu for one, ddp "
               "for more).")
@@ -57,8 +60,8 @@ def _console():
               help="--demo only: train the demo over this many CPU processes (default 1).")
 def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_existing_dir: bool, demo: bool,
                 output_dir: Optional[str], max_steps: Optional[int], force: bool, machine_rank: Optional[int],
-                main_process_ip: Optional[str], main_process_port: Optional[int], demo_strategy: Optional[str],
-                num_processes: Optional[int]) -> None:
+                main_process_ip: Optional[str], main_process_port: Optional[int], rendezvous_timeout: int,
+                demo_strategy: Optional[str], num_processes: Optional[int]) -> None:
     """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
 
     Loads the model (4-bit for QLoRA), wraps it with the plan's LoRA adapter, trains with trl's SFTTrainer on the
@@ -119,7 +122,10 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
                 )
             from .launch import resolve_rendezvous
 
-            rendezvous = resolve_rendezvous(plan, machine_rank, main_process_ip, main_process_port)
+            import dataclasses
+
+            rendezvous = dataclasses.replace(resolve_rendezvous(plan, machine_rank, main_process_ip, main_process_port),
+                                             timeout_s=rendezvous_timeout)
             summary = _execute(plan, resume, overwrite, use_existing_dir, plan_file, command, rendezvous)
             if not rendezvous.is_main_machine and summary.steps is None:
                 _console().print(f"machine {rendezvous.machine_rank}: its processes finished; machine 0 holds the "

@@ -47,6 +47,7 @@ class Rendezvous:
     main_process_ip: Optional[str] = None
     main_process_port: Optional[int] = None
     source: str = "flags"
+    timeout_s: int = 600  # how long machines other than 0 wait for it (rendezvous_wait; --rendezvous-timeout)
 
     @property
     def is_main_machine(self) -> bool:
@@ -151,6 +152,10 @@ def launch_command(plan: Plan, plan_path: str, resume_from: Optional[str], error
         if plan.hardware.num_nodes > 1:
             cmd += ["--machine_rank", str(rdzv.machine_rank), "--main_process_ip", str(rdzv.main_process_ip),
                     "--same_network"]
+    if plan.hardware.num_nodes > 1:
+        from .rendezvous_wait import launcher_args
+
+        cmd += launcher_args(rdzv.timeout_s)  # the static rendezvous' TCPStore timeout
     cmd += ["--num_cpu_threads_per_process", str(threads),
             "-m", "loraplan.executor.worker", plan_path, "--error-file", error_file]
     if resume_from:
@@ -183,6 +188,11 @@ def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: R
 
     out = plan.output_dir
     summary_path = os.path.join(out, outputs.SUMMARY_FILE)
+    if not rdzv.is_main_machine:  # say what this machine waits for, and not forever
+        from .rendezvous_wait import wait_for_machine_0
+
+        wait_for_machine_0(rdzv.main_process_ip, rdzv.main_process_port or DEFAULT_PORT, rdzv.timeout_s, out,
+                           os.path.join(out, f"launch-machine-{rdzv.machine_rank}.log"), console)
     if rdzv.is_main_machine:
         private = None
         plan_path = os.path.abspath(os.path.join(out, outputs.PLAN_FILE))
