@@ -454,3 +454,13 @@ def test_the_rendezvous_timeout_reaches_the_launcher(tiny_model_dir, tmp_path):
 
     args = launch_command_parser().parse_args(cmd[3:])
     assert args.rdzv_conf == "timeout=42"
+
+
+def test_a_worker_whose_launcher_is_already_gone_never_starts(tmp_path):
+    """bind_worker's check of the chain run -> launcher -> worker (the race before the parent-death signal is
+    armed): here the child's parent is this test process, whose parent is the pid it is told is the run's."""
+    code = "from loraplan.executor.lifetime import bind_worker; bind_worker(); print('alive')"
+    for run_pid, alive in ((os.getppid(), True), (1, False)):
+        env = {**subprocess_env(), "LORAPLAN_RUN_PID": str(run_pid)}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert (done.stdout.strip() == "alive") == alive and done.returncode == (0 if alive else 1), done
