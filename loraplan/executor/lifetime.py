@@ -155,10 +155,11 @@ def end_group(proc, lock_path: Optional[str], grace_s: float = 10.0) -> None:
     """On every way out of the launcher's wait (its end, an exception, Ctrl-C): kill what is left of its process
     group, then the workers still holding the run's lock (torch starts them in sessions of their own, out of the
     group's reach), and wait until they are gone, so the folder's lock is given up only after them."""
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        proc.wait(timeout=grace_s)
+    if proc.poll() is None:  # only while the launcher lives: once reaped, its pid (the group's id) may be reused
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
     kill_workers(lock_path, grace_s)
 
 
