@@ -156,7 +156,7 @@ def prepare_output_dir(plan: Plan, *, resume: bool, overwrite: bool) -> Optional
     if saved is None:
         raise RunError(f"output dir {out} holds checkpoints or an adapter but no plan.yaml; "
                        f"pass --overwrite to replace them")
-    diffs = training_differences(saved, plan)
+    diffs = training_differences(saved, plan_paths.absolute(plan))  # paths compared as absolute
     if diffs:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         what = "cannot resume" if resume else "output dir holds another plan's run"

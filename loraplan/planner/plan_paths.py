@@ -71,6 +71,17 @@ def forget(plan: Plan, field: str) -> None:
     getattr(plan, _RECORD, {}).pop(field, None)
 
 
+def absolute(plan: Plan) -> Plan:
+    """A copy of `plan` whose paths are absolute (a relative one in memory is relative to the working directory):
+    what two plans are compared in, whichever file or flag their paths came from."""
+    out = copy.deepcopy(plan)
+    for field in PATH_FIELDS:
+        value = _get(out, field)
+        if value:
+            _set(out, field, os.path.normpath(os.path.abspath(os.path.expanduser(value))))
+    return out
+
+
 def text_for(plan: Plan, dest: str) -> str:
     """The YAML text of `plan` as the file `dest` holds it (its paths relative to `dest`'s folder)."""
     folder = os.path.dirname(os.path.abspath(dest))
