@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from loraplan.planner.architecture import families
-from loraplan.planner.memory.terms import MicroStep
+from loraplan.planner.memory.step import MicroStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
