@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from loraplan.cli import main
 from loraplan.planner.memory import terms as memory
-from loraplan.planner.architecture.families import from_config, select_targets, trainable_params
+from loraplan.planner.architecture.families import from_config
+from loraplan.planner.architecture.targets import select_targets, trainable_params
 from loraplan.planner.speed.communication import step_time
 from loraplan.planner.memory.loading import load_peak
 from loraplan.planner.facts.hardware import Hardware
@@ -34,7 +35,7 @@ def hw(n=N, nodes=1, **kw):
 
 
 def shape(**kw):
-    base = dict(method="lora", r=16, micro_batch_size=2, seq_len=512, grad_checkpointing=True, loss="fused")
+    base = dict(method="lora", rank=16, micro_batch_size=2, seq_len=512, grad_checkpointing=True, loss="fused")
     base.update(kw)
     return memory.MicroStep(**base)
 

@@ -21,7 +21,8 @@ from ..facts.model_names import resolve_name
 from ..facts.model_ref import ModelRef
 from ..facts.paths import symlink_loop
 from .config_checks import check_config
-from .families import Architecture, from_config
+from .families import from_config
+from .types import Architecture
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 

@@ -135,7 +135,8 @@ def strategies_to_try(r: Resolved) -> list[Strategy]:
 
 
 def _strategy_reason(r: Resolved, best: StrategyOption, options: list[StrategyOption]) -> str:
-    text = STRATEGIES[best.strategy].describe(r.hardware)
+    chosen = STRATEGIES[best.strategy]
+    text = f"{chosen.describe(r.hardware)}; checkpoints and the adapter: {chosen.saves}"
     if r.strategy_choice != "auto":
         return f"{text} (--strategy {r.strategy_choice})"
     others = [o for o in options if o is not best]

@@ -9,7 +9,6 @@ from rich.table import Table
 from ..plugins.savers import SAVERS
 from .result import PlanResult
 
-GIB = 2**30
 
 
 def new_table(title: str, **kw) -> Table:
