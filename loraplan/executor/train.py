@@ -101,7 +101,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
 
     backend.set_seed(t.seed)  # before wrapping: the adapter's initial weights are random
     device_map = place.device_map
-    if state.sharded and not plan.quantization.enabled:
+    if state.sharded:  # 4-bit too: quantized on the host (planner/memory/loading.py, "every-rank-host")
         device_map = None  # loaded on the host; fully_shard moves each rank's shards to its GPU, never the whole model
     model = backend.load_model(plan, model_dir, device_map)
     # Record where the base came from so `merge` finds it: the hub id when it came from the cache.
