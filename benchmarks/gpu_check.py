@@ -119,6 +119,42 @@ def run_case(model_dir: str, data: str, out_dir: str, method: str, args) -> dict
     return row
 
 
+def fsdp_qlora_load(model_dir: str, data: str, out_dir: str, args) -> list[dict]:
+    """Two ranks, QLoRA under fsdp-offload (issue 13's loading path, "every-rank-host"): the run's observed per-GPU
+    peak against the plan's training peak and its load peak (plan.reasons['loading']). Needs two GPUs; [] else."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return []
+    request = dict(model=model_dir, gpu="auto", num_gpus=2, strategy="fsdp-offload", method="qlora", rank=args.rank,
+                   seq_len=args.seq_len, batch_size=args.batch_size, global_batch_size=2 * args.batch_size,
+                   dataset=data, output_dir=out_dir, max_steps=args.steps, grad_checkpointing=args.grad_checkpointing)
+    plan_path = f"{out_dir}.yaml"
+    os.makedirs(os.path.dirname(plan_path), exist_ok=True)
+    made = subprocess.run([sys.executable, os.path.abspath(__file__), "--plan", json.dumps(request), plan_path],
+                          cwd=ROOT, capture_output=True, text=True)
+    if made.returncode != 0:
+        return [{"method": "qlora fsdp-offload x2", "exit": made.returncode, "error": made.stderr.strip()[-300:],
+                 "batch": args.batch_size, "seq": args.seq_len, "grad_ckpt": None, "predicted_gib": float("nan")}]
+    from loraplan.executor.summary import RunSummary
+    from loraplan.planner.planfile.schema import Plan
+
+    plan = Plan.load(plan_path)
+    proc = subprocess.run([sys.executable, "-m", "loraplan.executor.cli", "run", plan_path, "--overwrite"], cwd=ROOT,
+                          capture_output=True, text=True)
+    row = {"method": "qlora fsdp-offload x2", "batch": plan.training.micro_batch_size, "seq": plan.training.seq_len,
+           "grad_ckpt": plan.training.grad_checkpointing, "predicted_gib": plan.prediction.per_gpu_gib,
+           "loading": plan.reasons.get("loading"), "exit": proc.returncode}
+    summary_path = os.path.join(out_dir, "summary.json")
+    if proc.returncode == 0 and os.path.exists(summary_path):
+        s = RunSummary.read(summary_path)
+        row.update(observed_gib=s.observed_peak_gib, observed_per_gpu=s.observed_peak_gib_per_gpu,
+                   host_peak_gib=s.host_peak_gib, tokens_per_s=s.tokens_per_s)
+    else:
+        row["error"] = (proc.stderr or proc.stdout).strip()[-300:]
+    return [row]
+
+
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--build":  # the child process of build_model_dir
         _build(sys.argv[2], sys.argv[3])
@@ -157,6 +193,7 @@ def main() -> int:
             row = {"model": name, **run_case(model_dir, data, os.path.join(work, "runs", f"{name}-{method}"), method, args)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+        rows += [{"model": name, **r} for r in fsdp_qlora_load(model_dir, data, os.path.join(work, "runs", f"{name}-qlora-fsdp2"), args)]
 
     from rich.console import Console
     from rich.table import Table

@@ -28,7 +28,6 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     hf), planned like `plan --backend`."""
     from loraplan.planner.api import PlanRequest, make_plan
     from loraplan.planner.errors import InputError
-
     from loraplan.planner.plugins.strategies import STRATEGIES
 
     chosen = STRATEGIES[strategy] if strategy else None  # None: the planner's default for the process count

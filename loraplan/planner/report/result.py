@@ -17,7 +17,6 @@ from ..facts.dataset_stats import DatasetStats
 from ..memory import terms as memory
 from ..planfile.schema import Plan
 
-GIB = 2**30
 
 
 @dataclass
@@ -46,7 +45,7 @@ class PlanResult:
     @property
     def host_gib(self) -> float:
         """Every pinned host term, the savers' and the backend's (planner.decision.rules.Choice.host_gib)."""
-        return sum(t.bytes for t in self.host_terms) / GIB
+        return sum(t.bytes for t in self.host_terms) / memory.GIB
 
     def saver_effects(self) -> list:
         """What each saver of the plan buys (planner.decision.saver_effects)."""
