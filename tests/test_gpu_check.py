@@ -127,3 +127,31 @@ def test_dry_run_builds_and_checks_every_plan_and_command(tmp_path):
             assert os.path.exists(plan_path), plan_path
     md = (out / "gpu_check.md").read_text()
     assert "| savers | offload_checkpoints |" in md and "| fsdp_qlora_2gpu | skipped |" in md
+
+
+@pytest.mark.slow
+def test_the_child_steps_run_on_a_tiny_model(tiny_model_dir, tmp_path, cli_run):
+    """The plain-step, adapter-diff and merge-diff children, which the GPU entries call, on the CPU: the plain
+    recipe trains (its loss is finite), an adapter equals itself and differs from another run's, and the merged
+    model's logits match base + adapter."""
+    pytest.importorskip("peft")
+    from conftest import build_plan, data_file, write_plan
+
+    plans = {}
+    for name, lr in (("a", 2e-4), ("b", 5e-3)):
+        plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(tmp_path / name), max_steps=2, save_steps=2,
+                          micro_batch_size=2, seq_len=32, learning_rate=lr)
+        plans[name] = write_plan(plan, tmp_path / f"{name}.yaml")
+        assert cli_run(plans[name]).exit_code == 0
+    plain = json.loads(gpu_check._child(["--plain-step", plans["a"]], timeout=300, what="plain step"))
+    assert len(plain["losses"]) == 3 and all(x == x and x > 0 for x in plain["losses"]) and plain["tokens_per_s"] > 0
+    a, b = str(tmp_path / "a" / "adapter"), str(tmp_path / "b" / "adapter")
+    assert float(gpu_check._child(["--adapter-diff", a, a], timeout=120, what="diff")) == 0.0
+    assert float(gpu_check._child(["--adapter-diff", a, b], timeout=120, what="diff")) > 0.0
+    from click.testing import CliRunner
+
+    from loraplan.executor.cli import merge_command
+
+    merged = tmp_path / "merged"
+    assert CliRunner().invoke(merge_command, [b, "--output", str(merged), "--dtype", "fp32"], catch_exceptions=False).exit_code == 0
+    assert float(gpu_check._child(["--merge-diff", tiny_model_dir, b, str(merged)], timeout=300, what="merge")) < 1e-3
