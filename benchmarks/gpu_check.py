@@ -209,8 +209,8 @@ class Context:
         try:
             if interrupt_after:
                 while not os.path.exists(interrupt_after) and proc.poll() is None:
-                    if time.monotonic() - t0 > self.seconds_left():
-                        raise subprocess.TimeoutExpired(argv, self.seconds_left())
+                    if self.seconds_left() <= 0:
+                        raise subprocess.TimeoutExpired(argv, time.monotonic() - t0)
                     time.sleep(0.2)
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
@@ -337,13 +337,14 @@ def peaks(ctx: Context) -> None:
             ctx.run_and_record(case, path, plan)
 
 
-@entry("savers", 140)
+@entry("savers", 130)
 def savers(ctx: Context) -> None:
     """Each CUDA-only saver: the run completes; observed peak and pinned host memory against the plan."""
     method, batch, seq, ckpt = SAVER_SHAPE
     model = ctx.model(SAVER_MODEL)
-    path, plan = ctx.plan("none", model, method, batch, seq, ckpt, "--savers", "none")
-    ctx.run_and_record("no saver (reference)", path, plan)
+    with ctx.case("no saver (reference)") as case:
+        path, plan = ctx.plan("none", model, method, batch, seq, ckpt, "--savers", "none")
+        ctx.run_and_record(case, path, plan)
     for saver, package in SAVERS_CHECKED:
         reason = ctx.missing(package) if package else None
         if reason:
@@ -357,7 +358,7 @@ def savers(ctx: Context) -> None:
                 row.update(ok=False, note="no pinned host memory observed: the offload did not happen")
 
 
-@entry("recipes", 60, needs=RUN_STACK)
+@entry("recipes", 50, needs=RUN_STACK)
 def recipes(ctx: Context) -> None:
     """The calibration's two recipes on one shape: a plain PyTorch step beside trl's SFTTrainer (`loraplan run`)."""
     arch, method, batch, seq, ckpt = "qwen2.5-0.5b", "lora", 4, 1024, "on"
@@ -381,7 +382,7 @@ def recipes(ctx: Context) -> None:
         ctx.record("plain step (model's own loss)", plan, ok=False, exit=1, error=str(e))
 
 
-@entry("resume_merge", 90, needs=RUN_STACK)
+@entry("resume_merge", 110, needs=RUN_STACK)
 def resume_merge(ctx: Context) -> None:
     """Kill after a checkpoint, --resume, the same final adapter as an uninterrupted run; then merge."""
     model = ctx.model("qwen2.5-0.5b")
@@ -420,14 +421,14 @@ def resume_merge(ctx: Context) -> None:
     ctx.record("merge", exit=0, wall_s=round(time.monotonic() - t0, 1), logits_max_rel_diff=diff, ok=diff < 1e-3)
 
 
-@entry("unsloth", 80, needs=RUN_STACK + ("unsloth",))
+@entry("unsloth", 70, needs=RUN_STACK + ("unsloth",))
 def unsloth(ctx: Context) -> None:
     """The Unsloth backend beside the standard one on the same shapes: peak and tokens/s."""
     helped = subprocess.run([sys.executable, "-m", "loraplan.cli", "plan", "--help"], cwd=ROOT, capture_output=True,
                             text=True).stdout
     if "--backend" not in helped:
         raise Skip("this loraplan has no `plan --backend` yet (issue 18)")
-    for arch, method, batch, seq, ckpt in PEAK_SHAPES[:2]:
+    for arch, method, batch, seq, ckpt in (PEAK_SHAPES[1], PEAK_SHAPES[0]):  # QLoRA first: Unsloth's own path
         model = ctx.model(arch)
         for backend in ("hf", "unsloth"):
             with ctx.case(f"{arch} {method} {batch}x{seq} {backend}") as case:
