@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -17,7 +18,7 @@ from benchmarks.gpu_check import ENTRIES, PROBED, CheckError, Context, Entry, Sk
 
 def _ctx(tmp_path, **kw) -> Context:
     base = dict(work=str(tmp_path), out=str(tmp_path), dry_run=False, card_args=["--gpu", "h200"],
-                imports={n: None for n in PROBED}, gpus=1, deadline=float("inf"))
+                imports={n: None for n in PROBED}, gpus=1, deadline=time.monotonic() + 600)
     return Context(**{**base, **kw})
 
 
@@ -155,3 +156,24 @@ def test_the_child_steps_run_on_a_tiny_model(tiny_model_dir, tmp_path, cli_run):
     merged = tmp_path / "merged"
     assert CliRunner().invoke(merge_command, [b, "--output", str(merged), "--dtype", "fp32"], catch_exceptions=False).exit_code == 0
     assert float(gpu_check._child(["--merge-diff", tiny_model_dir, b, str(merged)], timeout=300, what="merge")) < 1e-3
+
+
+@pytest.mark.slow
+def test_run_kill_and_resume_as_the_entries_do(tiny_model_dir, tmp_path):
+    """Context.run outside --dry-run, on a CPU plan: the run's summary is read back, the kill after a complete
+    checkpoint leaves an interrupted run (exit 130), and --resume (without --overwrite) finishes it."""
+    from conftest import build_plan, data_file, write_plan
+
+    out = tmp_path / "run"
+    plan = build_plan(tiny_model_dir, data_file("text.jsonl"), str(out), max_steps=30, save_steps=2, logging_steps=2,
+                      micro_batch_size=2, seq_len=32)
+    path = write_plan(plan, tmp_path / "plan.yaml")
+    ctx = _ctx(tmp_path, card_args=["--gpu", "cpu"])
+    ctx.entry_deadline = time.monotonic() + 300
+    assert ctx.run_command(path)[-1] == "--overwrite"
+    killed = ctx.run(path, interrupt_after=str(out / "checkpoint-2" / "COMPLETE"))
+    assert killed["exit"] == 130 and killed["status"] == "interrupted" and 2 <= killed["steps"] < 30, killed
+    resumed = ctx.run(path, "--resume")
+    assert resumed["exit"] == 0 and resumed["status"] == "completed" and resumed["steps"] == 30, resumed
+    assert resumed["command"].endswith("--resume") and "--overwrite" not in resumed["command"]
+    assert resumed["observed_gib"] is None and os.path.isdir(resumed["adapter_dir"])  # no GPU: no peak to observe
