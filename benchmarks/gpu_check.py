@@ -60,6 +60,10 @@ DRY_RUN_CARD = "h200"  # the card --dry-run plans for (the catalog's)
 PROBED = {"unsloth": "unsloth", "torch": "torch", "transformers": "transformers", "peft": "peft", "trl": "trl",
           "datasets": "datasets", "accelerate": "accelerate", "bitsandbytes": "bitsandbytes",
           "liger_kernel": "liger-kernel", "flash_attn": "flash-attn"}
+# What the carried wheels need from the image (docs/gpu-validation.md): their versions go in the header, read from
+# package metadata only, so a mismatch shows in the first call's output.
+IMAGE_NEEDS = ("pyarrow", "fsspec", "pandas", "tokenizers", "huggingface-hub", "safetensors", "regex", "triton",
+               "numpy", "matplotlib")
 RUN_STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 
 
@@ -561,6 +565,11 @@ def _probe() -> None:
             result["imports"][name] = None
         except Exception as e:  # noqa: BLE001 - any failure to import is a reason to skip, recorded as such
             result["imports"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        try:
+            result["versions"][dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            result["versions"][dist] = None
+    for dist in IMAGE_NEEDS:
         try:
             result["versions"][dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
