@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from loraplan.planner.architecture import families
-from loraplan.planner.memory.terms import MicroStep
+from loraplan.planner.architecture import families, targets, types
+from loraplan.planner.memory.step import MicroStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,12 +42,12 @@ def row_config(row: dict) -> dict:
         return json.load(f)
 
 
-def row_inputs(row: dict) -> tuple[families.Architecture, families.TargetSelection, MicroStep]:
+def row_inputs(row: dict) -> tuple[types.Architecture, targets.TargetSelection, MicroStep]:
     arch = families.from_config(row_config(row))
-    sel = families.select_targets(arch, None)  # q,k,v,o,gate,up,down as measured
+    sel = targets.select_targets(arch, None)  # q,k,v,o,gate,up,down as measured
     shape = MicroStep(
         method=row["method"],
-        r=row["r"],
+        rank=row["r"],
         micro_batch_size=row["batch"],
         seq_len=row["seq"],
         grad_checkpointing=row["grad_ckpt"],

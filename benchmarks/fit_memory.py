@@ -63,7 +63,7 @@ def fit(rows: list[dict]) -> dict:
     X, y, w, loaded_err = [], [], [], []
     for row in rows:
         arch, sel, shape = row_inputs(row)
-        p = memory.trainable_params(sel, shape.r)
+        p = memory.trainable_params(sel, shape.rank)
         fixed = (
             memory.loaded_bytes(arch, sel, shape)
             + memory.DTYPE_BYTES[shape.dtype] * (arch.num_layers * arch.hidden_size * shape.tokens if shape.grad_checkpointing else 0)

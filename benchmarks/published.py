@@ -165,11 +165,14 @@ def evaluate(path: Path = TABLE) -> list[Compared]:
 
 
 def verdict(c: Compared) -> str:
-    """fits | does not fit (training is over the usable memory) | loading binds (training fits, the load does not)."""
+    """fits | does not fit (training is over the usable memory) | loading binds (training fits, the load does not) |
+    host memory binds (both fit the GPU, the host's memory does not)."""
     if c.feasible:
         return "fits"
     if c.load_gpu_gib > c.usable_gib and c.peak_gib <= c.usable_gib:
         return "loading binds"
+    if c.peak_gib <= c.usable_gib:  # training and the load fit the GPU: the host's memory binds
+        return "host memory binds"
     return "does not fit"
 
 
@@ -177,6 +180,8 @@ def verdict_text(c: Compared) -> str:
     v = verdict(c)
     if v == "loading binds":
         return f"{v} ({c.load_gpu_gib:.1f} GiB per GPU at load)"
+    if v == "host memory binds":
+        return f"{v} ({c.planned_host_gib:.0f} GiB needed on rank 0's node)"
     if v == "does not fit":
         return f"{v} ({c.peak_gib:.1f} GiB peak, {c.usable_gib:.1f} usable)"
     return v

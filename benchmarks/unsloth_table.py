@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from loraplan.planner.memory import terms as memory
-from loraplan.planner.architecture.families import from_config, select_targets
+from loraplan.planner.architecture.families import from_config
+from loraplan.planner.architecture.targets import select_targets
 from loraplan.planner.memory.unsloth import unsloth_budget, unsloth_host_terms
 from loraplan.tables import TABLES_DIR  # noqa: E402
 
@@ -39,7 +40,7 @@ def llama_31_8b():
 
 
 def shape(seq_len: int) -> memory.MicroStep:
-    return memory.MicroStep(method="qlora", r=RANK, micro_batch_size=1, seq_len=seq_len, grad_checkpointing=True,
+    return memory.MicroStep(method="qlora", rank=RANK, micro_batch_size=1, seq_len=seq_len, grad_checkpointing=True,
                    loss="fused", optimizer="adamw-8bit")
 
 

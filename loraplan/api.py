@@ -56,18 +56,21 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
         max_steps: Optional[int] = None, report_to: Optional[str] = None, resume: bool = False,
         overwrite: bool = False, use_existing_dir: bool = False, force: bool = False,
         machine_rank: Optional[int] = None, main_process_ip: Optional[str] = None,
-        main_process_port: Optional[int] = None, strategy: Optional[str] = None,
+        main_process_port: Optional[int] = None, rendezvous_timeout: int = 600, strategy: Optional[str] = None,
         num_processes: Optional[int] = None, console: Any = "auto", command: Optional[str] = None) -> "RunSummary":
     """Train a plan (a plan file's path, a Plan, or a PlanResult from `plan`), or the demo (`demo=True`), as
     `loraplan run` does; returns the RunSummary (what summary.json holds).
 
-    output_dir, max_steps and report_to override the plan's and are recorded in the run's plan.yaml. console:
+    A plan file's relative paths are relative to its folder (docs/running.md). output_dir (relative to the working
+    directory), max_steps and report_to override the plan's and are recorded in the run's plan.yaml.
+    rendezvous_timeout: seconds a machine other than 0 of a multi-node plan waits for machine 0. console:
     "auto" prints progress and messages with rich, None is silent, or a rich Console. Raises loraplan.LoraplanError:
     RunError (exit_code 2: bad input; TrainingFailed 1: e.g. out of memory; Interrupted 130) or PlanError."""
     from loraplan.executor.claim import check_claim, claim_output_dir
     from loraplan.executor.folder_lock import lock_output_dir
     from loraplan.executor.errors import RunError, require_run_extra
     from loraplan.executor.trackers import check_installed
+    from loraplan.planner.planfile import paths as plan_paths
     from loraplan.planner.planfile.schema import Plan
 
     if console == "auto":
@@ -105,7 +108,8 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
             return _execute(p, resume, overwrite or not resume, use_existing_dir, None, command, None, console)
     if plan is None:
         raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
-    p = Plan.load(plan_file) if plan_file else Plan.from_dict(plan.to_dict())  # a copy: the caller's stays as it was
+    # a copy: the caller's stays as it was; a file's relative paths are relative to the file
+    p = plan_paths.load(plan_file) if plan_file else Plan.from_dict(plan.to_dict())
     _override(p, output_dir, max_steps, report_to)
     p.validate()
     if not p.fits() and not force:
@@ -116,14 +120,18 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
         )
     from loraplan.executor.launch import resolve_rendezvous
 
-    rendezvous = resolve_rendezvous(p, machine_rank, main_process_ip, main_process_port)
+    rendezvous = dataclasses.replace(resolve_rendezvous(p, machine_rank, main_process_ip, main_process_port),
+                                     timeout_s=rendezvous_timeout)
     return _execute(p, resume, overwrite, use_existing_dir, plan_file, command, rendezvous, console)
 
 
 def _override(p: "Plan", output_dir: Optional[str], max_steps: Optional[int], report_to: Optional[str]) -> None:
     """`run`'s overrides of the plan, recorded in the run's plan.yaml."""
+    from loraplan.planner.planfile import paths as plan_paths
+
     if output_dir:
         p.output_dir = output_dir
+        plan_paths.forget(p, "output_dir")  # a flag's path is the working directory's, not the plan file's
     if max_steps:
         p.training.max_steps = max_steps
     if report_to is not None:

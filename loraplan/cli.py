@@ -196,7 +196,9 @@ def plan_command(ctx: click.Context, model: Optional[str], from_config, from_for
         if imported:
             res.from_config = formats.from_config_json(*imported, res.suggestions)
         if output:
-            res.plan.save(output)
+            from loraplan.planner.planfile import paths as plan_paths
+
+            plan_paths.save(res.plan, output)  # relative paths in the file are relative to the file
         if plot:
             res.plot(plot)
     except InputError as exc:
@@ -209,6 +211,7 @@ def plan_command(ctx: click.Context, model: Optional[str], from_config, from_for
         data["plot_file"] = plot
         click.echo(json.dumps(data, indent=2))
     else:
+        from loraplan.planner.planfile.paths import shell_command
         from loraplan.planner.report.tables import render
 
         console = _console()
@@ -217,7 +220,7 @@ def plan_command(ctx: click.Context, model: Optional[str], from_config, from_for
             formats.render(*imported, res.suggestions, console)
         if output:
             console.print(f"Plan written to {output}" + ("" if res.feasible else " (infeasible: `run` refuses it unless --force)")
-                          + (f"; run it with: loraplan run {output}" if res.feasible else ""))
+                          + (f"; run it with: {shell_command('loraplan', 'run', output)}" if res.feasible else ""))
         if plot:
             console.print(f"Memory plot written to {plot}")
     sys.exit(EXIT_FEASIBLE if res.feasible else EXIT_INFEASIBLE)

@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from benchmarks.calibration import calibration_dir  # noqa: E402
-from loraplan.planner.architecture.families import from_config, select_targets, trainable_params
+from loraplan.planner.architecture.families import from_config
+from loraplan.planner.architecture.targets import select_targets, trainable_params
 from loraplan.tables import models  # noqa: E402
 
 CALIBRATION = calibration_dir() / "configs"

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from loraplan.planner.memory import terms as memory
-from loraplan.planner.architecture.families import from_config, select_targets, trainable_params
+from loraplan.planner.architecture.families import from_config
+from loraplan.planner.architecture.targets import select_targets, trainable_params
 from loraplan.planner.plugins.strategies import STRATEGIES
 from loraplan.tables import TABLES_DIR
 
@@ -28,15 +29,15 @@ P = L * r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
 
 
 def shape(**kw):
-    base = dict(method="lora", r=r, micro_batch_size=mb, seq_len=seq, grad_checkpointing=False, loss="fused")
+    base = dict(method="lora", rank=r, micro_batch_size=mb, seq_len=seq, grad_checkpointing=False, loss="fused")
     base.update(kw)
     return memory.MicroStep(**base)
 
 
-def terms(s, strategy="single"):
+def terms(s, strategy="single", num_gpus=1):
     from loraplan.planner.facts.hardware import Hardware
 
-    hw = Hardware(gpu="h100-80gb", gpu_name="H100", memory_gib=79.1, num_gpus=s.num_gpus, bf16=True)
+    hw = Hardware(gpu="h100-80gb", gpu_name="H100", memory_gib=79.1, num_gpus=num_gpus, bf16=True)
     return {t.name: t.bytes for t in STRATEGIES[strategy].budget(memory.budget(ARCH, SEL, s), ARCH, P, s, hw)}
 
 
@@ -66,7 +67,7 @@ def test_adapter_terms_by_hand():
     assert (t["lora_weights"], t["lora_gradients"], t["optimizer_states"]) == (4 * P, 4 * P, 8 * P)
     assert terms(shape(optimizer="adamw-8bit"))["optimizer_states"] == 2 * P
     assert "ddp_buckets" not in t
-    assert terms(shape(num_gpus=2), "ddp")["ddp_buckets"] == 4 * P
+    assert terms(shape(), "ddp", num_gpus=2)["ddp_buckets"] == 4 * P
 
 
 def _x():

@@ -74,8 +74,10 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     from loraplan.executor import checkpoints
     from loraplan.executor.resume import prepare_output_dir
 
+    from loraplan.planner.planfile import paths as plan_paths
+
     plan = build_plan("m", data_file("text.jsonl"), str(tmp_path))
-    plan.save(str(tmp_path / "plan.yaml"))
+    plan_paths.save(plan, str(tmp_path / "plan.yaml"))  # as run writes it: paths relative to the file
     for step in (4, 8, 12):
         os.makedirs(tmp_path / f"checkpoint-{step}")
     checkpoints.mark_complete(str(tmp_path / "checkpoint-4"), 4)

@@ -33,7 +33,7 @@ SEQ = 32  # the counts' sequence lengths are 32 and 64; X depends on it only und
 def planner_inputs(d: ST.Dims, case: ST.Case, layers: int = 2):
     config = ST._config(d, layers).to_dict()
     arch = families.from_config(config)
-    shape = memory.MicroStep(method=case.method, r=ST.R, micro_batch_size=2, seq_len=SEQ,
+    shape = memory.MicroStep(method=case.method, rank=ST.R, micro_batch_size=2, seq_len=SEQ,
                     grad_checkpointing=case.checkpointing, loss="full", device="cpu",
                     targets=ST.TARGETS[case.targets], lora_dropout=case.dropout > 0)
     if case.saver == "layer_checkpointing":

@@ -11,9 +11,12 @@ from click.testing import CliRunner
 
 from loraplan.cli import main
 from loraplan.planner.memory import terms as memory
-from loraplan.planner.architecture.families import from_config, select_targets, trainable_params
+from loraplan.planner.architecture.families import from_config
+from loraplan.planner.architecture.targets import select_targets, trainable_params
 from loraplan.planner.speed.communication import step_time
+from loraplan.planner.memory import loading
 from loraplan.planner.memory.loading import load_peak
+from loraplan.planner.memory.sharding import layer_weight_bytes
 from loraplan.planner.facts.hardware import Hardware
 from loraplan.planner.plugins.strategies import STRATEGIES
 
@@ -34,7 +37,7 @@ def hw(n=N, nodes=1, **kw):
 
 
 def shape(**kw):
-    base = dict(method="lora", r=16, micro_batch_size=2, seq_len=512, grad_checkpointing=True, loss="fused")
+    base = dict(method="lora", rank=16, micro_batch_size=2, seq_len=512, grad_checkpointing=True, loss="fused")
     base.update(kw)
     return memory.MicroStep(**base)
 
@@ -91,9 +94,15 @@ def test_loading_peaks():
     lora = load_peak(ARCH, s, sharded=True, offload=False, world=N, runtime_gib=1.0)
     assert lora.cpu_ram_efficient_loading and lora.gpu_gib == pytest.approx(w / N + 1.0)
     assert lora.host_gib == pytest.approx(2 * ARCH.total_params / 2**30)  # rank 0 holds the bf16 checkpoint
-    q = load_peak(ARCH, shape(method="qlora"), sharded=True, offload=False, world=N, runtime_gib=1.0)
-    assert q.mode == "every-rank-gpu" and not q.cpu_ram_efficient_loading
-    assert q.gpu_gib > (0.5 * PROJ) / 2**30  # the whole 4-bit model on every rank before sharding
+    sq = shape(method="qlora")
+    wq = loading.weights_bytes(ARCH, sq) / 2**30
+    unit = max(layer_weight_bytes(ARCH, sq), 2 * V * h) / 2**30  # the largest FSDP unit moved whole: here the embeddings
+    q = load_peak(ARCH, sq, sharded=True, offload=False, world=N, runtime_gib=1.0, gpus_per_node=N)
+    assert q.mode == "every-rank-host" and not q.cpu_ram_efficient_loading
+    assert q.gpu_gib == pytest.approx(wq / N + unit + 1.0)  # the shard plus one unit, never the whole 4-bit model
+    assert q.host_gib == pytest.approx(N * (wq + 2 * V * h / 2**30))  # each rank quantizes the whole model on the host
+    qo = load_peak(ARCH, sq, sharded=True, offload=True, world=N, runtime_gib=1.0, gpus_per_node=N)
+    assert qo.gpu_gib == pytest.approx(unit + 1.0)  # under offload the shards go back to the host
 
 
 def test_communication_volumes_by_hand():
@@ -135,15 +144,23 @@ def test_70b_lora_on_8_h100_is_fsdp_with_its_load_peak_and_host_memory():
     assert not ddp["fits"] and "training needs" in ddp["why_not"]
 
 
-def test_70b_qlora_on_2x24_gb_says_that_loading_binds():
-    code, j = plan_json("llama-3.1-70b", "--gpu", "rtx-3090", "--num-gpus", "2", "--method", "qlora")
-    assert code == 1
+def test_70b_qlora_on_2x24_gb_loads_shard_by_shard_and_names_its_host_memory():
+    # issue 13: the 4-bit load no longer puts the whole model on each GPU, so fsdp-offload fits given the host
+    code, j = plan_json("llama-3.1-70b", "--gpu", "rtx-4090", "--num-gpus", "2", "--method", "qlora",
+                        "--host-memory", "256GiB")
+    assert code == 0 and j["decision"]["strategy"] == "fsdp-offload"
+    assert j["loading"]["mode"] == "every-rank-host" and j["loading"]["gpu_gib"] < 5
     offload = next(o for o in j["strategies"] if o["strategy"] == "fsdp-offload")
-    assert not offload["fits"] and "loading, not training, binds" in offload["why_not"]
-    assert j["decision"]["strategy"] == "fsdp-offload"  # the closest: its training fits, its loading does not
-    assert "loading, not training, binds" in j["decision"]["reasons"]["method"]
-    assert any("a card that holds the" in s for s in j["suggestions"])
-    assert not any("micro-batch" in s for s in j["suggestions"])  # training's relaxations do not help a load
+    assert offload["fits"] and 100 < offload["host_gib"] < 130  # 2 x the 4-bit model while loading + the shards
+    assert f"the run needs {offload['host_gib']:.0f} GiB of host memory" in j["decision"]["reasons"]["loading"]
+    fsdp = next(o for o in j["strategies"] if o["strategy"] == "fsdp")
+    assert not fsdp["fits"] and "training needs" in fsdp["why_not"]  # the faster strategy does not fit: training binds
+    code, j = plan_json("llama-3.1-70b", "--gpu", "rtx-4090", "--num-gpus", "2", "--method", "qlora",
+                        "--host-memory", "8GiB")
+    assert code == 1 and j["decision"]["strategy"] == "fsdp-offload"
+    assert "host memory binds" in j["decision"]["reasons"]["method"]
+    assert any("--host-memory" in s for s in j["suggestions"])
+    assert not any("micro-batch" in s for s in j["suggestions"])  # training's relaxations do not help the host
 
 
 def test_70b_lora_on_2x24_gb_offloads_when_the_host_holds_it():

@@ -8,7 +8,8 @@ import yaml
 
 from loraplan.planner.memory import terms as memory
 from loraplan.planner.memory import unsloth as U
-from loraplan.planner.architecture.families import from_config, select_targets
+from loraplan.planner.architecture.families import from_config
+from loraplan.planner.architecture.targets import select_targets
 from loraplan.tables import TABLES_DIR
 
 h, i, L, heads, kv_heads, V = 1024, 4096, 8, 16, 4, 32000
@@ -24,7 +25,7 @@ T = mb * seq  # 2048 tokens: one layer input is 2 x 1024 x 2048 = 4 MiB, above U
 
 
 def shape(**kw):
-    base = dict(method="qlora", r=16, micro_batch_size=mb, seq_len=seq, grad_checkpointing=True, loss="fused")
+    base = dict(method="qlora", rank=16, micro_batch_size=mb, seq_len=seq, grad_checkpointing=True, loss="fused")
     base.update(kw)
     return memory.MicroStep(**base)
 

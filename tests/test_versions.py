@@ -10,7 +10,7 @@ from loraplan.planner.facts import versions as V
 
 def test_parse_and_read_without_importing():
     assert V.parse("2.13.0+cpu") == (2, 13, 0) and V.parse("1.7.0rc1") == (1, 7, 0)
-    code = ("import sys; from loraplan.planner import versions as V; v = V.installed(); "
+    code = ("import sys; from loraplan.planner.facts import versions as V; v = V.installed(); "
             "assert 'torch' not in sys.modules and 'trl' not in sys.modules, sorted(sys.modules); print(v['trl'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "version" in out.stdout
@@ -20,7 +20,7 @@ def test_the_fused_loss_counts_the_fp32_upcast_before_torch_2_8(monkeypatch):
     arch = families.from_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
                           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                           "vocab_size": 128256, "tie_word_embeddings": False})
-    shape = memory.MicroStep(method="qlora", r=16, micro_batch_size=4, seq_len=2048, grad_checkpointing=True, loss="fused")
+    shape = memory.MicroStep(method="qlora", rank=16, micro_batch_size=4, seq_len=2048, grad_checkpointing=True, loss="fused")
     new = memory.fused_loss_bytes(arch, shape)
     assert new == 12 * 4096 * 8192 + 2 * 4096 * 32768  # 12 B x h x T + one bf16 tile of 4096 x 32768
     monkeypatch.setattr(V, "installed", lambda: {**{k: {"version": v, "source": "assumed"}

@@ -6,8 +6,9 @@ import os
 import time
 from typing import Optional
 
-from loraplan.planner.planfile.schema import Plan
+from loraplan.planner.planfile import paths as plan_paths
 from loraplan.planner.planfile.io import atomic_write_text
+from loraplan.planner.planfile.schema import Plan
 
 from .checkpoints import CHECKPOINT_RE
 from .disk import write_json
@@ -85,6 +86,6 @@ def _same_text(path: str, text: str) -> bool:
 def save_plan(plan: Plan, path: str) -> None:
     """Write the run's plan.yaml unless it already holds exactly this plan (e.g. `run out/plan.yaml --resume`):
     the user's file is left byte for byte as it was."""
-    text = plan.to_yaml()
+    text = plan_paths.text_for(plan, path)  # its paths relative to the file (planner/planfile/paths.py)
     if not _same_text(path, text):
         atomic_write_text(path, text)

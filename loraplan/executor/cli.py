@@ -9,8 +9,8 @@ from typing import Optional
 
 import click
 
-from loraplan.planner.facts import options
 from loraplan.planner.errors import PlanError
+from loraplan.planner.facts import options
 from loraplan.planner.plugins.strategies import STRATEGIES
 
 from .errors import RunError
@@ -53,6 +53,9 @@ def _console():
 @click.option("--main-process-port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="The rendezvous port on machine 0 (default: MASTER_PORT, else 29500 on several nodes and a free "
               "port on one).")
+@click.option("--rendezvous-timeout", type=click.IntRange(min=1), default=600, show_default=True, metavar="SECONDS",
+              help="Multi-node plans: how long a machine other than 0 waits for machine 0 to answer at "
+              "--main-process-ip:--main-process-port (and the launcher's rendezvous timeout).")
 @click.option("--strategy", "demo_strategy", default=None,
               # the CPU's own strategy, and those that take several (CPU) processes
               type=click.Choice([n for n, s in STRATEGIES.items() if s.device == "cpu" or s.max_world_size is None]),
@@ -62,9 +65,8 @@ def _console():
               help="--demo only: train the demo over this many CPU processes (default 1).")
 def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_existing_dir: bool, demo: bool,
                 output_dir: Optional[str], max_steps: Optional[int], force: bool, report_to: Optional[str],
-                machine_rank: Optional[int],
-                main_process_ip: Optional[str], main_process_port: Optional[int], demo_strategy: Optional[str],
-                num_processes: Optional[int]) -> None:
+                machine_rank: Optional[int], main_process_ip: Optional[str], main_process_port: Optional[int],
+                rendezvous_timeout: int, demo_strategy: Optional[str], num_processes: Optional[int]) -> None:
     """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
 
     Loads the model (4-bit for QLoRA), wraps it with the plan's LoRA adapter, trains with trl's SFTTrainer on the
@@ -88,7 +90,8 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
         summary = api.run(plan_file, demo=demo, output_dir=output_dir, max_steps=max_steps, report_to=report_to,
                           resume=resume, overwrite=overwrite, use_existing_dir=use_existing_dir, force=force,
                           machine_rank=machine_rank, main_process_ip=main_process_ip,
-                          main_process_port=main_process_port, strategy=demo_strategy, num_processes=num_processes,
+                          main_process_port=main_process_port, rendezvous_timeout=rendezvous_timeout,
+                          strategy=demo_strategy, num_processes=num_processes,
                           console=_console(), command=command)
         if summary.machine_rank and summary.steps is None:  # another machine of a multi-node plan: machine 0 reports
             _console().print(f"machine {summary.machine_rank}: its processes finished; machine 0 holds the "
@@ -109,10 +112,11 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--output", "output", required=True, type=click.Path(),
               help="Folder for the merged model (must not exist or be empty).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-              help="dtype the base model is loaded and saved in.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="dtype the base model is loaded and saved in (default: the run's training.dtype, from the plan.yaml "
+              "beside the adapter; bf16 without one).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the base model's own modelling code to run.")
-def merge_command(adapter_dir: str, output: str, dtype: str, trust_remote_code: bool) -> None:
+def merge_command(adapter_dir: str, output: str, dtype: Optional[str], trust_remote_code: bool) -> None:
     """Merge the LoRA adapter in ADAPTER_DIR into its base model and save a model directory that
     `AutoModelForCausalLM.from_pretrained` loads. The base (adapter_config.json's base_model_name_or_path) must be a
     local folder or in the local Hugging Face cache; a QLoRA adapter merges into the unquantized base."""
@@ -120,12 +124,20 @@ def merge_command(adapter_dir: str, output: str, dtype: str, trust_remote_code: 
 
     library_log.quiet_library_logs()  # bitsandbytes speaks when peft imports it
     try:
+        from . import merge_facts
         from .merge import merge_adapter
 
+        if dtype is None:
+            dtype, why = merge_facts.default_dtype(adapter_dir)
+            click.echo(f"dtype {dtype} ({why}; --dtype sets another)")
+        if merge_facts.trained_on_4bit(adapter_dir):
+            click.echo(merge_facts.QLORA_NOTE)
         path = merge_adapter(adapter_dir, output, dtype=dtype, trust_remote_code=trust_remote_code)
-        click.echo(f"merged model saved to {os.path.abspath(path)}")
     except RunError as exc:
         _fail(exc.message, exc.exit_code)
+    except KeyboardInterrupt:  # before the merged model was swapped in (the swap itself ignores SIGINT)
+        _fail(f"interrupted; nothing was saved ({output} is as it was)", 130)
+    click.echo(f"merged model saved to {os.path.abspath(path)}")
 
 
 @click.group()

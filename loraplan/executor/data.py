@@ -6,11 +6,14 @@ Formats (named in the plan, or detected from the first row when the plan says `a
   loss covers the response only (the prompt's labels are -100), as trl does for prompt-completion data.
 - chat: `messages`, a list of {role, content}. Rendered with the tokenizer's chat template, or FALLBACK_CHAT_TEMPLATE
   when the tokenizer has none; the loss covers the whole conversation.
+- prompt_completion: `prompt`, `completion` (trl's prompt-completion rows). The prompt as it is, then the completion;
+  the loss covers the completion only (trl's completion-only loss).
 - text: `text`. The loss covers all of it.
-An end-of-sequence token closes every instruction and text example so the model learns to stop.
+An end-of-sequence token closes every instruction, prompt-completion and text example so the model learns to stop.
 
 Rows are tokenized here (not inside trl) so that truncation is counted: a row longer than seq_len is cut to
-seq_len and counted in the report; a row left with no trainable token is dropped and counted too.
+seq_len and counted in the report; a row left with no trainable token is dropped and counted too, by the rule the
+planner counts dropped rows with (planner.datasets.is_dropped).
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from loraplan.planner.facts.dataset_reader import read_dataset
-from loraplan.planner.facts.dataset_stats import (
-    instruction_prompt,
-)
 from loraplan.planner.errors import InputError, first_line
+from loraplan.planner.facts.dataset_reader import read_dataset
+from loraplan.planner.facts.dataset_stats import PROMPTED_FORMATS, is_dropped, prompt_and_response
 
 from .errors import RunError
 
@@ -87,9 +88,10 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, seq_len: int, path: str
     eos = tokenizer.eos_token_id
     report = DataReport(path=path, format=fmt)
     sequences: list[tuple[list[int], list[int]]] = []
-    if fmt == "instruction":
-        prompt_ids = _ids(tokenizer, [instruction_prompt(r) for r in rows], True)
-        output_ids = _ids(tokenizer, [r["output"] for r in rows], False)
+    if fmt in PROMPTED_FORMATS:  # instruction, prompt_completion: the loss covers the response only
+        pairs = [prompt_and_response(r, fmt) for r in rows]
+        prompt_ids = _ids(tokenizer, [p for p, _ in pairs], True)
+        output_ids = _ids(tokenizer, [o for _, o in pairs], False)
         for p, o in zip(prompt_ids, output_ids):
             o = o + ([eos] if eos is not None else [])
             sequences.append((p + o, [-100] * len(p) + o))
@@ -110,10 +112,12 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, seq_len: int, path: str
     input_ids, labels = [], []
     for ids, lab in sequences:
         report.longest = max(report.longest, len(ids))
+        prompt = next((i for i, x in enumerate(lab) if x != -100), len(lab))  # the leading no-loss tokens
+        dropped = is_dropped(prompt, len(ids), seq_len)  # the planner's rule (planner.datasets), counted alike there
         if len(ids) > seq_len:
             report.truncated += 1
             ids, lab = ids[:seq_len], lab[:seq_len]
-        if all(x == -100 for x in lab):
+        if dropped:
             report.dropped += 1
             continue
         input_ids.append(ids)

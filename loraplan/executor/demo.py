@@ -27,7 +27,6 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     so its memory terms are the sharded ones."""
     from loraplan.planner.api import PlanRequest, make_plan
     from loraplan.planner.errors import InputError
-
     from loraplan.planner.plugins.strategies import STRATEGIES
 
     chosen = STRATEGIES[strategy] if strategy else None  # None: the planner's default for the process count

@@ -9,10 +9,11 @@ import os
 import shutil
 from typing import Any
 
+from loraplan.planner.planfile import paths as plan_paths
 from loraplan.planner.planfile.io import atomic_write_text
 
 from .checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
-from .run_files import ADAPTER_TMP, PLAN_FILE
+from .run_files import ADAPTER_TMP
 
 
 def write_json(path: str, data: Any) -> None:
@@ -101,6 +102,6 @@ def disk_full_message(output_dir: str, step: int) -> str:
         free = "unknown"
     latest = latest_complete_checkpoint(output_dir)
     kept = (f"the last complete checkpoint is {latest[1]}; free some space and continue with "
-            f"`loraplan run {os.path.join(output_dir, PLAN_FILE)} --resume`" if latest
+            f"`{plan_paths.resume_command(output_dir)}`" if latest
             else "no checkpoint is complete yet")
     return f"the disk is full: saving {what} failed ({free} free in {output_dir}); {kept}"

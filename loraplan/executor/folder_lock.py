@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 from loraplan.planner.errors import first_line
 
 from .errors import RunError
+from .lifetime import workers_hold
 from .run_files import LOCK_FILE
 
 
@@ -69,8 +70,9 @@ def lock_output_dir(path: str, command: str, what: str = "output dir", flag: str
     """Hold PATH for one process: create the folder, then take an OS lock (flock) on PATH/.loraplan.lock, whose
     text names the holder. A second process is refused with one line naming the holder; a lock file left by a
     killed process does not block (the kernel released its lock). Re-entrant within one process (the demo takes
-    it before building its model, `execute` again). The lock's descriptor is not inherited, so launcher workers,
-    which never take it, cannot hold it past the parent."""
+    it before building its model, `execute` again). The workers of a ddp or fsdp run hold a shared POSIX lock on
+    the same file while they live (executor/lifetime.py), so the folder stays refused until the last of them is
+    gone, even when the run process was killed before them."""
     key = os.path.realpath(path)
     if key in _HELD:
         _HELD[key].depth += 1
@@ -100,6 +102,10 @@ def lock_output_dir(path: str, command: str, what: str = "output dir", flag: str
             same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
+        if same and workers_hold(fd):  # the workers of a run that was killed, still alive (executor/lifetime.py)
+            os.close(fd)
+            raise RunError(f"{what} {path} is in use by the processes of an earlier run, still writing there "
+                           f"(its `loraplan run` ended before them); wait for them to finish") from None
         if same:
             break
         os.close(fd)

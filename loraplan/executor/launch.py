@@ -45,6 +45,7 @@ class Rendezvous:
     main_process_ip: Optional[str] = None
     main_process_port: Optional[int] = None
     source: str = "flags"
+    timeout_s: int = 600  # how long machines other than 0 wait for it (rendezvous_wait; --rendezvous-timeout)
 
     @property
     def is_main_machine(self) -> bool:
@@ -149,6 +150,10 @@ def launch_command(plan: Plan, plan_path: str, resume_from: Optional[str], error
         if plan.hardware.num_nodes > 1:
             cmd += ["--machine_rank", str(rdzv.machine_rank), "--main_process_ip", str(rdzv.main_process_ip),
                     "--same_network"]
+    if plan.hardware.num_nodes > 1:
+        from .rendezvous_wait import launcher_args
+
+        cmd += launcher_args(rdzv.timeout_s)  # the static rendezvous' TCPStore timeout
     cmd += ["--num_cpu_threads_per_process", str(threads),
             "-m", "loraplan.executor.worker", plan_path, "--error-file", error_file]
     if resume_from:
@@ -181,6 +186,11 @@ def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: R
 
     out = plan.output_dir
     summary_path = os.path.join(out, run_files.SUMMARY_FILE)
+    if not rdzv.is_main_machine:  # say what this machine waits for, and not forever
+        from .rendezvous_wait import wait_for_machine_0
+
+        wait_for_machine_0(rdzv.main_process_ip, rdzv.main_process_port or DEFAULT_PORT, rdzv.timeout_s, out,
+                           os.path.join(out, run_files.machine_log(rdzv.machine_rank)), console)
     if rdzv.is_main_machine:
         private = None
         plan_path = os.path.abspath(os.path.join(out, run_files.PLAN_FILE))
@@ -209,7 +219,8 @@ def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: R
         console.print(f"launching {plan.hardware.num_gpus} processes (accelerate){where}{config}; their log: "
                       f"{log_path}", soft_wrap=True)
     try:
-        code, forwarded = _run_launcher(cmd, env, log_path)
+        lock_path = os.path.join(out, run_files.LOCK_FILE) if rdzv.is_main_machine else None
+        code, forwarded = _run_launcher(cmd, env, log_path, lock_path)
         return _outcome(code, forwarded, error_file, summary_path, log_path, rdzv, plan)
     finally:
         if private:
@@ -218,11 +229,14 @@ def launch_workers(plan: Plan, resume_from: Optional[str], console=None, rdzv: R
             shutil.rmtree(private, ignore_errors=True)
 
 
-def _run_launcher(cmd: list[str], env: dict, log_path: str) -> tuple[int, list[int]]:
+def _run_launcher(cmd: list[str], env: dict, log_path: str, lock_path: Optional[str] = None) -> tuple[int, list[int]]:
+    from . import lifetime  # the launcher and its workers never outlive this process
+
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=None, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=lifetime.launcher_env(env, lock_path), stdout=None, stderr=log,
+                                start_new_session=True, preexec_fn=lifetime.launcher_preexec(os.getpid()))
 
         forwarded: list[int] = []
 
@@ -239,6 +253,7 @@ def _run_launcher(cmd: list[str], env: dict, log_path: str) -> tuple[int, list[i
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            lifetime.end_group(proc, lock_path)
     return code, forwarded
 
 

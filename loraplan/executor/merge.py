@@ -13,6 +13,7 @@ import shutil
 from loraplan.planner.errors import first_line
 
 from .errors import RunError, TrainingFailed, require_run_extra
+from .run_files import LOCK_FILE
 
 MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -53,8 +54,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bf16", trust_
     to OUTPUT_DIR.tmp beside it, then swapped in, so a merge cut short leaves no half-written model)."""
     from . import library_log
     from .folder_lock import lock_output_dir, make_output_dir
-    from .run_files import LOCK_FILE
     from .model import load_error, resolve_model_dir, stay_offline
+    from .run_files import LOCK_FILE
 
     library_log.quiet_library_logs()
     stay_offline()
@@ -127,6 +128,9 @@ def _merge_into(tmp, adapter_dir, base_dir, dtype, trust_remote_code, torch, Pef
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code,
                                       local_files_only=True).save_pretrained(tmp)
+        from .merge_facts import apply_umask_modes
+
+        apply_umask_modes(tmp)  # safetensors' file is written 0600 through a temporary file
     except Exception as exc:
         if not is_disk_full(exc):
             raise
@@ -142,6 +146,16 @@ def _swap_in(tmp: str, output_dir: str) -> None:
 
     lock = os.path.join(output_dir, LOCK_FILE)
     moved = os.path.exists(lock)
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a few renames: a Ctrl-C now would leave it half-swapped
+    try:
+        _swap(tmp, output_dir, lock, moved)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _swap(tmp: str, output_dir: str, lock: str, moved: bool) -> None:
     if moved:
         os.replace(lock, os.path.join(tmp, LOCK_FILE))
     try:

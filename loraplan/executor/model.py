@@ -75,6 +75,10 @@ def check_weights(folder: str) -> None:
 
 
 def check_model_dir(folder: str, what: str) -> str:
+    from loraplan.planner.facts.paths import symlink_loop
+
+    if symlink_loop(folder):
+        raise RunError(f"{what} {folder} is a symlink loop (a link that leads back to itself)")
     if not os.path.exists(folder):
         raise RunError(f"{what} {folder} does not exist")
     if not os.path.isdir(folder):

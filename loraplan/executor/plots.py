@@ -13,6 +13,7 @@ from typing import Optional
 
 from .disk import read_jsonl
 from .run_files import LOSS_PLOT, MEMORY_PLOT
+
 PLOT_EXTRA_HINT = "pip install 'loraplan[plot]'"
 
 

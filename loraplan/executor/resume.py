@@ -3,12 +3,15 @@ fingerprint compared with the ones the run started with; --overwrite clears the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from typing import Any, Optional
 
 from loraplan.planner.errors import PlanError
+from loraplan.planner.facts.dataset_reader import saved_dataset_files
+from loraplan.planner.planfile import paths as plan_paths
 from loraplan.planner.planfile.schema import Plan
 
 from .checkpoints import checkpoints, file_sha256, latest_complete_checkpoint, remove_incomplete_checkpoints
@@ -76,18 +79,21 @@ def prepare_output_dir(plan: Plan, *, resume: bool, overwrite: bool) -> Optional
         clear_run(out)
         return None
     if not holds_run(out):
+        if resume:
+            raise RunError(f"nothing to resume in {out}: it holds no checkpoint and no adapter; start the run "
+                           f"without --resume (or check the plan's output_dir)")
         return None  # nothing trained here yet (at most a plan.yaml from a run that failed to start)
     saved: Optional[Plan] = None
     if os.path.exists(saved_path):
         try:
-            saved = Plan.load(saved_path)
+            saved = plan_paths.load(saved_path)
         except PlanError as exc:
             raise RunError(f"output dir {out} holds a run with an unreadable plan.yaml ({exc}); "
                            f"pass --overwrite to replace it") from None
     if saved is None:
         raise RunError(f"output dir {out} holds checkpoints or an adapter but no plan.yaml; "
                        f"pass --overwrite to replace them")
-    diffs = training_differences(saved, plan)
+    diffs = training_differences(saved, plan_paths.absolute(plan))  # paths compared as absolute
     if diffs:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         what = "cannot resume" if resume else "output dir holds another plan's run"
@@ -115,6 +121,10 @@ def clear_run(output_dir: str) -> None:
 
 
 def _fingerprint(path: str) -> dict:
+    if os.path.isdir(path):  # a `datasets` save_to_disk folder: its data files, in order (planner dataset_reader)
+        files = saved_dataset_files(path) or []
+        digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+        return {"path": path, "size": sum(os.path.getsize(f) for f in files), "sha256": digest}
     return {"path": path, "size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 

@@ -6,6 +6,7 @@ import os
 import time
 from typing import Optional
 
+from loraplan.planner.planfile import paths as plan_paths
 from loraplan.planner.planfile.schema import Plan
 from loraplan.planner.plugins.strategies import STRATEGIES
 
@@ -15,9 +16,9 @@ from .disk import disk_full_message, is_disk_full, write_json
 from .errors import RunError, TrainingFailed
 from .folder_lock import lock_output_dir
 from .model import stay_offline
+from .plots import write_run_plots
 from .resume import check_and_record_datasets, prepare_output_dir
 from .summary import RunSummary
-from .plots import write_run_plots
 from .trackers import check_installed
 
 
@@ -88,7 +89,8 @@ def execute(plan: Plan, *, resume: bool = False, overwrite: bool = False, consol
                           f"({plan.output_dir})", soft_wrap=True)
         return _launch(plan, None, console, rdzv)
     out = plan.output_dir
-    claim = dict(use_existing=use_existing_dir, plan_file=plan_file, plan_text=plan.to_yaml())
+    claim = dict(use_existing=use_existing_dir, plan_file=plan_file,
+                 plan_text=plan_paths.text_for(plan, os.path.join(out, run_files.PLAN_FILE)))
     check_claim(out, **claim)  # a folder that is not loraplan's is refused before the lock file is made
     with lock_output_dir(out, command):
         claim_output_dir(out, **claim)

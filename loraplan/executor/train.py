@@ -16,12 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from loraplan.planner.planfile import paths as plan_paths
 from loraplan.planner.planfile.schema import Plan
 
 from . import checkpoints, run_files, trackers
 from .device import GIB, MemoryMeter, Placement, gather, is_out_of_memory, placement_for
 from .disk import disk_full_message, is_disk_full, read_jsonl, replace_dir, write_json, write_jsonl
 from .errors import Interrupted, RunError, TrainingFailed
+from .evaluation import final_eval_loss
 from .saver_settings import apply_model_patches
 from .summary import RunSummary
 
@@ -99,7 +101,7 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
 
     backend.set_seed(t.seed)  # before wrapping: the adapter's initial weights are random
     device_map = place.device_map
-    if state.sharded and not plan.quantization.enabled:
+    if state.sharded:  # 4-bit too: quantized on the host (planner/memory/loading.py, "every-rank-host")
         device_map = None  # loaded on the host; fully_shard moves each rank's shards to its GPU, never the whole model
     model = backend.load_model(plan, model_dir, device_map)
     # Record where the base came from so `merge` finds it: the hub id when it came from the cache.
@@ -246,7 +248,7 @@ def _train_and_save(state: RunState) -> RunSummary:
 
     eval_loss = None
     if state.has_eval and not interrupted:
-        eval_loss = trainer.evaluate().get("eval_loss")
+        eval_loss = final_eval_loss(trainer)
 
     local_weights = None
     if state.sharded:
@@ -317,8 +319,7 @@ def _train_and_save(state: RunState) -> RunSummary:
     if interrupted:
         saved = f"checkpoint saved at step {stopper.stopped_at} ({latest[1]})" if latest else "no checkpoint saved"
         cause = f"signal {state.flag.signum}" if state.flag.signum else "a signal to another process"
-        raise Interrupted(f"interrupted by {cause}: {saved}; continue with `loraplan run "
-                          f"{os.path.join(out, run_files.PLAN_FILE)} --resume`")
+        raise Interrupted(f"interrupted by {cause}: {saved}; continue with `{plan_paths.resume_command(out)}`")
     return summary
 
 

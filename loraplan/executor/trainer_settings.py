@@ -10,8 +10,8 @@ from loraplan.planner.facts import options
 from loraplan.planner.facts.options import OPTIMIZERS
 from loraplan.planner.planfile.schema import Plan
 
-from .device import Placement
 from . import trackers
+from .device import Placement
 from .saver_settings import checkpointing_settings, sft_config_settings
 
 

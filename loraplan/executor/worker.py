@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from loraplan.planner.planfile import paths as plan_paths
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="loraplan.executor.worker")
@@ -19,9 +21,12 @@ def main(argv=None) -> int:
     parser.add_argument("--resume-from", default=None)
     parser.add_argument("--error-file", default=None)
     args = parser.parse_args(argv)
+    from . import lifetime
+
+    lifetime.bind_worker()  # die with the launcher, and never start as an orphan
+    lifetime.hold_folder_lock()  # the run's folder stays locked while this process lives
 
     from loraplan.planner.errors import PlanError
-    from loraplan.planner.planfile.schema import Plan
 
     from .errors import RunError
 
@@ -29,7 +34,7 @@ def main(argv=None) -> int:
     try:
         from .backends import backend_for
 
-        plan = Plan.load(args.plan)
+        plan = plan_paths.load(args.plan)  # its relative paths against the plan file's folder
         backend_for(plan).prepare_process()  # first, before the training stack is imported
 
         from rich.console import Console

@@ -39,7 +39,7 @@ def _logging_steps(r: Resolved) -> int:
     if r.max_steps:
         steps = r.max_steps
     elif r.dataset is not None:
-        steps = math.ceil(math.ceil(r.dataset.rows / r.global_batch_size) * r.epochs)
+        steps = math.ceil(math.ceil(max(r.dataset.rows_trained, 1) / r.global_batch_size) * r.epochs)
     else:
         return int(options.default("logging_steps"))
     return options.logging_interval(steps)
@@ -104,7 +104,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
                               margin=memory.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),
         strategy=r.strategy.name,
         distributed=_distributed(r, d),
-        dataset=Dataset(path=ds.path if ds else None, format=ds.format if ds else "auto", rows=ds.rows if ds else None,
+        dataset=Dataset(path=ds.path if ds else None, format=ds.format if ds else "auto", rows=ds.rows_trained if ds else None,
                         tokens_total=ds.tokens_total if ds else None, mean_tokens_per_row=ds.mean_tokens if ds else None,
                         eval_path=r.eval_path, eval_fraction=r.eval_fraction),
         savers=_savers(r, c),

@@ -9,7 +9,6 @@ Gemma 2, Gemma 3, Phi-3, SmolLM3) build `nn.Linear` projections per layer; the M
 expert's weights fused in two 3-D parameters per layer (`mlp.experts.gate_up_proj` of shape
 [E, 2*I, H] and `mlp.experts.down_proj` of shape [E, H, I]) which peft targets with `target_parameters`.
 
-`Architecture`, `Projection` and the target selection are re-exported here for callers that predate the split.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from ..errors import ArchitectureError
-from . import meta_build as generic
+from . import meta_build
 from .targets import SHORT_NAMES, TargetSelection, default_kinds, select_targets, trainable_params
 from .types import Architecture, Projection
 
@@ -142,7 +141,6 @@ def _dense(
         other_params=layers * 2 * head_dim if qk_norm else 0,
         activation=str(cfg.get(activation_key) or cfg.get("hidden_act") or "silu"),
         norms_per_layer=norms_per_layer,
-        max_position_embeddings=cfg.get("max_position_embeddings"),
         config=cfg,
     )
 
@@ -189,7 +187,6 @@ def _moe(cfg: dict, family: str, experts_key: str, expert_size_key: str, qk_norm
         experts_per_token=top_k,
         moe_intermediate_size=ei,
         activation=str(cfg.get("hidden_act") or "silu"),
-        max_position_embeddings=cfg.get("max_position_embeddings"),
         config=cfg,
     )
 
@@ -219,7 +216,7 @@ def _gpt_oss(cfg: dict) -> Architecture:
         embedding_params=emb, lm_head_params=head, norm_params=layers * 2 * h + h,
         other_params=layers * (experts * h + experts + heads),  # router weight and bias, attention sinks
         num_experts=experts, experts_per_token=top_k, moe_intermediate_size=ei,
-        activation=str(cfg.get("hidden_act") or "silu"), max_position_embeddings=cfg.get("max_position_embeddings"),
+        activation=str(cfg.get("hidden_act") or "silu"),
         config=cfg,
     )
 
@@ -279,7 +276,7 @@ def _known_family(cfg: dict) -> Optional[Architecture]:
 
 def _meta_device_build(cfg: dict) -> Optional[Architecture]:
     """The slow path: a meta-device build by transformers, when installed and the config names a model_type."""
-    return generic.from_config(cfg) if cfg.get("model_type") and generic.available() else None
+    return meta_build.from_config(cfg) if cfg.get("model_type") and meta_build.available() else None
 
 
 # Tried in order; the first that returns an Architecture wins. The meta-device build is the last resort.

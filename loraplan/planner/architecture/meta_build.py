@@ -121,6 +121,5 @@ def from_config(cfg: dict) -> Architecture:
         norm_params=0,
         other_params=total - proj - emb - lm_head,  # norms, position embeddings, ...
         activation=str(getattr(config, "hidden_act", "silu")),
-        max_position_embeddings=getattr(config, "max_position_embeddings", None),
         config=cfg,
     )

@@ -19,8 +19,10 @@ from ..errors import ArchitectureError, InputError
 from ..facts.lookup import closest_names, find_name
 from ..facts.model_names import resolve_name
 from ..facts.model_ref import ModelRef
+from ..facts.paths import symlink_loop
 from .config_checks import check_config
-from .families import Architecture, from_config
+from .families import from_config
+from .types import Architecture
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
@@ -116,6 +118,9 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
         typed_hub_id = name.strip() if re.fullmatch(r"[\w.-]+/[\w.-]+", name.strip()) else None
         return _catalog_model(key, trust_remote_code, hub_id=typed_hub_id)  # the repository typed is what run loads
     path = Path(name).expanduser()
+    if symlink_loop(str(path)):
+        raise InputError(f"model path {name} is a symlink loop (a link that leads back to itself); point it at a "
+                         f"model directory or config.json")
     looks_like_path = os.sep in name or name.startswith(".") or name.endswith(".json") or path.exists()
     if path.exists():
         if path.is_dir():

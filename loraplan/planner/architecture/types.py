@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,6 @@ class Architecture:
     moe_intermediate_size: int = 0
     activation: str = "silu"
     norms_per_layer: int = 2
-    max_position_embeddings: Optional[int] = None
     config: dict[str, Any] = field(default_factory=dict)
 
     @property

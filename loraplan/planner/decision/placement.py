@@ -57,7 +57,7 @@ def _runtime_gib(terms) -> float:
 def _load(r: Resolved, c: rules.Choice) -> LoadPeak:
     s = rules.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
     return load_peak(r.arch, s, r.strategy.sharded, r.strategy.offload_params, r.hardware.world_size,
-                     _runtime_gib(c.terms))
+                     _runtime_gib(c.terms), r.hardware.num_gpus)
 
 
 def host_needed_gib(r: Resolved, c: rules.Choice, load: LoadPeak) -> float:
@@ -135,7 +135,8 @@ def strategies_to_try(r: Resolved) -> list[Strategy]:
 
 
 def _strategy_reason(r: Resolved, best: StrategyOption, options: list[StrategyOption]) -> str:
-    text = STRATEGIES[best.strategy].describe(r.hardware)
+    chosen = STRATEGIES[best.strategy]
+    text = f"{chosen.describe(r.hardware)}; checkpoints and the adapter: {chosen.saves}"
     if r.strategy_choice != "auto":
         return f"{text} (--strategy {r.strategy_choice})"
     others = [o for o in options if o is not best]
@@ -195,7 +196,10 @@ def place(r: Resolved) -> rules.Decision:
     if STRATEGIES[best.strategy].sharded:
         reasons["loading"] = (f"{best.load.note}: {best.load.gpu_gib:.1f} GiB per GPU at load"
                               + (f", {best.load.host_gib:.0f} GiB of host memory on rank 0's node"
-                                 if best.load.host_gib else ""))
+                                 if best.load.host_gib else "")
+                              + (f"; the run needs {best.host_gib:.0f} GiB of host memory on that node (the "
+                                 f"offloaded shards of its ranks + what loading holds there)"
+                                 if best.host_gib > best.load.host_gib + 0.5 else ""))
     return rules.Decision(best.choice, best.fits, reasons, suggestions, best.strategy, options, best.load)
 
 

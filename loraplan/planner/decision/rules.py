@@ -70,10 +70,10 @@ class Decision:
 def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, seq_len: Optional[int] = None,
           optimizer: Optional[str] = None, savers: saver_table.SaverSet = saver_table.NONE) -> memory.MicroStep:
     hw = r.hardware
-    base = memory.MicroStep(method=method, r=r.rank, micro_batch_size=micro_batch, seq_len=seq_len or r.seq_len,
+    base = memory.MicroStep(method=method, rank=r.rank, micro_batch_size=micro_batch, seq_len=seq_len or r.seq_len,
                    grad_checkpointing=grad_checkpointing, loss=r.loss, optimizer=optimizer or r.optimizer,
                    dtype=r.dtype, double_quant=bool(option_table.default("double_quantization")),
-                   blocksize=int(option_table.default("quant_blocksize")), num_gpus=hw.num_gpus,
+                   blocksize=int(option_table.default("quant_blocksize")),
                    device="cpu" if hw.gpu == "cpu" else "cuda",
                    targets=tuple(p.peft_name for p in r.selection.projections), lora_dropout=r.dropout > 0)
     return saver_table.apply(base, r.arch, savers)

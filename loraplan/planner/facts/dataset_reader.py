@@ -2,11 +2,15 @@
 
 Files: `.jsonl` (one JSON object per line), `.json` (a JSON array of objects, `{"data": [...]}`, or JSON lines
 under a .json name), `.csv` (a header row; an empty cell is a missing value) and `.parquet` (through pyarrow,
-imported only there). Text files are UTF-8, with or without a byte-order mark.
+imported only there), and a folder written by `datasets`' `save_to_disk` (state.json, dataset_info.json and
+data-*.arrow in Arrow's streaming format, read with pyarrow without importing `datasets`; a DatasetDict folder,
+dataset_dict.json beside one folder per split, is read through its `train` split). Text files are UTF-8, with or
+without a byte-order mark.
 
 Formats, detected from the first row's fields unless given: `chat` (`messages`: a list of {role, content}, or that
-list as JSON text as a CSV cell holds it), `instruction` (`instruction` + `output`, optional `input`) and `text`
-(`text`). Every row is checked against the format; the first bad one is named in a one-line InputError: "line 7"
+list as JSON text as a CSV cell holds it), `instruction` (`instruction` + `output`, optional `input`),
+`prompt_completion` (`prompt` + `completion` strings, trl's prompt-completion rows: the loss covers the completion)
+and `text` (`text`). Every row is checked against the format; the first bad one is named in a one-line InputError: "line 7"
 in JSON lines and CSV (line 1 is the header), "record 3" in a JSON array, "row 2" in parquet.
 
 Standard library only: the planner must start fast and never needs torch or `datasets` to read a file.
@@ -23,11 +27,13 @@ from typing import Any, Iterator, Optional
 
 from ..errors import InputError, first_line
 
-FORMATS = ("instruction", "chat", "text")
+FORMATS = ("instruction", "chat", "text", "prompt_completion")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+SAVED_DATASET = "save_to_disk folder"  # what _check_file returns for a `datasets` save_to_disk folder
 UTF8_BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-FORMAT_FIELDS = "`messages` (chat), `instruction` + `output` (instruction) or `text` (text)"
+FORMAT_FIELDS = ("`messages` (chat), `instruction` + `output` (instruction), `prompt` + `completion` "
+                 "(prompt_completion) or `text` (text)")
 
 
 @dataclass
@@ -47,6 +53,8 @@ def detect_format(row: Any) -> str:
             return "chat"
         if "instruction" in row and "output" in row:
             return "instruction"
+        if "prompt" in row and "completion" in row:
+            return "prompt_completion"
         if "text" in row:
             return "text"
     return "unknown"
@@ -82,6 +90,8 @@ def _check_file(path: str, what: str) -> str:
     if not os.path.exists(path):
         raise InputError(f"{what} not found: {path}")
     if os.path.isdir(path):
+        if saved_dataset_files(path) is not None:
+            return SAVED_DATASET
         raise InputError(f"{what} path is a directory, not a file: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXTENSIONS:
@@ -99,6 +109,8 @@ def _records(path: str, ext: str, name: str) -> tuple[str, Iterator[tuple[int, A
     """How rows are numbered ("line", "record", "row") and the (number, record) pairs of the file."""
     if ext == ".parquet":
         return "row", enumerate(_parquet_records(path, name), 1)
+    if ext == SAVED_DATASET:
+        return "row", enumerate(_arrow_records(path, name), 1)
     text = _read_text(path, name)
     if ext == ".csv":
         return "line", _csv_records(text, name)
@@ -190,6 +202,39 @@ def _parquet_records(path: str, name: str) -> list[dict]:
         raise InputError(f"{name} cannot be read as parquet: {first_line(exc)}") from None
 
 
+def saved_dataset_files(path: str) -> Optional[list[str]]:
+    """The data-*.arrow files of a `datasets` save_to_disk folder, in the order its state.json lists them (a
+    DatasetDict folder: its train split's), or None when `path` is not such a folder."""
+    folder = path
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        folder = os.path.join(path, "train")
+    state = os.path.join(folder, "state.json")
+    if not (os.path.isfile(state) and os.path.isfile(os.path.join(folder, "dataset_info.json"))):
+        return None
+    try:
+        with open(state, encoding="utf-8") as f:
+            files = [d["filename"] for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [os.path.join(folder, n) for n in files]
+
+
+def _arrow_records(path: str, name: str) -> Iterator[dict]:
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")) and not os.path.isdir(os.path.join(path, "train")):
+        raise InputError(f"{name} is a DatasetDict folder without a `train` split; pass one split's folder")
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise InputError(f'{name}: reading a save_to_disk folder needs pyarrow (in the [run] extra)') from None
+    for file in saved_dataset_files(path) or []:
+        try:
+            with pa.memory_map(file) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except Exception as exc:  # pyarrow raises several types for a file it cannot read
+            raise InputError(f"{name}: {os.path.basename(file)} cannot be read as Arrow: {first_line(exc)}") from None
+        yield from table.to_pylist()
+
+
 def _string(value: Any) -> Optional[str]:
     """A field as text: strings as they are, numbers written out; anything else (null, lists, bools) is not text."""
     if isinstance(value, str):
@@ -218,6 +263,16 @@ def check_row(row: dict, fmt: str, where: str) -> dict:
         if inp is not None and _string(inp) is None:
             raise bad("has an `input` that is not a string")
         return {"instruction": _string(row["instruction"]), "input": _string(inp) or "", "output": _string(row["output"])}
+    if fmt == "prompt_completion":
+        for field in ("prompt", "completion"):
+            if isinstance(row.get(field), list):
+                raise bad(f"has a conversational `{field}` (a list of messages); loraplan trains prompt-completion "
+                          f"rows of strings: write them as `messages` (format chat) instead")
+            if _string(row.get(field)) is None:
+                raise bad(f"has no `{field}` (format prompt_completion needs strings `prompt` and `completion`)")
+        if not _string(row["completion"]).strip():
+            raise bad("has an empty `completion` (nothing to train on)")
+        return {"prompt": _string(row["prompt"]), "completion": _string(row["completion"])}
     messages = row.get("messages")
     if isinstance(messages, str):  # a CSV cell holds the list as JSON text
         try:

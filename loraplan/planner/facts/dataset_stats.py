@@ -37,6 +37,29 @@ def instruction_prompt(row: dict) -> str:
     return (INSTRUCTION_TEMPLATE if row["input"] else INSTRUCTION_TEMPLATE_NO_INPUT).format(**row)
 
 
+# Formats whose rows are a prompt (no loss) and a response (the loss), each closed by EOS: instruction (through
+# INSTRUCTION_TEMPLATE) and trl's prompt-completion rows (the prompt as it is).
+PROMPTED_FORMATS = ("instruction", "prompt_completion")
+
+
+def prompt_and_response(row: dict, fmt: str) -> tuple[str, str]:
+    """A prompted row's prompt (tokenized with the tokenizer's special tokens, the loss skips it) and response."""
+    if fmt == "instruction":
+        return instruction_prompt(row), row["output"]
+    return row["prompt"], row["completion"]
+
+
+def trainable_tokens(prompt_tokens: int, tokens: int, seq_len: int) -> int:
+    """The tokens a row trains on once cut to seq_len: those after its prompt (0 prompt tokens for text and chat)."""
+    return max(0, min(tokens, seq_len) - min(prompt_tokens, seq_len))
+
+
+def is_dropped(prompt_tokens: int, tokens: int, seq_len: int) -> bool:
+    """The one rule for a row `run` drops: nothing left to train on within seq_len (its prompt alone fills it).
+    executor/data.py applies it to the tokenized rows; dataset_stats counts the same rows, so steps agree."""
+    return trainable_tokens(prompt_tokens, tokens, seq_len) == 0
+
+
 def fallback_chat_text(messages: list[dict], bos: Optional[str], eos: Optional[str]) -> str:
     """What executor.data.FALLBACK_CHAT_TEMPLATE renders, without jinja: BOS, then per message `### Role:\\n`
     content, EOS after an assistant turn, a blank line. tests/test_dataset_agreement.py pins the two equal."""
@@ -57,9 +80,15 @@ class DatasetStats:
     tokens_total: int  # each row capped at seq_len
     mean_tokens: float
     rows_over_seq_len: int
+    rows_dropped: int = 0  # rows run drops (is_dropped: the prompt alone fills seq_len); `rows` counts them too
     estimated: bool = True  # False: counted with the model's tokenizer on the text run trains on
     tokenizer: Optional[str] = None  # the tokenizer.json counted with, or None
     basis: str = ESTIMATE_BASIS  # how tokens were counted, in words
+
+    @property
+    def rows_trained(self) -> int:
+        """The rows run trains on (what its steps are counted from): the rows read less those it drops."""
+        return self.rows - self.rows_dropped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,8 +146,9 @@ def _load_tokenizer(tokenizer_dir: Optional[str]) -> tuple[Optional[_Tokenizer],
 def _texts(rows: list[dict], fmt: str, bos: Optional[str], eos: Optional[str]) -> tuple[list[str], list[str]]:
     """Per row, the text tokenized with the tokenizer's special tokens (BOS) and the text tokenized without, as run
     does (EOS after instruction and text rows is added by the caller)."""
-    if fmt == "instruction":
-        return [instruction_prompt(r) for r in rows], [r["output"] for r in rows]
+    if fmt in PROMPTED_FORMATS:
+        pairs = [prompt_and_response(r, fmt) for r in rows]
+        return [p for p, _ in pairs], [o for _, o in pairs]
     if fmt == "text":
         return [r["text"] for r in rows], []
     return [], [fallback_chat_text(r["messages"], bos, eos) for r in rows]
@@ -134,9 +164,9 @@ def _exact_counts(tok: _Tokenizer, fmt: str, with_special: list[str], plain: lis
             counts[i] += len(enc)
             if fmt == "text" and len(enc):
                 last_ids[i] = enc.ids[-1]
-    if fmt in ("instruction", "text") and tok.eos_id is not None:
-        # run appends EOS to every instruction row, and to a text row not already ending with it
-        counts = [c + (fmt == "instruction" or last != tok.eos_id) for c, last in zip(counts, last_ids)]
+    if fmt in (*PROMPTED_FORMATS, "text") and tok.eos_id is not None:
+        # run appends EOS to every prompted row, and to a text row not already ending with it
+        counts = [c + (fmt in PROMPTED_FORMATS or last != tok.eos_id) for c, last in zip(counts, last_ids)]
     return counts
 
 
@@ -144,7 +174,7 @@ def _token_counts(rows: list[dict], fmt: str, tok: Optional[_Tokenizer]) -> tupl
     """Tokens per row, and how they were counted when only a sample went through the tokenizer (else None)."""
     if tok is None:
         columns = [texts for texts in _texts(rows, fmt, "", "") if texts]
-        eos = fmt in ("instruction", "text")
+        eos = fmt in (*PROMPTED_FORMATS, "text")
         return [math.ceil(sum(map(len, pieces)) / CHARS_PER_TOKEN) + eos for pieces in zip(*columns)], None
     with_special, plain = _texts(rows, fmt, tok.bos, tok.eos)
     chars = [sum(map(len, pieces)) for pieces in zip(*[texts for texts in (with_special, plain) if texts])]
@@ -163,6 +193,27 @@ def _token_counts(rows: list[dict], fmt: str, tok: Optional[_Tokenizer]) -> tupl
     return counts, how
 
 
+def _prompt_counts(rows: list[dict], fmt: str, tok: Optional[_Tokenizer]) -> list[int]:
+    """Tokens of each row's prompt (0 for text and chat rows, whose loss covers every token), counted the way
+    _token_counts counts the whole row (exactly, on a spread sample, or estimated)."""
+    if fmt not in PROMPTED_FORMATS:
+        return [0] * len(rows)
+    prompts = [prompt_and_response(r, fmt)[0] for r in rows]
+    if tok is None:
+        return [math.ceil(len(p) / CHARS_PER_TOKEN) for p in prompts]
+    encode = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)
+    chars = [len(p) for p in prompts]
+    if sum(chars) <= TOKENIZE_BUDGET_CHARS:
+        return [len(e) for e in encode(prompts, add_special_tokens=True)]
+    sample = range(0, len(rows), math.ceil(sum(chars) / TOKENIZE_BUDGET_CHARS))
+    exact = [len(e) for e in encode([prompts[i] for i in sample], add_special_tokens=True)]
+    per_char = sum(exact) / max(sum(chars[i] for i in sample), 1)
+    counts = [round(c * per_char) for c in chars]
+    for i, n in zip(sample, exact):
+        counts[i] = n
+    return counts
+
+
 def dataset_stats(path: str, seq_len: int, tokenizer_dir: Optional[str] = None) -> DatasetStats:
     """Rows, format and tokens of a training file (each row capped at seq_len, as run truncates), read and checked
     by the reader run uses. With `tokenizer_dir` (a model directory holding tokenizer.json) tokens are counted with
@@ -175,7 +226,11 @@ def dataset_stats(path: str, seq_len: int, tokenizer_dir: Optional[str] = None) 
     basis = sampled or basis
     if tok is not None and data.format == "chat" and tok.own_chat_template:
         basis += ", chat rows in the fallback chat layout (the model's own chat template is not rendered)"
-    total = sum(min(c, seq_len) for c in counts)
+    prompts = _prompt_counts(data.rows, data.format, tok)
+    dropped = [is_dropped(p, c, seq_len) for p, c in zip(prompts, counts)]
+    total = sum(min(c, seq_len) for c, d in zip(counts, dropped) if not d)  # run's tokens: the rows it keeps
+    kept = max(len(counts) - sum(dropped), 1)
     return DatasetStats(path=data.path, format=data.format, rows=len(counts), tokens_total=total,
-                        mean_tokens=total / len(counts), rows_over_seq_len=sum(c > seq_len for c in counts),
+                        mean_tokens=total / kept, rows_over_seq_len=sum(c > seq_len for c in counts),
+                        rows_dropped=sum(dropped),
                         estimated=estimated, tokenizer=tok.path if tok else None, basis=basis)

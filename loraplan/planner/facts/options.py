@@ -19,11 +19,23 @@ MethodChoice = Literal["auto", "lora", "qlora"]
 Checkpointing = Literal["auto", "on", "off"]
 Loss = Literal["fused", "full"]
 Dtype = Literal["bfloat16", "float16", "float32"]
-DatasetFormat = Literal["auto", "instruction", "chat", "text"]
+DatasetFormat = Literal["auto", "instruction", "chat", "text", "prompt_completion"]
 SaverMode = Literal["auto", "on", "off"]
 # `--report-to`: the experiment tracker `run` logs to (transformers' integration of the same name); executor/trackers.py
 # holds each one's package, install command and offline settings.
 Tracker = Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
+# transformers' SchedulerType values (transformers 5.24; the planner does not import transformers, so the list is
+# written here and tests/test_newcomer_run.py checks it against the installed enum)
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                      "warmup_stable_decay", "greedy"]
+TaskType = Literal["CAUSAL_LM"]  # peft's task type for a decoder trained on next tokens: the only one run trains
+# transformers' attention implementations (AttentionInterface's names, and eager)
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                             "flex_attention"]
+LoraBias = Literal["none", "all", "lora_only"]  # peft LoraConfig.bias
+QuantType = Literal["nf4", "fp4"]  # bitsandbytes bnb_4bit_quant_type
+ModelSource = Literal["catalog", "config", "directory", "hub-cache"]  # architecture.model_source: where the model came from
 
 METHODS: tuple[str, ...] = get_args(Method)
 METHOD_CHOICES: tuple[str, ...] = get_args(MethodChoice)
@@ -33,6 +45,12 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 DATASET_FORMATS: tuple[str, ...] = get_args(DatasetFormat)
 SAVER_MODES: tuple[str, ...] = get_args(SaverMode)
 TRACKERS: tuple[str, ...] = get_args(Tracker)
+LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
+TASK_TYPES: tuple[str, ...] = get_args(TaskType)
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
+LORA_BIASES: tuple[str, ...] = get_args(LoraBias)
+QUANT_TYPES: tuple[str, ...] = get_args(QuantType)
+MODEL_SOURCES: tuple[str, ...] = get_args(ModelSource)
 # The memory savers, in the order the report lists them: tables/savers.yaml names them (with their facts and
 # default modes), planner/plugins/savers.py holds one table entry for each.
 SAVERS: tuple[str, ...] = tuple(savers_table()["savers"])

@@ -1,6 +1,6 @@
 """The two values the memory model speaks in: `MicroStep`, what one GPU does per micro-step (its input besides the
 architecture), and `Term`, one named row of a memory budget (its output). The strategies, the savers and the
-decision build and pass them too; planner.memory.terms re-exports both (`M.MicroStep`, `M.Term`), as most callers read them.
+decision build and pass them too; planner.memory.terms builds its budget from both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ class MicroStep:
     """What one GPU does per optimizer micro-step: everything the memory depends on besides the architecture."""
 
     method: str  # lora | qlora
-    r: int
+    rank: int  # the LoRA rank
     micro_batch_size: int
     seq_len: int
     grad_checkpointing: bool
@@ -25,7 +25,6 @@ class MicroStep:
     dtype: str = "bfloat16"
     double_quant: bool = True
     blocksize: int = 64  # NF4 block size (Quantization.blocksize)
-    num_gpus: int = 1
     device: str = "cuda"  # cuda | cpu: the CPU has no CUDA context and no caching allocator
     # What the memory savers (planner/plugins/savers.py) change; the defaults are the plan without savers.
     every_n_layers: int = 1  # layer_checkpointing: checkpoint every n-th decoder layer (1: all of them)

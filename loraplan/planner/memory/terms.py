@@ -1,7 +1,7 @@
 """The memory model: the peak memory one GPU shows (what nvidia-smi reports) while training, as a sum of terms.
 
 Each term is a small function with its formula in the docstring; `budget()` returns them in report order, as
-`Term`s of a `MicroStep` (both defined in planner.memory.step, importable from here). Throughput (FLOPs per token,
+`Term`s of a `MicroStep` (both defined in planner.memory.step). Throughput (FLOPs per token,
 tokens/s) is planner.speed.throughput.
 Symbols: T = micro_batch x seq_len tokens per step on one GPU, L layers, h hidden size, kv = kv heads x
 head_dim, i intermediate size (for MoE: experts_per_token x expert size), V vocabulary, P trainable (LoRA)
@@ -133,7 +133,7 @@ def lora_activation_bytes_per_token(arch: Architecture, shape: Optional[MicroSte
     all seven, dropout 0 and 0.05, LoRA and QLoRA (benchmarks/saved_tensors.py, tests/test_saved_tensors.py)."""
     c = coefficients().derived
     dropout = True if shape is None else shape.lora_dropout
-    r = 16 if shape is None else shape.r
+    r = 16 if shape is None else shape.rank
     total = 0.0
     for p in adapted_projections(arch, shape):
         if kinds is not None and not set(p.kinds) & kinds:
@@ -358,7 +358,7 @@ def budget(arch: Architecture, selection: TargetSelection, shape: MicroStep,
     """All terms for one GPU holding the whole model, in report order. Their sum is the predicted peak (what
     nvidia-smi shows). `saver_terms` are what the memory savers add (planner.plugins.savers), placed after the activations;
     a distributed strategy then turns the list into one rank's (planner.plugins.strategies `budget`)."""
-    p = trainable_params(selection, shape.r)
+    p = trainable_params(selection, shape.rank)
     dt = DTYPE_BYTES[shape.dtype]
     terms = []
     if shape.method == "qlora":
@@ -410,7 +410,7 @@ def peak_bytes(arch: Architecture, selection: TargetSelection, shape: MicroStep)
 
 def loaded_bytes(arch: Architecture, selection: TargetSelection, shape: MicroStep) -> float:
     """What torch.cuda.memory_allocated() shows after loading and wrapping: weights + LoRA weights."""
-    p = trainable_params(selection, shape.r)
+    p = trainable_params(selection, shape.rank)
     return (
         base_weights_bytes(arch, shape)
         + quant_constants_bytes(arch, shape)

@@ -228,6 +228,7 @@ class Plan:
         options.check_choice("dataset.format", self.dataset.format, options.DATASET_FORMATS, PlanError)
         options.check_choice("training.report_to", t.report_to, options.TRACKERS, PlanError)
         self._check_backend()
+        self._check_choices()
         if self.quantization.enabled and self.quantization.compute_dtype != t.dtype:
             raise PlanError(
                 f"quantization.compute_dtype {self.quantization.compute_dtype} != training.dtype {t.dtype}"
@@ -240,6 +241,38 @@ class Plan:
         why = backend_refusal(self.training.backend, self.strategy, self.method, self.savers.names)
         if why:
             raise PlanError(why)
+
+    def _check_choices(self) -> None:
+        """Every other string field with a fixed set of values, each against its one definition (planner.options)."""
+        t, q, d = self.training, self.quantization, self.distributed
+        choices = [
+            ("training.lr_scheduler", t.lr_scheduler, options.LR_SCHEDULERS),
+            ("training.attn_implementation", t.attn_implementation, options.ATTN_IMPLEMENTATIONS),
+            ("lora.task_type", self.lora.task_type, options.TASK_TYPES),
+            ("lora.bias", self.lora.bias, options.LORA_BIASES),
+            ("quantization.quant_type", q.quant_type, options.QUANT_TYPES),
+            ("quantization.compute_dtype", q.compute_dtype, options.DTYPES),
+            ("model.source", self.model.source, options.MODEL_SOURCES),
+        ]
+        if d.quant_storage is not None:
+            choices.append(("distributed.quant_storage", d.quant_storage, options.DTYPES))
+        for what, value, allowed in choices:
+            options.check_choice(what, value, allowed, PlanError)
+        for what, value in (("model.name", self.model.name), ("model.family", self.model.family),
+                            ("hardware.gpu", self.hardware.gpu), ("hardware.gpu_name", self.hardware.gpu_name)):
+            if not isinstance(value, str) or not value.strip():
+                raise PlanError(f"{what} must be a non-empty string, got {value!r}")
+        for what, names in (("lora.target_modules", self.lora.target_modules),
+                            ("lora.target_parameters", self.lora.target_parameters)):
+            if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+                raise PlanError(f"{what} must be a list of module names, got {names!r}")
+        if d.wrap_class is not None and not (isinstance(d.wrap_class, str) and d.wrap_class.isidentifier()):
+            raise PlanError(f"distributed.wrap_class must be a class name such as LlamaDecoderLayer, "
+                            f"got {d.wrap_class!r}")
+        for what, value in (("dataset.path", self.dataset.path), ("dataset.eval_path", self.dataset.eval_path),
+                            ("model.path", self.model.path), ("output_dir", self.output_dir)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise PlanError(f"{what} must be a path, got {value!r}")
 
     def _check_savers(self) -> None:
         sv, t = self.savers, self.training

@@ -35,7 +35,7 @@ class Strategy:
     device: str  # "cpu": only on --gpu cpu; "any": on a GPU, or on the CPU with processes
     auto: bool  # tried by the decision across strategies (--strategy auto) when the world has several processes
     launcher: str  # "in-process" (this process trains) | "accelerate" (accelerate's launcher starts workers)
-    saves: str  # who writes checkpoints and the adapter (shown in the plan's strategy reason)
+    saves: str  # who writes checkpoints and the adapter: the plan's strategy reason says it
     budget: Budget  # the single-GPU terms -> one rank's terms, given trainable params P
     describe: Callable[[Hardware], str]  # the reason shown in the plan
 

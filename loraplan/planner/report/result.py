@@ -17,7 +17,6 @@ from ..facts.dataset_stats import DatasetStats
 from ..memory import terms as memory
 from ..planfile.schema import Plan
 
-GIB = 2**30
 
 
 @dataclass

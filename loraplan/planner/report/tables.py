@@ -9,7 +9,6 @@ from rich.table import Table
 from ..plugins.savers import SAVERS
 from .result import PlanResult
 
-GIB = 2**30
 
 
 def new_table(title: str, **kw) -> Table:
@@ -251,7 +250,9 @@ def _estimate_lines(res: PlanResult, console: Console) -> None:
     if res.dataset is not None:
         d = res.dataset
         console.print(f"Dataset: {d.path}: {d.rows:,} rows, {d.format} format, {'about ' if d.estimated else ''}"
-                      f"{d.tokens_total:,} tokens ({d.basis}), {d.rows_over_seq_len} rows longer than {plan.training.seq_len}")
+                      f"{d.tokens_total:,} tokens ({d.basis}), {d.rows_over_seq_len} rows longer than {plan.training.seq_len}"
+                      + (f", {d.rows_dropped} of them dropped (the prompt alone fills {plan.training.seq_len} tokens: "
+                         f"nothing left to train on)" if d.rows_dropped else ""))
 
 
 def _fit_table(res: PlanResult, console: Console) -> None:
