@@ -26,13 +26,12 @@ def test_the_table_fits_nine_minutes_in_value_order():
     names = [e.name for e in ENTRIES]
     assert names[:2] == ["peaks", "savers"]  # peaks first, then the never-measured savers
     assert len(set(names)) == len(names)
-    assert {"peaks", "savers", "recipes", "resume_merge", "unsloth", "fsdp_qlora_2gpu"} <= set(names)
+    assert {"peaks", "savers", "recipes", "resume_merge", "unsloth", "fsdp_qlora_load"} <= set(names)
     one_gpu = sum(e.budget_s for e in ENTRIES if e.min_gpus == 1)
     assert one_gpu + gpu_check.PROBE_BUDGET_S <= gpu_check.TOTAL_BUDGET_S <= 9 * 60
     for e in ENTRIES:
         assert e.budget_s > 0 and e.question and set(e.needs) <= set(PROBED), e.name
-    slot = next(e for e in ENTRIES if e.name == "fsdp_qlora_2gpu")
-    assert slot.min_gpus == 2 and "SLOT" in slot.question
+    assert next(e for e in ENTRIES if e.name == "fsdp_qlora_load").min_gpus == 2
     checked = {s for s, _ in gpu_check.SAVERS_CHECKED}
     assert checked == {"offload_checkpoints", "offload_activations", "mlp_tiling", "padding_free"}
 
@@ -107,7 +106,7 @@ def test_dry_run_builds_and_checks_every_plan_and_command(tmp_path):
     assert header["dry_run"] and header["card_args"] == ["--gpu", "h200"]
     status = {o["entry"]: o["status"] for o in outcomes}
     assert status == {"peaks": "dry-run ok", "savers": "dry-run ok", "recipes": "dry-run ok",
-                      "resume_merge": "dry-run ok", "unsloth": status["unsloth"], "fsdp_qlora_2gpu": "skipped"}
+                      "resume_merge": "dry-run ok", "unsloth": status["unsloth"], "fsdp_qlora_load": "dry-run ok"}
     assert status["unsloth"] in ("dry-run ok", "skipped")
     for r in rows:  # every case has a plan that fits an H200 and the command that would run it
         assert r["ok"] is None and r["command"] and 0 < r["predicted_gib"] < 139.8, r
@@ -127,7 +126,9 @@ def test_dry_run_builds_and_checks_every_plan_and_command(tmp_path):
             plan_path = r["command"].split()[2].replace("$WORK", str(tmp_path / "work"))
             assert os.path.exists(plan_path), plan_path
     md = (out / "gpu_check.md").read_text()
-    assert "| savers | offload_checkpoints |" in md and "| fsdp_qlora_2gpu | skipped |" in md
+    fsdp = next(r for r in rows if r["entry"] == "fsdp_qlora_load")  # the two-GPU plan is built and checked too
+    assert fsdp["method"] == "qlora" and fsdp["loading"]
+    assert "| savers | offload_checkpoints |" in md and "| fsdp_qlora_load | dry-run ok |" in md
 
 
 @pytest.mark.slow
