@@ -13,6 +13,7 @@ import time
 import pytest
 
 from benchmarks import gpu_check
+from conftest import requires_run
 from benchmarks.gpu_check import ENTRIES, PROBED, CheckError, Context, Entry, Skip
 
 
@@ -96,6 +97,7 @@ def test_card_args_follow_what_gpu_auto_reads():
     assert gpu_check.card_args_for(None) == ["--gpu", gpu_check.DRY_RUN_CARD]
 
 
+@requires_run  # the dry run builds the tiny tokenizer the runs would use
 @pytest.mark.slow
 def test_dry_run_builds_and_checks_every_plan_and_command(tmp_path):
     out = tmp_path / "out"
