@@ -55,6 +55,5 @@ def row_inputs(row: dict) -> tuple[types.Architecture, targets.TargetSelection, 
         optimizer="adamw",
         dtype="bfloat16",
         double_quant=True,
-        num_gpus=1,
     )
     return arch, sel, shape

@@ -32,11 +32,20 @@ def test_larger_cards_come_from_one_list(monkeypatch):
     # suggest's advice (training does not fit a replica) ...
     res = make_plan(PlanRequest(model="llama-3.1-70b", gpu="rtx-4090", method="lora", fit_table=False))
     assert not res.feasible and any("a larger card: CARD-X" in s for s in res.suggestions)
-    # ... and placement's (training fits, loading does not: the 70B QLoRA load on 2 x 24 GB)
-    res = make_plan(PlanRequest(model="llama-3.1-70b", gpu="rtx-4090", num_gpus=2, method="qlora",
-                                strategy="fsdp-offload", host_memory="512GiB", fit_table=False))
-    assert not res.feasible
-    assert any("load: CARD-X" in s for s in res.suggestions), res.suggestions
+    # ... and placement's (training fits, loading does not): a load peak past the card's usable memory. No catalog
+    # request binds there since QLoRA loads shard by shard (issue 13), so the option's load is raised by hand.
+    import dataclasses
+
+    from loraplan.planner.decision import placement
+    from loraplan.planner.plugins.strategies import STRATEGIES
+
+    r = resolve(PlanRequest(model="llama-3.1-70b", gpu="rtx-4090", num_gpus=2, method="qlora",
+                            strategy="fsdp-offload", host_memory="512GiB", fit_table=False))
+    best = placement.evaluate(r, STRATEGIES["fsdp-offload"])
+    assert best.fits
+    heavy = dataclasses.replace(best, load=dataclasses.replace(best.load, gpu_gib=r.usable_gib + 10))
+    advice = placement._beyond_training(r, heavy)
+    assert any("load: CARD-X" in s for s in advice), advice
 
 
 def test_the_per_gpu_batch_is_the_strategys(monkeypatch):

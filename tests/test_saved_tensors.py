@@ -23,8 +23,11 @@ import dataclasses
 import pytest
 
 from benchmarks import saved_tensors as ST
+from conftest import requires_run
 from loraplan.planner.architecture import families
 from loraplan.planner.memory import terms as memory
+
+pytestmark = requires_run  # autograd's saved tensors are counted with torch, peft and bitsandbytes
 
 TOLERANCE = 0.01
 SEQ = 32  # the counts' sequence lengths are 32 and 64; X depends on it only under eager attention
