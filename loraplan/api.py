@@ -57,13 +57,15 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
         overwrite: bool = False, use_existing_dir: bool = False, force: bool = False,
         machine_rank: Optional[int] = None, main_process_ip: Optional[str] = None,
         main_process_port: Optional[int] = None, rendezvous_timeout: int = 600, strategy: Optional[str] = None,
-        num_processes: Optional[int] = None, console: Any = "auto", command: Optional[str] = None) -> "RunSummary":
+        num_processes: Optional[int] = None, console: Any = "auto", command: Optional[str] = None,
+        backend: Optional[str] = None) -> "RunSummary":
     """Train a plan (a plan file's path, a Plan, or a PlanResult from `plan`), or the demo (`demo=True`), as
     `loraplan run` does; returns the RunSummary (what summary.json holds).
 
     A plan file's relative paths are relative to its folder (docs/running.md). output_dir (relative to the working
     directory), max_steps and report_to override the plan's and are recorded in the run's plan.yaml.
-    rendezvous_timeout: seconds a machine other than 0 of a multi-node plan waits for machine 0. console:
+    rendezvous_timeout: seconds a machine other than 0 of a multi-node plan waits for machine 0. backend: the
+    demo's training backend (a plan file names its own). console:
     "auto" prints progress and messages with rich, None is silent, or a rich Console. Raises loraplan.LoraplanError:
     RunError (exit_code 2: bad input; TrainingFailed 1: e.g. out of memory; Interrupted 130) or PlanError."""
     from loraplan.executor.claim import check_claim, claim_output_dir
@@ -90,11 +92,17 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
     if (strategy or num_processes) and not demo:
         raise RunError("--strategy and --num-processes are for --demo; a plan file's strategy and processes come "
                        "from `loraplan plan`")
+    if backend and not demo:
+        raise RunError("--backend is for --demo; a plan file names its backend in training.backend (`loraplan plan "
+                       "--backend`)")
     if report_to is not None:
         check_installed(report_to)  # before anything is written (the demo writes its model first)
     if demo:
         if plan is not None:
             raise RunError("give either PLAN or --demo, not both")
+        from loraplan.executor.backends import backend_named
+
+        backend_named(backend or "hf").prepare_process()  # first: the demo's model is built with transformers
         require_run_extra()
         from loraplan.executor.demo import prepare_demo
 
@@ -102,7 +110,8 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
         check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
         with lock_output_dir(out, command):  # held from before the demo builds its model
             claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
-            p = prepare_demo(out, max_steps=max_steps or 60, strategy=strategy, num_processes=num_processes or 1)
+            p = prepare_demo(out, max_steps=max_steps or 60, strategy=strategy, num_processes=num_processes or 1,
+                             backend=backend)
             _override(p, None, None, report_to)
             # The demo replaces its own earlier run unless asked to resume it.
             return _execute(p, resume, overwrite or not resume, use_existing_dir, None, command, None, console)

@@ -11,6 +11,7 @@ import click
 
 from loraplan.planner.facts import options
 from loraplan.planner.plugins.strategies import STRATEGY_CHOICES
+from loraplan.planner.plugins.backends import BACKENDS, DEFAULT_BACKEND
 
 EXIT_FEASIBLE, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -148,6 +149,9 @@ def main() -> None:
 @click.option("--report-to", type=click.Choice(options.TRACKERS), default=options.default("report_to"), show_default=True,
               help="The experiment tracker `run` logs to, offline into the output dir unless your environment says "
                    "otherwise (docs/running.md, Trackers); needs that tracker's package.")
+@click.option("--backend", type=click.Choice(tuple(BACKENDS)), default=DEFAULT_BACKEND, show_default=True,
+              help="The training backend `run` uses: " + "; ".join(f"{b.name}: {b.description}" for b in BACKENDS.values())
+                   + ". Its memory terms, defaults and refusals apply; a one-GPU plan shows both side by side.")
 @click.option("--plot", type=str, default=None, metavar="FILE.png|FILE.svg",
               help="Draw the plan's peak memory against sequence length, stacked by term, with the card's usable "
                    "memory (matplotlib: pip install 'loraplan[plot]').")
@@ -157,7 +161,7 @@ def main() -> None:
 def plan_command(ctx: click.Context, model: Optional[str], from_config, from_format, gpu, gpu_memory, num_gpus,
                  num_nodes, network, host_memory, strategy, method, rank, alpha, dropout, targets, seq_len, batch_size,
                  global_batch_size, grad_checkpointing, optimizer, savers, loss, dataset, eval_path, eval_fraction, output, output_dir, learning_rate, epochs, max_steps,
-                 train_tokens, trust_remote_code, report_to, plot, no_fit_table, as_json) -> None:
+                 train_tokens, trust_remote_code, report_to, backend, plot, no_fit_table, as_json) -> None:
     """Plan LoRA / QLoRA fine-tuning of MODEL: a catalog name, a config.json or model directory, or a hub id
     in the local Hugging Face cache; or the Axolotl, LLaMA-Factory or TRL config --from names.
 
@@ -175,6 +179,7 @@ def plan_command(ctx: click.Context, model: Optional[str], from_config, from_for
         eval_fraction=eval_fraction, output_dir=output_dir,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, train_tokens=train_tokens,
         trust_remote_code=trust_remote_code, fit_table=not no_fit_table, savers=savers, report_to=report_to,
+        backend=backend,
     )
     imported = None
     try:

@@ -36,7 +36,7 @@ def test_the_planner_table_and_the_executor_registry_name_the_same_backends():
 
 
 def test_the_registry_and_the_planner_table_import_no_training_library():
-    code = ("import sys, loraplan.planner.plugins.backends, loraplan.executor.backends as b; b.backend_named('hf'); "
+    code = ("import sys, loraplan.planner.plugins.backends, loraplan.executor.backends as b; [b.backend_named(n) for n in b.MODULES]; "
             "print([m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True,
                          text=True, check=True).stdout
@@ -64,7 +64,7 @@ def test_a_plan_file_without_the_backend_field_loads_as_hf(tmp_path):
 def test_an_unknown_backend_is_refused_at_load_in_one_line(tmp_path):
     data = _plan_dict(tmp_path)
     data["training"]["backend"] = "nope"
-    with pytest.raises(PlanError, match=r"^training.backend must be hf, not 'nope'$"):
+    with pytest.raises(PlanError, match=r"^training.backend must be hf or unsloth, not 'nope'$"):
         Plan.from_dict(data)
 
 

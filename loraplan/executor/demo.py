@@ -18,13 +18,14 @@ DEMO_BATCH = 6  # sequences per step, over all processes
 
 
 def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 60, strategy: Optional[str] = None,
-              num_processes: int = 1) -> Plan:
+              num_processes: int = 1, backend: Optional[str] = None) -> Plan:
     """The demo's plan, made by the planner like any other (LoRA r=8 on every linear layer, on the CPU in fp32,
     a memorizable dataset), with a high learning rate and frequent logging so a minute shows the loss fall.
 
     num_processes > 1 plans the demo over that many CPU processes (the planner picks ddp: a replica this small fits
     anywhere); strategy fsdp or fsdp-offload asks the planner for a sharded plan instead (`--strategy` of `plan`),
-    so its memory terms are the sharded ones."""
+    so its memory terms are the sharded ones. backend: the training backend (planner/plugins/backends.py; default
+    hf), planned like `plan --backend`."""
     from loraplan.planner.api import PlanRequest, make_plan
     from loraplan.planner.errors import InputError
     from loraplan.planner.plugins.strategies import STRATEGIES
@@ -43,6 +44,7 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
             seq_len=128, batch_size=per_process, global_batch_size=per_process * num_processes, learning_rate=3e-3,
             max_steps=max_steps, dataset=data_path, output_dir=output_dir, fit_table=False,
             strategy=strategy if chosen and chosen.sharded else "auto",  # the default picks cpu or ddp
+            **({"backend": backend} if backend else {}),
         ))
     except InputError as exc:
         raise RunError(str(exc)) from None
@@ -55,7 +57,8 @@ def demo_plan(model_dir: str, data_path: str, output_dir: str, max_steps: int = 
     return plan
 
 
-def prepare_demo(output_dir: str, max_steps: int = 60, strategy: Optional[str] = None, num_processes: int = 1) -> Plan:
+def prepare_demo(output_dir: str, max_steps: int = 60, strategy: Optional[str] = None, num_processes: int = 1,
+                 backend: Optional[str] = None) -> Plan:
     """Build the demo model under OUTPUT_DIR/model (once) and return the demo plan."""
     from .run_files import PLAN_FILE
     from .tiny import build_tiny_model, demo_data_path
@@ -69,4 +72,4 @@ def prepare_demo(output_dir: str, max_steps: int = 60, strategy: Optional[str] =
     if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         build_tiny_model(model_dir, arch="llama", hidden_size=64, num_layers=2, seed=0)
     return demo_plan(os.path.abspath(model_dir), demo_data_path(), output_dir, max_steps=max_steps,
-                     strategy=strategy, num_processes=num_processes)
+                     strategy=strategy, num_processes=num_processes, backend=backend)

@@ -17,17 +17,20 @@ import math
 from typing import Optional
 
 from .architecture.targets import trainable_params
+from .decision.backend_compare import compare_backends
 from .decision.context_length import at_planned_length
 from .decision.estimate import estimate
 from .decision.fit_table import fit_table
 from .decision.placement import place
 from .decision.resolve import Resolved, resolve
-from .decision.rules import Choice, Decision
+from .decision.rules import Choice, Decision, shape
 from .decision.scaling import fewer_is_faster
 from .errors import InputError
 from .facts import options
 from .facts.request import PlanRequest
 from .memory import terms as memory
+from .memory.unsloth import dropout_mask_bytes
+from .plugins.backends import BACKENDS, UNSLOTH_OWN_FAMILIES
 from .planfile.schema import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Savers, Training
 from .plugins.strategies import STRATEGIES
 from .report.notebook import PlanView
@@ -55,6 +58,23 @@ def _warnings(r: Resolved) -> list[str]:
         out.append(f"{r.hardware.num_gpus} CPU processes share one machine's RAM: each is planned with "
                    f"{r.hardware.memory_gib:.1f} GiB")
     return out
+
+
+def _backend_warnings(r: Resolved, c: Choice) -> list[str]:
+    """A LoRA dropout above 0 under Unsloth on a GPU: what its masks cost (planner.memory.unsloth.dropout_mask_bytes).
+    In unsloth 2026.10.9 the fused kernels still run (UNSLOTH_FUSED_LORA_DROPOUT is on by default) and save a 1-byte
+    mask per dropped input."""
+    b = BACKENDS[r.backend]
+    if r.dropout <= 0 or b.checkpointing != "unsloth" or r.hardware.gpu == "cpu":
+        return []
+    s = shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers)
+    extra = dropout_mask_bytes(r.arch, s, own_model=r.arch.family in UNSLOTH_OWN_FAMILIES)
+    if not extra:
+        return [f"--dropout {r.dropout:g} under --backend {b.name}: {r.arch.family} runs peft's LoRA forward there, "
+                "whose dropout outputs the activation term already counts"]
+    return [f"--dropout {r.dropout:g} under --backend {b.name}: its fused LoRA kernels still run (unsloth 2026.10.9's "
+            f"UNSLOTH_FUSED_LORA_DROPOUT is on by default) and keep a 1-byte mask per dropped input, (6h + i) x T per "
+            f"layer recomputed: {extra / 2**30:.2f} GiB more at this micro-batch; --dropout 0 is its default"]
 
 
 def _assumptions(r: Resolved, c: Choice) -> dict[str, str]:
@@ -98,7 +118,7 @@ def _plan(req: PlanRequest, r: Resolved, d: Decision, tokens_per_s: Optional[flo
             global_batch_size=r.global_batch_size, grad_checkpointing=c.grad_checkpointing, optimizer=r.optimizer,
             loss=r.loss, learning_rate=r.learning_rate, num_epochs=r.epochs, max_steps=r.max_steps or -1,
             logging_steps=_logging_steps(r), dtype=r.dtype, attn_implementation=attn, packing="padding_free" in c.savers.on,
-            report_to=req.report_to,
+            report_to=req.report_to, backend=r.backend,
         ),
         prediction=Prediction(per_gpu_gib=round(memory.Term.sum_gib(c.terms), 4), terms={t.name: round(t.gib, 4) for t in c.terms},
                               margin=memory.coefficients().decision.safety_margin, tokens_per_s=tokens_per_s),
@@ -130,6 +150,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
     r = dataclasses.replace(r, strategy=STRATEGIES[d.strategy])
     est = estimate(r, d.choice, r.dataset.tokens_total if r.dataset else None)
     warnings = _warnings(r) + fewer_is_faster(r, est)  # more GPUs that are slower: say so (planner.decision.scaling)
+    warnings += _backend_warnings(r, d.choice)
     plan = _plan(req, r, d, est.tokens_per_s, warnings)
     plan.validate()
     return PlanView(
@@ -137,7 +158,7 @@ def make_plan(req: PlanRequest) -> PlanResult:
         terms=list(d.choice.terms), feasible=d.feasible, usable_gib=r.usable_gib, hardware_note=r.hardware_note,
         suggestions=d.suggestions, fit_table=fit_table(req, asked) if req.fit_table else [], dataset=r.dataset, estimate=est,
         warnings=warnings, strategies=d.options, load=d.load, host_terms=list(d.choice.host_terms), resolved=r,
-        choice=d.choice,
+        choice=d.choice, backends=compare_backends(req, asked),
     )
 
 

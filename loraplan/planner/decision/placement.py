@@ -20,6 +20,7 @@ from ..architecture.targets import trainable_params
 from ..facts.hardware import DEFAULT_NETWORK, parse_network_gbs
 from ..memory import terms as memory
 from ..memory.loading import LoadPeak, load_peak
+from ..plugins.backends import BACKENDS
 from ..plugins.strategies import STRATEGIES, Strategy, auto_candidates, sharded_strategies
 from ..speed.communication import overlap, step_bytes
 from . import rules, suggest
@@ -131,7 +132,8 @@ def evaluate(r: Resolved, strategy: Strategy) -> StrategyOption:
 def strategies_to_try(r: Resolved) -> list[Strategy]:
     if r.strategy_choice != "auto" or r.hardware.world_size == 1 or r.hardware.gpu == "cpu":
         return [r.strategy]
-    return auto_candidates()
+    backend = BACKENDS[r.backend]  # a strategy the training backend refuses (Unsloth: FSDP) is not tried
+    return [s for s in auto_candidates() if not backend.refuses(s.name, "lora", frozenset())] or [r.strategy]
 
 
 def _strategy_reason(r: Resolved, best: StrategyOption, options: list[StrategyOption]) -> str:

@@ -23,6 +23,7 @@ from ..facts.hardware import Hardware, resolve_hardware, resolve_topology
 from ..facts.request import MAX_SEQ_LEN, PlanRequest, validate
 from ..memory.terms import coefficients
 from ..plugins import savers as saver_table
+from ..plugins.backends import BACKENDS, Backend
 from ..plugins.strategies import STRATEGIES, STRATEGY_CHOICES, Strategy, strategy_for
 
 
@@ -63,6 +64,7 @@ class Resolved:
     default_notes: dict[str, str] = field(default_factory=dict)  # a default fitted to the request: key -> why
     eval_path: Optional[str] = None  # absolute, checked by the dataset reader
     eval_fraction: float = 0.0
+    backend: str = "hf"  # planner.plugins.backends.BACKENDS: its memory terms and host terms (planner.decision.rules)
 
     @property
     def arch(self) -> Architecture:
@@ -109,6 +111,31 @@ def _savers(req: PlanRequest, arch: Architecture, hw: Hardware, seq_len_max: boo
         raise InputError(f"--savers {saver_table.cli_name(ckpt[0])}=on needs gradient checkpointing, which "
                          "--grad-checkpointing off forbids")
     return modes
+
+
+def _backend(req: PlanRequest, arch: Architecture, sel: TargetSelection, strategy: Strategy,
+             savers: dict[str, str]) -> Backend:
+    """The training backend asked for, checked against the model, the adapter, the strategy and the savers forced
+    on (one-line InputErrors); the savers it refuses that were left to choose are turned off in `savers`."""
+    options.check_choice("--backend", req.backend, tuple(BACKENDS), InputError)
+    backend = BACKENDS[req.backend]
+    why = backend.refuses_model(arch)
+    if why:
+        raise InputError(f"--backend {backend.name}: {why}")
+    if sel.target_parameters and not backend.takes_target_parameters:
+        raise InputError(f"--backend {backend.name} adapts modules only, not parameters ({', '.join(sel.target_parameters)}): "
+                         "leave the experts out of --targets, or use --backend hf")
+    if req.strategy != "auto":
+        why = backend.refuses(strategy.name, "lora", frozenset())
+        if why:
+            raise InputError(f"--backend {backend.name}: {why}")
+    for name, mode in list(savers.items()):
+        why = backend.refuses(strategy.name, "lora", frozenset([name]))  # the strategy passed above
+        if why and mode == "on":
+            raise InputError(f"--backend {backend.name}: {why}")
+        if why:
+            savers[name] = "off"
+    return backend
 
 
 def with_seq_len(r: Resolved, seq_len: int, recount: bool = True) -> Resolved:
@@ -224,6 +251,11 @@ def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
                                    f"default {seq_len:,}")
             seq_len = context
     savers = _savers(req, model.arch, hw, seq_len_max)
+    backend = _backend(req, model.arch, sel, strategy, savers)
+    for key, value in backend.defaults.items():  # the backend's settings where the user chose none
+        if key == "lora.lora_dropout" and req.dropout is None and dropout != value:
+            defaults["lora_dropout"] = (f"dropout {value:g}: the {backend.name} backend's default (--dropout)")
+            dropout = float(value)
     dataset = os.path.abspath(os.path.expanduser(req.dataset)) if req.dataset else None
     # the model's own tokenizer.json counts the tokens when the model is a local folder (else 4 chars per token)
     if known is not None and known.seq_len == seq_len:
@@ -244,4 +276,5 @@ def resolve(req: PlanRequest, known: Optional[Resolved] = None) -> Resolved:
         dataset=ds, savers=savers, host_note=topology.host_note,
         seq_len_max=seq_len_max,
         seq_len_limit=limit, default_notes=defaults, eval_path=eval_path, eval_fraction=eval_fraction,
+        backend=backend.name,
     )

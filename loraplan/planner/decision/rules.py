@@ -31,6 +31,7 @@ from ..architecture.targets import trainable_params
 from ..facts import options as option_table
 from ..memory import terms as memory
 from ..plugins import savers as saver_table
+from ..plugins.backends import BACKENDS, DEFAULT_BACKEND
 from .resolve import Resolved
 
 GIB = 2**30
@@ -82,8 +83,10 @@ def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, 
 def budget(r: Resolved, s: memory.MicroStep, savers: saver_table.SaverSet = saver_table.NONE) -> list[memory.Term]:
     """The per-GPU terms of shape `s` under the plan's strategy (and the savers whose effects `s` carries)."""
     p = trainable_params(r.selection, r.rank)
-    return r.strategy.budget(memory.budget(r.arch, r.selection, s, saver_terms=saver_table.gpu_terms(r.arch, s, savers)),
-                             r.arch, p, s, r.hardware)
+    terms = r.strategy.budget(memory.budget(r.arch, r.selection, s, saver_terms=saver_table.gpu_terms(r.arch, s, savers)),
+                              r.arch, p, s, r.hardware)
+    # the training backend's own terms (planner/plugins/backends.py: identity for hf, Unsloth's for unsloth)
+    return BACKENDS[r.backend].adjust_terms(terms, r.arch, s, r.dropout, r.hardware.memory_gib * GIB)
 
 
 def candidate(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool,
@@ -91,7 +94,8 @@ def candidate(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bo
     """One configuration with its GPU terms and the pinned host memory its savers take."""
     s = shape(r, method, micro_batch, grad_checkpointing, savers=savers)
     return Choice(method, grad_checkpointing, micro_batch, tuple(budget(r, s, savers)), savers,
-                  tuple(saver_table.host_terms(r.arch, s, savers, r.host_processes)))
+                  tuple(saver_table.host_terms(r.arch, s, savers, r.host_processes)
+                        + BACKENDS[r.backend].host_terms(r.arch, s, r.host_processes)))
 
 
 def fits(r: Resolved, c: Choice) -> bool:
@@ -300,6 +304,11 @@ def reasons(r: Resolved, c: Choice, feasible: bool) -> dict[str, str]:
         out["targets"] = r.selection.note
     if r.selection.target_parameters and r.dropout == 0.0:
         out["dropout"] = "0: peft cannot apply dropout to fused expert weights (target_parameters)"
+    if "lora_dropout" in r.default_notes:  # the training backend's default (planner/plugins/backends.py)
+        out["dropout"] = r.default_notes["lora_dropout"]
+    if r.backend != DEFAULT_BACKEND:
+        b = BACKENDS[r.backend]
+        out["backend"] = f"{b.name}: {b.description}; checkpointing {b.checkpointing!r}"
     expert = _expert_reason(r, c)
     if expert:
         out["quantization"] = expert

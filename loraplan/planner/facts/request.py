@@ -50,6 +50,7 @@ class PlanRequest:
     fit_table: bool = True
     savers: Optional[str] = None  # --savers: options.parse_savers; None: the defaults
     report_to: str = field(default_factory=lambda: options.default("report_to"))  # options.TRACKERS
+    backend: str = "hf"  # the training backend: a key of planner.plugins.backends.BACKENDS (checked in resolve)
 
 
 SEQ_LEN_MAX = "max"

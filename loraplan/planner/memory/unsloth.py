@@ -144,9 +144,13 @@ def fused_layer_bytes_per_token(arch: Architecture, dropout: bool) -> float:
     return x
 
 
-def fused_kernels_apply(arch: Architecture, bias: str = "none") -> Optional[str]:
+def fused_kernels_apply(arch: Architecture, bias: str = "none", own_model: bool = True) -> Optional[str]:
     """None when Unsloth replaces peft's forward by its fused kernels for this model (llama.py:5333-5337: bias "none",
-    16-bit or 4-bit base weights, no FSDP1 wrap; fast_lora.py:86: dropout runs inside them), else why not."""
+    16-bit or 4-bit base weights, no FSDP1 wrap; fast_lora.py:86: dropout runs inside them), else why not.
+    own_model False: a family FastLanguageModel delegates to FastModel (loader.py:1861), whose LoRA layers keep
+    peft's forward."""
+    if not own_model:
+        return f"{arch.family} is delegated to Unsloth's FastModel, which keeps peft's LoRA forward"
     if bias != "none":
         return f"bias {bias!r}: Unsloth fuses LoRA only with bias 'none'"
     if any(p.bias_params for p in arch.projections):
@@ -195,6 +199,16 @@ def pinned_host_bytes(arch: Architecture, shape: MicroStep) -> float:
     return float(pool + arch.num_layers * _pow2_ceil(layer_input_bytes(arch, shape)))
 
 
+def dropout_mask_bytes(arch: Architecture, shape: MicroStep, bias: str = "none", own_model: bool = True) -> float:
+    """What a LoRA dropout above 0 adds under Unsloth's fused kernels: the bool masks they save, 1 B per dropped
+    element, (6h + i) x T for the layer recomputed at a time, (1 - rho_act) of it counted as activations and the rest
+    as the allocator's share (the difference of activations_bytes with and without dropout). 0 where the kernels do
+    not run (peft's forward then keeps its own dropout outputs, which the standard term already counts)."""
+    if fused_kernels_apply(arch, bias, own_model) is not None:
+        return 0.0
+    return activations_bytes(arch, shape, True, True) - activations_bytes(arch, shape, True, False)
+
+
 def unsloth_host_terms(arch: Architecture, shape: MicroStep, processes: int = 1) -> list[Term]:
     """Pinned host memory on the machine under Unsloth's checkpointing: per process, times the processes."""
     per = pinned_host_bytes(arch, shape)
@@ -209,7 +223,7 @@ _REPLACED = ("checkpointed_inputs", "activations", "fused_loss", "logits", "allo
 
 
 def unsloth_budget(arch: Architecture, shape: MicroStep, base_terms: Sequence[Term], dropout: float = 0.0,
-                   bias: str = "none", card_bytes: Optional[float] = None) -> list[Term]:
+                   bias: str = "none", card_bytes: Optional[float] = None, own_model: bool = True) -> list[Term]:
     """The standard budget (planner.memory.terms.budget, BASE_TERMS) turned into Unsloth's: the weights, adapter,
     optimizer, misc and CUDA context stay; the checkpointed inputs, activations, loss and allocator reserve are
     replaced by the terms above, in the same report order.
@@ -219,7 +233,7 @@ def unsloth_budget(arch: Architecture, shape: MicroStep, base_terms: Sequence[Te
     and after the first step (double buffering). None: the 4 GiB cap and two copy-back buffers.
     The allocator reserve keeps the standard model's fitted shares of the loss and activations (rho_loss, rho_act)."""
     by_name = {t.name: t for t in base_terms}
-    fused = fused_kernels_apply(arch, bias) is None
+    fused = fused_kernels_apply(arch, bias, own_model) is None
     if fused:
         act = activations_bytes(arch, shape, True, dropout > 0)
         act_formula = ("(s + s_rc) x X_u x T" if shape.grad_checkpointing else "s x X_u x L x T") + (
@@ -227,7 +241,7 @@ def unsloth_budget(arch: Architecture, shape: MicroStep, base_terms: Sequence[Te
     else:
         std = by_name.get("activations")
         act = std.bytes / (1 - coefficients().fitted.reserve_share_of_activations) if std else 0.0
-        act_formula = "the standard term (peft's forward: " + str(fused_kernels_apply(arch, bias)) + ")"
+        act_formula = "the standard term (peft's forward: " + str(fused_kernels_apply(arch, bias, own_model)) + ")"
     rho = coefficients().fitted
     kept_terms = [t for t in base_terms if t.name not in _REPLACED]
     before_loss = [t for t in kept_terms if t.group in ("weights", "adapter") and t.name != "optimizer_states"]

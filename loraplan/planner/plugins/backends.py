@@ -14,20 +14,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ..memory.step import Term
+from loraplan.tables import load_table
+
+from ..architecture.families import FAMILIES
+from ..architecture.types import Architecture
+from ..memory import unsloth as unsloth_memory
+from ..memory.step import MicroStep, Term
+from . import savers as saver_table
+from . import strategies as strategy_table
 
 DEFAULT_BACKEND = "hf"  # what a plan file without training.backend trains with
 
 Refusal = Callable[[str, str, frozenset], Optional[str]]  # (strategy name, method, savers on) -> why not, or None
-TermsHook = Callable[[Sequence[Term]], list[Term]]  # one rank's memory terms -> the backend's
+# (one rank's memory terms, the architecture, the micro-step, the LoRA dropout, the card's bytes or None) -> the
+# terms this backend holds
+TermsHook = Callable[[Sequence[Term], Architecture, MicroStep, float, Optional[float]], list[Term]]
+HostHook = Callable[[Architecture, MicroStep, int], list[Term]]  # (arch, step, processes) -> pinned host terms
+ModelRefusal = Callable[[Architecture], Optional[str]]  # a model family this backend cannot train, or None
 
 
 def _refuses_nothing(strategy_name: str, method: str, savers_on: frozenset) -> Optional[str]:
     return None
 
 
-def _same_terms(terms: Sequence[Term]) -> list[Term]:
+def _same_terms(terms: Sequence[Term], arch: Architecture, shape: MicroStep, dropout: float,
+                card_bytes: Optional[float]) -> list[Term]:
     return list(terms)
+
+
+def _no_host_terms(arch: Architecture, shape: MicroStep, processes: int) -> list[Term]:
+    return []
+
+
+def _takes_any_model(arch: Architecture) -> Optional[str]:
+    return None
 
 
 @dataclass(frozen=True)
@@ -43,10 +63,75 @@ class Backend:
     checkpointing: str = "non-reentrant"
     # Plan fields the backend sets unless the user chose them (e.g. {"lora.lora_dropout": 0.0}); none for hf.
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    host_terms: HostHook = _no_host_terms  # pinned host memory the backend itself takes (its own offloading)
+    refuses_model: ModelRefusal = _takes_any_model  # a model family it cannot train, as one line
+    # what `pip` needs besides loraplan's [run] extra, shown in the side-by-side
+    needs: str = "loraplan[run]"
+    takes_target_parameters: bool = True  # LoRA on parameters (MoE experts, peft's target_parameters)
+
+    @property
+    def published(self) -> Mapping[str, Any]:
+        """tables/backends.yaml's entry: published facts (the speed-up claimed, its source), none for hf."""
+        return load_table("backends.yaml").get(self.name, {})
 
     def refuses(self, strategy_name: str, method: str, savers_on: frozenset[str]) -> Optional[str]:
         """Why this backend cannot train that strategy, method and set of savers (one line), or None."""
         return self.refusal(strategy_name, method, frozenset(savers_on))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unsloth: FastLanguageModel + its LoRA kernels + trl's SFTTrainer as Unsloth patches it (executor/backends/unsloth.py)
+
+# model_type -> FastLanguageModel's own model class (unsloth/models/loader.py:1796-1858, 2026.10.9): their LoRA
+# projections run through Unsloth's fused kernels. Any other model_type is delegated to FastModel (loader.py:1861),
+# which trains transformers' own modules with peft's forward, under Unsloth's checkpointing and loss.
+UNSLOTH_OWN_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3", "qwen3_moe")
+# savers Unsloth replaces or cannot take, with why (planner/plugins/savers.py's names)
+UNSLOTH_SAVER_REFUSALS = {
+    "offload_checkpoints": "Unsloth offloads the checkpointed layer inputs to host memory itself (its "
+                           "use_gradient_checkpointing=\"unsloth\")",
+    "offload_activations": "Unsloth offloads the checkpointed layer inputs to host memory itself (its "
+                           "use_gradient_checkpointing=\"unsloth\"); trl's activation offloading would wrap "
+                           "Unsloth's own",
+    "layer_checkpointing": "Unsloth checkpoints every decoder layer through its own checkpoint function; a "
+                           "checkpoint every n layers is not one of its settings",
+    "mlp_tiling": "Unsloth tiles the MLP itself (from_pretrained(unsloth_tiled_mlp=True), unsloth_zoo/tiled_mlp.py), "
+                  "not through Liger's patch, and loraplan does not plan its tiling yet",
+}
+
+
+def _unsloth_refusal(strategy_name: str, method: str, savers_on: frozenset) -> Optional[str]:
+    strategy = strategy_table.STRATEGIES.get(strategy_name)
+    if strategy is not None and strategy.sharded:  # read the entry's fields, never its name
+        return (f"strategy {strategy_name} shards the model (FSDP), and Unsloth trains data-parallel only; "
+                "use --backend hf for FSDP")
+    for name in sorted(savers_on):
+        if name in UNSLOTH_SAVER_REFUSALS:
+            return f"saver {saver_table.cli_name(name)}: {UNSLOTH_SAVER_REFUSALS[name]}"
+    return None
+
+
+def _unsloth_terms(terms: Sequence[Term], arch: Architecture, shape: MicroStep, dropout: float,
+                   card_bytes: Optional[float]) -> list[Term]:
+    """planner.memory.unsloth's budget on a GPU; on the CPU Unsloth runs its CPU backend (unsloth_zoo/cpu: stock
+    transformers + peft + trl, plain recomputation, none of its GPU kernels), so the standard terms stand."""
+    if shape.device != "cuda":
+        return list(terms)
+    return unsloth_memory.unsloth_budget(arch, shape, terms, dropout=dropout, card_bytes=card_bytes,
+                                         own_model=arch.family in UNSLOTH_OWN_FAMILIES)
+
+
+def _unsloth_host_terms(arch: Architecture, shape: MicroStep, processes: int) -> list[Term]:
+    if shape.device != "cuda":
+        return []
+    return unsloth_memory.unsloth_host_terms(arch, shape, processes)
+
+
+def _unsloth_model(arch: Architecture) -> Optional[str]:
+    if arch.family not in FAMILIES:
+        return (f"{arch.family} is not a family loraplan's catalog describes, and Unsloth's memory for it is not "
+                "planned; use --backend hf")
+    return None
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -55,6 +140,22 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
         "transformers + peft + trl: AutoModelForCausalLM (4-bit through bitsandbytes), get_peft_model, SFTTrainer",
         ("transformers", "peft", "trl"),
         'pip install -e ".[run]"',
+    ),
+    Backend(
+        "unsloth",
+        "Unsloth: FastLanguageModel (4-bit NF4), its fused LoRA kernels, offloaded checkpointing and chunked loss, "
+        "trl's SFTTrainer as Unsloth patches it",
+        ("unsloth", "unsloth_zoo", "transformers", "peft", "trl"),
+        'pip install "loraplan[unsloth]" -c <(echo torch==2.13.0) && pip uninstall -y torchvision '
+        "(on a machine without a GPU; README)",
+        refusal=_unsloth_refusal,
+        adjust_terms=_unsloth_terms,
+        checkpointing="unsloth",
+        defaults={"lora.lora_dropout": 0.0},
+        host_terms=_unsloth_host_terms,
+        refuses_model=_unsloth_model,
+        takes_target_parameters=False,  # FastLanguageModel.get_peft_model takes target_modules only
+        needs="loraplan[unsloth] (unsloth + unsloth_zoo 2026.10.9; transformers <= 5.17, trl <= 1.15)",
     ),
 )}
 

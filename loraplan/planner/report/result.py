@@ -40,10 +40,12 @@ class PlanResult:
     resolved: Optional[Any] = None  # planner.decision.resolve.Resolved, for the savers' effects
     choice: Optional[Any] = None  # planner.decision.rules.Choice
     from_config: Optional[dict] = None  # plan --from: the tool config's keys, read and not (planner.formats)
+    backends: list = field(default_factory=list)  # planner.decision.backend_compare.BackendRow per backend
 
     @property
     def host_gib(self) -> float:
-        return memory.Term.sum_gib(self.host_terms)
+        """Every pinned host term, the savers' and the backend's (planner.decision.rules.Choice.host_gib)."""
+        return sum(t.bytes for t in self.host_terms) / memory.GIB
 
     def saver_effects(self) -> list:
         """What each saver of the plan buys (planner.decision.saver_effects)."""
@@ -152,4 +154,5 @@ class PlanResult:
             "savers": self._savers_json(),
             "plan": plan.to_dict(),
             "from_config": self.from_config,
+            "backends": [row.to_dict() for row in self.backends],
         }

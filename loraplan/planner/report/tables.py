@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..plugins.savers import SAVERS
@@ -145,8 +146,39 @@ def render(res: PlanResult, console: Console) -> None:
     _decision_table(res, console)
     _host_and_strategies(res, console)
     _estimate_lines(res, console)
+    _backends_table(res, console)
     _fit_table(res, console)
     _verdict(res, console)
+
+
+def _backends_table(res: PlanResult, console: Console) -> None:
+    """The same request under each training backend (planner.decision.backend_compare), on a one-GPU plan."""
+    if not res.backends:
+        return
+    table = new_table("Backends (same request)")
+    key_column(table, "backend")
+    key_column(table, "peak", justify="right")
+    key_column(table, "longest\ncontext", justify="right")
+    key_column(table, "tokens/s", justify="right")
+    text_column(table, "needs installed")
+    notes = []
+    for row in res.backends:
+        chosen = " *" if row.backend == res.plan.training.backend else ""
+        if row.refused:
+            table.add_row(row.backend + chosen, "-", "-", "-", escape(f"refused: {row.refused}"))
+            continue
+        peak = f"{row.peak_gib:.2f} GiB" + ("" if row.feasible else " (no fit)")
+        longest = f"{row.longest_context:,}" if row.longest_context else "none"
+        tps = "-" if row.tokens_per_s is None else f"{row.tokens_per_s:,.0f}"
+        if row.speedup and row.tokens_per_s is not None:
+            tps += " \u2020"
+            notes.append(escape(f"\u2020 {row.speed_basis}: x{row.speedup:g} on loraplan's estimate ({row.speed_source})"))
+        table.add_row(row.backend + chosen, peak, longest, tps, escape(row.needs))
+    print_table(console, table)
+    for note in notes:
+        console.print(f"[dim]{note}[/dim]")
+    if notes:
+        console.print()
 
 
 def _model_table(res: PlanResult, console: Console) -> None:
