@@ -29,8 +29,7 @@ from .errors import InputError
 from .facts import options
 from .facts.request import PlanRequest
 from .memory import terms as memory
-from .memory.unsloth import dropout_mask_bytes
-from .plugins.backends import BACKENDS, UNSLOTH_OWN_FAMILIES
+from .plugins.backends import BACKENDS
 from .planfile.schema import Dataset, Distributed, LoraSettings, Plan, Prediction, Quantization, Savers, Training
 from .plugins.strategies import STRATEGIES
 from .report.notebook import PlanView
@@ -61,20 +60,9 @@ def _warnings(r: Resolved) -> list[str]:
 
 
 def _backend_warnings(r: Resolved, c: Choice) -> list[str]:
-    """A LoRA dropout above 0 under Unsloth on a GPU: what its masks cost (planner.memory.unsloth.dropout_mask_bytes).
-    In unsloth 2026.10.9 the fused kernels still run (UNSLOTH_FUSED_LORA_DROPOUT is on by default) and save a 1-byte
-    mask per dropped input."""
-    b = BACKENDS[r.backend]
-    if r.dropout <= 0 or b.checkpointing != "unsloth" or r.hardware.gpu == "cpu":
-        return []
+    """What the plan's backend says about the chosen configuration (its entry's `warnings` hook)."""
     s = shape(r, c.method, c.micro_batch_size, c.grad_checkpointing, savers=c.savers)
-    extra = dropout_mask_bytes(r.arch, s, own_model=r.arch.family in UNSLOTH_OWN_FAMILIES)
-    if not extra:
-        return [f"--dropout {r.dropout:g} under --backend {b.name}: {r.arch.family} runs peft's LoRA forward there, "
-                "whose dropout outputs the activation term already counts"]
-    return [f"--dropout {r.dropout:g} under --backend {b.name}: its fused LoRA kernels still run (unsloth 2026.10.9's "
-            f"UNSLOTH_FUSED_LORA_DROPOUT is on by default) and keep a 1-byte mask per dropped input, (6h + i) x T per "
-            f"layer recomputed: {extra / 2**30:.2f} GiB more at this micro-batch; --dropout 0 is its default"]
+    return BACKENDS[r.backend].warnings(r.arch, s, r.dropout)
 
 
 def _assumptions(r: Resolved, c: Choice) -> dict[str, str]:

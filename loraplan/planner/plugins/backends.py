@@ -31,6 +31,7 @@ Refusal = Callable[[str, str, frozenset], Optional[str]]  # (strategy name, meth
 TermsHook = Callable[[Sequence[Term], Architecture, MicroStep, float, Optional[float]], list[Term]]
 HostHook = Callable[[Architecture, MicroStep, int], list[Term]]  # (arch, step, processes) -> pinned host terms
 ModelRefusal = Callable[[Architecture], Optional[str]]  # a model family this backend cannot train, or None
+WarningsHook = Callable[[Architecture, MicroStep, float], list[str]]  # (arch, step, dropout) -> what the plan says
 
 
 def _refuses_nothing(strategy_name: str, method: str, savers_on: frozenset) -> Optional[str]:
@@ -48,6 +49,10 @@ def _no_host_terms(arch: Architecture, shape: MicroStep, processes: int) -> list
 
 def _takes_any_model(arch: Architecture) -> Optional[str]:
     return None
+
+
+def _no_warnings(arch: Architecture, shape: MicroStep, dropout: float) -> list[str]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class Backend:
     # what `pip` needs besides loraplan's [run] extra, shown in the side-by-side
     needs: str = "loraplan[run]"
     takes_target_parameters: bool = True  # LoRA on parameters (MoE experts, peft's target_parameters)
+    # what the plan should say about a chosen configuration under this backend (the plan's warnings)
+    warnings: WarningsHook = _no_warnings
 
     @property
     def published(self) -> Mapping[str, Any]:
@@ -127,6 +134,21 @@ def _unsloth_host_terms(arch: Architecture, shape: MicroStep, processes: int) ->
     return unsloth_memory.unsloth_host_terms(arch, shape, processes)
 
 
+def _unsloth_warnings(arch: Architecture, shape: MicroStep, dropout: float) -> list[str]:
+    """A LoRA dropout above 0 on a GPU: what its masks cost (planner.memory.unsloth.dropout_mask_bytes). In unsloth
+    2026.10.9 the fused kernels still run (UNSLOTH_FUSED_LORA_DROPOUT is on by default) and save a 1-byte mask per
+    dropped input."""
+    if dropout <= 0 or shape.device != "cuda":
+        return []
+    extra = unsloth_memory.dropout_mask_bytes(arch, shape, own_model=arch.family in UNSLOTH_OWN_FAMILIES)
+    if not extra:
+        return [f"--dropout {dropout:g} under --backend unsloth: {arch.family} runs peft's LoRA forward there, "
+                "whose dropout outputs the activation term already counts"]
+    return [f"--dropout {dropout:g} under --backend unsloth: its fused LoRA kernels still run (unsloth 2026.10.9's "
+            f"UNSLOTH_FUSED_LORA_DROPOUT is on by default) and keep a 1-byte mask per dropped input, (6h + i) x T per "
+            f"layer recomputed: {extra / 2**30:.2f} GiB more at this micro-batch; --dropout 0 is its default"]
+
+
 def _unsloth_model(arch: Architecture) -> Optional[str]:
     if arch.family not in FAMILIES:
         return (f"{arch.family} is not a family loraplan's catalog describes, and Unsloth's memory for it is not "
@@ -154,6 +176,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
         defaults={"lora.lora_dropout": 0.0},
         host_terms=_unsloth_host_terms,
         refuses_model=_unsloth_model,
+        warnings=_unsloth_warnings,
         takes_target_parameters=False,  # FastLanguageModel.get_peft_model takes target_modules only
         needs="loraplan[unsloth] (unsloth + unsloth_zoo 2026.10.9; transformers <= 5.17, trl <= 1.15)",
     ),
