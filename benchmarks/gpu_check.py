@@ -16,8 +16,9 @@ printed at the end and written to OUT/gpu_check.md.
     resume_merge   kill (SIGINT) after a checkpoint, `run --resume`, the same final adapter as an uninterrupted run;
                    then `loraplan merge` and the merged model's logits against base + adapter
     unsloth        `plan --backend unsloth` beside `--backend hf` on the same shapes: peak and tokens/s
-    fsdp_qlora_load  two ranks, QLoRA under fsdp-offload (issue 13's loading path): per-GPU peak against the plan's
-                   training and load peaks; skipped with "needs 2 GPUs" on one
+    fsdp_qlora_load  two ranks, QLoRA under fsdp-offload, loaded layer-streamed (issue 13): per-GPU peak against the
+                   plan's training and load peaks, and the weights each rank held loading; skipped with "needs 2
+                   GPUs" on one
 
 Models are the calibration architectures (tables/calibration/configs/NAME/config.json, or
 $LORAPLAN_CALIBRATION_DIR/configs) built with random weights on the GPU: nothing is downloaded. Every plan comes from
@@ -232,7 +233,8 @@ class Context:
             row.update(status=s.status, observed_gib=s.observed_peak_gib, context_gib=s.cuda_context_gib,
                        tokens_per_s=s.tokens_per_s, observed_pinned_gib=s.observed_host_pinned_gib,
                        observed_per_gpu_gib=s.observed_peak_gib_per_gpu, host_peak_gib=s.host_peak_gib,
-                       steps=s.steps, final_loss=s.final_loss, adapter_dir=s.adapter_dir)
+                       steps=s.steps, final_loss=s.final_loss, adapter_dir=s.adapter_dir, load_path=s.load_path,
+                       load_peak_gib_per_process=s.load_peak_gib_per_process)
         if proc.returncode not in (0, 130):
             row["error"] = (stderr or stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
             row["error"] = row["error"][0]
@@ -456,6 +458,10 @@ def fsdp_qlora_load(ctx: Context) -> None:
         if plan.strategy != "fsdp-offload" or plan.hardware.num_gpus != 2:
             raise CheckError(f"asked for fsdp-offload on 2 GPUs, the plan has {plan.strategy} on {plan.hardware.num_gpus}")
         row = ctx.run(path)
+        if not ctx.dry_run and row.get("status") and row.get("load_path") != "layer-streamed":
+            raise CheckError(f"the run loaded {row.get('load_path')}, not layer-streamed (executor/fsdp_load.py)")
+        # load_peak_gib_per_process: the base weights each rank held while loading (fsdp_load.LoadTrace), beside the
+        # plan's load figure in `loading` (its GPU side adds the CUDA context and the weight being quantized)
         ctx.record(case, plan, loading=plan.reasons.get("loading"), **row)
 
 

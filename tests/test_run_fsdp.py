@@ -157,12 +157,16 @@ def test_the_accelerate_config_is_valid_and_is_what_the_run_used(fsdp_run):
 
 
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_adapter(fsdp_run, tiny_model_dir, tmp_path):
+    _kill_9_then_resume(fsdp_run[0], tiny_model_dir, tmp_path)
+
+
+def _kill_9_then_resume(ref_out, tiny_model_dir, tmp_path, **plan):
     import psutil
 
-    ref_out, _ = fsdp_run
     out = tmp_path / "out"
-    path = write_plan(build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), strategy="fsdp",
-                                 num_gpus=2, **COMMON), tmp_path / "plan.yaml")
+    plan = {"strategy": "fsdp", **plan}
+    path = write_plan(build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), num_gpus=2, **COMMON,
+                                 **plan), tmp_path / "plan.yaml")
     proc = _cli_process(path)
     wait_for_file(out / "checkpoint-2" / "COMPLETE", proc, timeout=240)
     # SIGKILL to `run`, the launcher and both workers at once (each worker runs in its own session): a crash.
@@ -189,15 +193,19 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_adapter(fsdp_run, ti
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_step"] == 6 and summary["train_s"] == 0.0  # nothing was trained again
     assert _max_diff(_adapter(out / "adapter"), final) == 0.0
+    return summary
 
 
 def test_two_machines_over_loopback_finish_the_same_run(fsdp_run, tiny_model_dir, tmp_path):
     """Two `loraplan run` processes, machine ranks 0 and 1, one process each, sharing the output folder: the run of
     the two-process reference, over two "nodes"."""
-    ref_out, _ = fsdp_run
+    _two_machines(fsdp_run[0], tiny_model_dir, tmp_path)
+
+
+def _two_machines(ref_out, tiny_model_dir, tmp_path, **plan_settings):
     out = tmp_path / "out"
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), strategy="fsdp", num_gpus=1,
-                      num_nodes=2, **COMMON)
+                      num_nodes=2, **COMMON, **plan_settings)
     assert plan.hardware.world_size == 2 and plan.training.global_batch_size == 4
     path = write_plan(plan, tmp_path / "plan.yaml")
     port = _free_port()
@@ -225,6 +233,7 @@ def test_two_machines_over_loopback_finish_the_same_run(fsdp_run, tiny_model_dir
     assert yaml.safe_load((out / "accelerate_config.yaml").read_text())["num_machines"] == 2
     assert not [n for n in os.listdir(out) if n.startswith(".machine-")]  # the shared-folder markers are gone
     assert _max_diff(_adapter(out / "adapter"), _adapter(ref_out / "adapter")) < SAME_ADAPTER
+    return summary
 
 
 def test_machines_that_do_not_share_the_output_dir_are_refused(tiny_model_dir, tmp_path):
@@ -352,3 +361,110 @@ def test_machine_rank_and_address_come_from_flags_slurm_or_torchrun_env(tiny_mod
     assert refused.exit_code == 2 and "this plan runs on 2 nodes" in refused.stderr
     refused = cli_run(write_plan(one, tmp_path / "one.yaml"), "--strategy", "fsdp")
     assert refused.exit_code == 2 and "--strategy and --num-processes are for --demo" in refused.stderr
+
+
+# QLoRA, layer-streamed (executor/fsdp_load.py, issue 13): every rank builds the model on meta and fills, quantizes
+# and shards one FSDP unit at a time. Measured: the adapter differs from one process's by 3e-6 (under SAME_ADAPTER),
+# and from the whole-model load's (every rank quantizing the whole model, then sharding) by 0.0.
+@pytest.fixture(scope="module")
+def streamed_run(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("streamed")
+    out = folder / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), method="qlora", strategy="fsdp",
+                      num_gpus=2, **COMMON)
+    result = _invoke(write_plan(plan, folder / "plan.yaml"))
+    assert result.exit_code == 0, result.output + _log(out)
+    return out
+
+
+def test_streamed_qlora_trains_the_single_process_adapter(streamed_run, tiny_model_dir, tmp_path, cli_run):
+    out = streamed_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["method"] == "qlora" and summary["steps"] == 6
+    assert summary["load_path"] == "layer-streamed" and len(summary["load_peak_gib_per_process"]) == 2
+    marker = json.loads((out / "checkpoint-6" / "COMPLETE").read_text())
+    assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"} <= set(marker["files"])
+
+    single = tmp_path / "single"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(single), method="qlora", strategy="cpu",
+                      **{**COMMON, "micro_batch_size": 4})
+    result = cli_run(write_plan(plan, tmp_path / "single.yaml"))
+    assert result.exit_code == 0, result.output
+    assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) < SAME_ADAPTER
+
+    # gathered whole on rank 0: plain peft loads it onto the base, and `loraplan merge` folds it in
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraplan.executor.merge import merge_adapter
+
+    merged_dir = merge_adapter(str(out / "adapter"), str(tmp_path / "merged"), dtype="fp32")
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                                str(out / "adapter"))(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+    assert (peft_logits - merged_logits).abs().max() < 1e-4
+
+
+def test_streamed_qlora_resumes_after_kill_9_under_offload(streamed_run, tiny_model_dir, tmp_path):
+    """fsdp-offload (the 70B-on-2x24-GB strategy): the shards live in host memory; killed, resumed, the adapter of
+    the uninterrupted fsdp run."""
+    summary = _kill_9_then_resume(streamed_run, tiny_model_dir, tmp_path, method="qlora", strategy="fsdp-offload")
+    assert summary["load_path"] == "layer-streamed" and summary["fsdp"]["fsdp_offload_params"] is True
+
+
+def test_streamed_qlora_over_two_machines(streamed_run, tiny_model_dir, tmp_path):
+    summary = _two_machines(streamed_run, tiny_model_dir, tmp_path, method="qlora")
+    assert summary["load_path"] == "layer-streamed"
+
+
+def test_each_rank_loads_its_shard_plus_one_unit(tmp_path_factory, cli_run):
+    """The bound the issue asks for, measured: the most bytes of base-model weights (4-bit weights, their constants,
+    norms, embeddings) each of the two processes held while loading is at most half the whole 4-bit model plus its
+    largest FSDP unit (the constants, which FSDP does not shard, counted whole), where the whole-model load holds
+    all of it on every rank; and the planner's load term predicts it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraplan.executor.backends.hf import quantization_config
+    from loraplan.executor.fsdp_load import held_bytes
+    from loraplan.executor.tiny import build_tiny_model
+    from loraplan.planner.architecture.families import from_config
+    from loraplan.planner.architecture.targets import select_targets, trainable_params
+    from loraplan.planner.memory.loading import load_peak
+    from loraplan.planner.memory.step import MicroStep
+
+    folder = tmp_path_factory.mktemp("deep")
+    # 12 layers: enough that the layers, not the (unquantized) embeddings, make most of the 4-bit model
+    model_dir = build_tiny_model(str(folder / "model"), hidden_size=128, num_layers=12)
+    out = folder / "out"
+    plan = build_plan(model_dir, data_file("instruction.jsonl"), str(out), method="qlora", strategy="fsdp",
+                      num_gpus=2, **{**COMMON, "max_steps": 2})
+    result = cli_run(write_plan(plan, folder / "plan.yaml"))
+    assert result.exit_code == 0, result.output + _log(out)
+    peaks = [g * 2**30 for g in json.loads((out / "summary.json").read_text())["load_peak_gib_per_process"]]
+
+    # the whole-model load (what every rank held before): the same model, loaded in one piece, counted the same way
+    whole_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": "cpu"},
+                                                       quantization_config=quantization_config(plan))
+    whole = held_bytes(whole_model)
+    constants = sum(held_bytes(m) - sum(p.untyped_storage().nbytes() for p in m.parameters())
+                    for m in whole_model.modules() if getattr(m, "quant_state", None) is not None)
+    units = [held_bytes(whole_model.model.layers[0]), held_bytes(whole_model.model.embed_tokens),
+             held_bytes(whole_model.model.norm) + held_bytes(whole_model.lm_head)]
+    bound = (whole - constants) / 2 + constants + max(units)
+    for peak in peaks:
+        assert peak <= bound * 1.01  # 1 %: the root's rotary buffers and a norm's shard
+        assert peak < 0.7 * whole
+
+    # the planner's term, for this architecture on the CPU (no CUDA context), against the measured peak
+    config = json.loads((folder / "model" / "config.json").read_text())
+    arch = from_config(config)
+    shape = MicroStep(method="qlora", rank=8, micro_batch_size=2, seq_len=64, grad_checkpointing=False, loss="fused",
+                      dtype="float32", device="cpu")
+    planned = load_peak(arch, shape, sharded=True, offload=False, world=2, runtime_gib=0.0, gpus_per_node=2,
+                        adapter_params=trainable_params(select_targets(arch, None), 8))
+    assert planned.mode == "layer-streamed"
+    assert max(peaks) <= planned.gpu_gib * 2**30 <= 1.3 * max(peaks)  # never below what was held

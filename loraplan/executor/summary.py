@@ -41,6 +41,8 @@ class RunSummary:
     savers: list = field(default_factory=list)
     local_parameters_gib_per_process: Optional[list] = None  # sharded runs: the parameter bytes each rank holds
     fsdp: Optional[dict] = None  # sharded runs: the FSDP settings the workers trained with
+    load_path: Optional[str] = None  # sharded QLoRA: "layer-streamed" or "whole" (executor/fsdp_load.py)
+    load_peak_gib_per_process: Optional[list] = None  # layer-streamed: the most model bytes each rank held loading
     # training
     steps: Optional[int] = None
     max_steps: Optional[int] = None

@@ -43,6 +43,7 @@ class RunState:
     sharded: bool  # the weights are sharded over the ranks (fsdp.is_sharded, asked once here)
     t0: float  # when train_plan started (perf_counter)
     metrics_path: str
+    load_trace: Optional[object] = None  # fsdp_load.LoadTrace of a layer-streamed load: bytes held at each step
     resume_from: Optional[str] = None  # the checkpoint this session continues from
     start_step: int = 0  # its step (0 when not resuming)
     finished: bool = False  # the checkpoint is the run's last step: only its adapter is left to write
@@ -101,8 +102,8 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
 
     backend.set_seed(t.seed)  # before wrapping: the adapter's initial weights are random
     device_map = place.device_map
-    if state.sharded:  # 4-bit too: quantized on the host (planner/memory/loading.py, "every-rank-host")
-        device_map = None  # loaded on the host; fully_shard moves each rank's shards to its GPU, never the whole model
+    if state.sharded:  # LoRA: loaded on the host, fully_shard moves each rank's shards to its GPU; QLoRA: built on
+        device_map = None  # meta and filled unit by unit (executor/fsdp_load.py): never the whole model on a GPU
     model = backend.load_model(plan, model_dir, device_map)
     # Record where the base came from so `merge` finds it: the hub id when it came from the cache.
     base_ref = os.path.abspath(model_dir) if plan.model.path else plan.model.hub_id
@@ -150,6 +151,14 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
         tracking.close()
         if progress is not None:
             progress.close()  # a failed step skips on_train_end; leave the terminal clean for the error line
+
+
+def _load_path(state: RunState) -> Optional[str]:
+    if not (state.sharded and state.plan.quantization.enabled):
+        return None
+    from .fsdp_load import STREAMED, WHOLE
+
+    return STREAMED if state.load_trace is not None else WHOLE
 
 
 def _fsdp_settings(state: RunState) -> Optional[dict]:
@@ -255,6 +264,7 @@ def _train_and_save(state: RunState) -> RunSummary:
         from .fsdp import local_parameter_bytes
 
         local_weights = gather(local_parameter_bytes(trainer.model) / GIB, place)
+    load_peaks = gather(state.load_trace.peak_bytes / GIB, place) if state.load_trace is not None else None
     peaks = gather(meter.peak_gib(), place)
     rss = gather(meter.rss_peak_gib(), place)
     pinned = gather(meter.pinned_peak_gib(), place)
@@ -291,6 +301,8 @@ def _train_and_save(state: RunState) -> RunSummary:
         num_nodes=plan.hardware.num_nodes,
         local_parameters_gib_per_process=local_weights,
         fsdp=_fsdp_settings(state),
+        load_path=_load_path(state),
+        load_peak_gib_per_process=load_peaks,
         steps=tstate.global_step,
         max_steps=tstate.max_steps,
         resumed_from_step=resumed_from_step,

@@ -138,10 +138,21 @@ class HFBackend:
         return load_tokenizer(model_dir, plan.model.trust_remote_code)
 
     def load_model(self, plan, model_dir: str, device_map: Optional[dict]):
+        """The base model; for QLoRA under FSDP built on the meta device, its weights filled one FSDP unit at a
+        time once the trainer's Accelerator exists (build_trainer; executor/fsdp_load.py)."""
+        from ..fsdp_load import STREAMED, load_path
+
+        if load_path(plan, model_dir) == STREAMED:
+            return load_base_model(plan, model_dir, {"": "meta"})
         return load_base_model(plan, model_dir, device_map)
 
     def wrap_adapter(self, plan, model, base_ref: str):
-        model = wrap_lora(plan, model)
+        from ..fsdp_load import is_on_meta, wrap_on_host
+
+        if is_on_meta(model):  # the adapter is initialised by peft on the host all the same
+            model = wrap_on_host(model, lambda m: wrap_lora(plan, m))
+        else:
+            model = wrap_lora(plan, model)
         for cfg in model.peft_config.values():  # so that `merge` finds the base
             cfg.base_model_name_or_path = base_ref
         return model
@@ -172,6 +183,13 @@ class HFBackend:
             for p in trainer.model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
+        from ..fsdp_load import LoadTrace, is_on_meta, shard_while_loading
+
+        if is_on_meta(trainer.model):  # layer-streamed: the weights now, unit by unit, with the Trainer's FSDP plugin
+            from ..model import plan_model_dir
+
+            state.load_trace = LoadTrace()
+            shard_while_loading(trainer.model, plan_model_dir(plan), trainer.accelerator, state.load_trace)
         return trainer
 
     def load_last_step(self, trainer, checkpoint: str, sharded: bool) -> None:
