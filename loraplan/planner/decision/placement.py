@@ -58,7 +58,7 @@ def _runtime_gib(terms) -> float:
 def _load(r: Resolved, c: rules.Choice) -> LoadPeak:
     s = rules.shape(r, c.method, c.micro_batch_size, c.grad_checkpointing)
     return load_peak(r.arch, s, r.strategy.sharded, r.strategy.offload_params, r.hardware.world_size,
-                     _runtime_gib(c.terms), r.hardware.num_gpus)
+                     _runtime_gib(c.terms), r.hardware.num_gpus, trainable_params(r.selection, r.rank))
 
 
 def host_needed_gib(r: Resolved, c: rules.Choice, load: LoadPeak) -> float:

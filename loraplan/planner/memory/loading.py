@@ -7,16 +7,21 @@ Read from accelerate 1.15 `utils/fsdp_utils.py::fsdp2_prepare_model`:
   0's tensors, each rank keeping its shard. GPU: the shard; host: the whole model on rank 0's node. (Without it
   every rank would read the whole model into host memory: GPUs per node times more, so the plan always uses it.)
 - A 4-bit model (QLoRA, bitsandbytes Params4bit) skips accelerate's `cpu_ram_efficient_loading` ("bypassing the
-  move to meta will still cause the VRAM spike"). Loaded onto each rank's GPU (what loraplan did before issue 13),
-  every rank would first hold the whole quantized model there, then shard it. loraplan loads it into host memory
-  instead ("every-rank-host"): every rank quantizes the whole model on the CPU (transformers + bitsandbytes,
-  device_map cpu, `bnb_4bit_quant_storage` = the plan's dtype so the packed weights are ordinary floating tensors),
-  and `fully_shard` then moves one unit at a time to the rank's GPU and keeps its dim-0 shard (torch 2.13
-  `_fully_shard/_fsdp_init.py::_move_states_to_device`, per `fully_shard` call: accelerate wraps the decoder layers
-  bottom-up, then the embeddings, the tail and the root). GPU: the shards made so far (none under offload: they go
-  back to the host) plus the one unit in flight; host: the whole 4-bit model per rank on the node, plus the one
-  bf16 tensor being quantized. (Rank 0 loading alone and broadcasting into meta-built ranks, torch's
-  `set_model_state_dict(broadcast_from_rank0=True)`, would cut the host's share to one copy per node: not run yet.)
+  move to meta will still cause the VRAM spike"), and torch's `set_model_state_dict(broadcast_from_rank0=True)`
+  would not carry the quantization constants (they live in each weight's quant_state, outside the state dict).
+  loraplan loads it "layer-streamed" (executor/fsdp_load.py): every rank builds the model on the meta device,
+  then, one FSDP unit at a time in accelerate's order (decoder layers, embeddings, tail, root), reads the unit's
+  tensors from the safetensors checkpoint (memory-mapped, one at a time), quantizes each 4-bit weight on its GPU
+  (bitsandbytes, `bnb_4bit_quant_storage` = a floating dtype so the packed weights shard as ordinary tensors) and
+  calls `fully_shard`, which keeps the rank's dim-0 shard and frees the rest. Per rank, measured on the CPU by
+  tests/test_fsdp_qlora_load.py:
+  GPU  = (W_4bit - C) / N + C + in_flight + runtime   (C, the quantization constants, stay whole on every rank:
+         they are not parameters, FSDP does not shard them; under offload the shards go to the host: C + in_flight)
+  host = the one tensor being read (dtype x the largest tensor) + the adapter, initialised whole by peft before
+         its units are sharded (dtype x adapter parameters); the offloaded shards are the training terms' own.
+  Before issue 13 every rank quantized the whole model into its host memory ("every-rank-host", still the path
+  of a mixture-of-experts checkpoint, whose expert tensors transformers fuses as it loads them, so they cannot be
+  read one checkpoint tensor at a time): host = GPUs per node x (W_4bit + the largest tensor in dtype).
 - Single-GPU and DDP plans load the model they train: the weights of the training budget, on each GPU.
 """
 
@@ -34,7 +39,8 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class LoadPeak:
-    mode: str  # "replica" | "rank0-host" (cpu_ram_efficient_loading) | "every-rank-host" (QLoRA under FSDP2)
+    mode: str  # "replica" | "rank0-host" (cpu_ram_efficient_loading) | "layer-streamed" (QLoRA under FSDP2) |
+    # "every-rank-host" (QLoRA of a mixture-of-experts checkpoint under FSDP2)
     gpu_gib: float  # per GPU, at the load's peak (context included)
     host_gib: float  # on the busiest node's host memory
     cpu_ram_efficient_loading: bool
@@ -55,26 +61,43 @@ def full_precision_bytes(arch: Architecture, shape: memory.MicroStep) -> float:
 def largest_tensor_bytes(arch: Architecture, shape: memory.MicroStep) -> float:
     """The largest single weight (the embeddings or one fused expert tensor), in dtype: what quantizing on the GPU
     holds beside the 4-bit weights as it goes."""
-    dt = DTYPE_BYTES[shape.dtype]
-    per_proj = max((p.weight_params // max(p.count, 1) for p in arch.projections), default=0)
-    return dt * max(arch.embedding_params, per_proj)
+    return DTYPE_BYTES[shape.dtype] * max(arch.embedding_params, largest_projection_params(arch))
 
 
 def in_flight_bytes(arch: Architecture, shape: memory.MicroStep) -> float:
     """The one FSDP unit a rank's GPU holds whole while `fully_shard` moves it there and shards it: the largest of
-    a decoder layer as stored (W_layer, planner.memory.sharding) and the embeddings or the LM head in dtype:
-    max(W_layer, dtype x max(V x h, lm_head))."""
+    a decoder layer as stored (W_layer, planner.memory.sharding), plus under QLoRA the one weight being quantized
+    in dtype beside it, and the embeddings or the LM head in dtype:
+    max(W_layer + dtype x the largest projection (QLoRA), dtype x max(V x h, lm_head))."""
     dt = DTYPE_BYTES[shape.dtype]
-    return max(layer_weight_bytes(arch, shape), dt * max(arch.embedding_params, arch.lm_head_params))
+    quantizing = dt * largest_projection_params(arch) if shape.method == "qlora" else 0.0
+    return max(layer_weight_bytes(arch, shape) + quantizing, dt * max(arch.embedding_params, arch.lm_head_params))
+
+
+def largest_projection_params(arch: Architecture) -> int:
+    """Parameters of the largest single projection weight (one fused expert tensor for a MoE)."""
+    return max((p.weight_params // max(p.count, 1) for p in arch.projections), default=0)
 
 
 def load_peak(arch: Architecture, shape: memory.MicroStep, sharded: bool, offload: bool, world: int,
-              runtime_gib: float, gpus_per_node: int = 1) -> LoadPeak:
+              runtime_gib: float, gpus_per_node: int = 1, adapter_params: int = 0) -> LoadPeak:
     """The load peak of a plan. `runtime_gib` is the CUDA context and misc a process holds from the start;
-    `gpus_per_node` the ranks that share one node's host memory."""
+    `gpus_per_node` the ranks that share one node's host memory; `adapter_params` the LoRA parameters."""
     w = weights_bytes(arch, shape) / GIB
     if not sharded:
         return LoadPeak("replica", w + runtime_gib, 0.0, False, "each GPU loads the whole model it trains")
+    if shape.method == "qlora" and not arch.is_moe:
+        # GPU: (W_4bit - C) / N + C (C alone under offload) + the unit in flight + runtime
+        # host (the node): GPUs per node x (the largest tensor being read + the adapter), both in dtype
+        constants = memory.quant_constants_bytes(arch, shape) / GIB
+        shard_gpu = constants if offload else (w - constants) / world + constants
+        gpu = shard_gpu + in_flight_bytes(arch, shape) / GIB + runtime_gib
+        adapter = DTYPE_BYTES[shape.dtype] * adapter_params / GIB
+        host = gpus_per_node * (largest_tensor_bytes(arch, shape) / GIB + adapter)
+        return LoadPeak("layer-streamed", gpu, host, False,
+                        f"4-bit weights read, quantized and sharded one FSDP unit at a time by every rank "
+                        f"(no rank holds more than its shard plus the unit in flight), packed in {shape.dtype} "
+                        f"(bnb_4bit_quant_storage) so that FSDP shards them")
     if shape.method == "qlora":
         # GPU: W_4bit / N (0 under offload) + the unit in flight + runtime
         # host (the node): GPUs per node x (W_4bit + the largest tensor in dtype)
