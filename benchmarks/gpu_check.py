@@ -234,7 +234,8 @@ class Context:
                        tokens_per_s=s.tokens_per_s, observed_pinned_gib=s.observed_host_pinned_gib,
                        observed_per_gpu_gib=s.observed_peak_gib_per_gpu, host_peak_gib=s.host_peak_gib,
                        steps=s.steps, final_loss=s.final_loss, adapter_dir=s.adapter_dir, load_path=s.load_path,
-                       load_peak_gib_per_process=s.load_peak_gib_per_process)
+                       load_peak_gib_per_process=s.load_peak_gib_per_process,
+                       load_device_peak_gib_per_gpu=s.load_device_peak_gib_per_gpu)
         if proc.returncode not in (0, 130):
             row["error"] = (stderr or stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
             row["error"] = row["error"][0]

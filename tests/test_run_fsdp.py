@@ -468,3 +468,53 @@ def test_each_rank_loads_its_shard_plus_one_unit(tmp_path_factory, cli_run):
                         adapter_params=trainable_params(select_targets(arch, None), 8))
     assert planned.mode == "layer-streamed"
     assert max(peaks) <= planned.gpu_gib * 2**30 <= 1.3 * max(peaks)  # never below what was held
+
+
+def test_tied_embeddings_stream_and_train_the_single_process_adapter(tmp_path, cli_run):
+    """Llama-3.2-1B-style tied embeddings: the checkpoint has no lm_head.weight, the tail unit holds the embeddings
+    and the LM head together (accelerate's grouping), and transformers' tie_weights fills the head."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraplan.executor.tiny import build_tokenizer, tiny_config
+
+    tokenizer = build_tokenizer()
+    config = tiny_config(vocab_size=len(tokenizer))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "tied")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    steps = {**COMMON, "max_steps": 3, "save_steps": 3}
+    out = tmp_path / "out"
+    plan = build_plan(model_dir, data_file("instruction.jsonl"), str(out), method="qlora", strategy="fsdp",
+                      num_gpus=2, **steps)
+    result = cli_run(write_plan(plan, tmp_path / "plan.yaml"))
+    assert result.exit_code == 0, result.output + _log(out)
+    assert json.loads((out / "summary.json").read_text())["load_path"] == "layer-streamed"
+    # one process with the same micro-batches (2, accumulated twice): on this model micro-batches of 4 pad the rows
+    # differently and alone move the adapter by 9e-5 (measured: one process, 4 x 1 against 2 x 2); against 2 x 2 the
+    # two-process adapter is the same to the last bit
+    single = tmp_path / "single"
+    plan = build_plan(model_dir, data_file("instruction.jsonl"), str(single), method="qlora", strategy="cpu",
+                      **{**steps, "grad_accum_steps": 2})
+    assert plan.training.global_batch_size == 4
+    assert cli_run(write_plan(plan, tmp_path / "single.yaml")).exit_code == 0
+    assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) < SAME_ADAPTER
+
+
+def test_a_mixture_of_experts_checkpoint_loads_whole(tmp_path):
+    """transformers fuses a Mixtral checkpoint's per-expert tensors as it loads them, so they cannot be read one
+    checkpoint tensor at a time: such a plan loads whole on every rank's host, as the planner plans it."""
+    from loraplan.executor.fsdp_load import STREAMED, WHOLE, load_path, streaming_refusal
+    from loraplan.executor.tiny import build_tiny_model
+
+    moe = build_tiny_model(str(tmp_path / "moe"), arch="mixtral")
+    dense = build_tiny_model(str(tmp_path / "dense"))
+    plan = build_plan(moe, data_file("instruction.jsonl"), str(tmp_path / "out"), method="qlora", strategy="fsdp",
+                      num_gpus=2, **COMMON)
+    assert load_path(plan, moe) == WHOLE and "mixtral" in streaming_refusal(plan, moe)
+    assert load_path(plan, dense) == STREAMED
+    lora = build_plan(dense, data_file("instruction.jsonl"), str(tmp_path / "out"), strategy="fsdp", num_gpus=2,
+                      **COMMON)
+    assert load_path(lora, dense) == WHOLE  # LoRA: accelerate's cpu_ram_efficient_loading, rank 0's copy

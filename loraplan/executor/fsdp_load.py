@@ -159,6 +159,7 @@ class LoadTrace:
     (planner/memory/loading.py)."""
 
     steps: list[tuple[str, int, int]] = field(default_factory=list)  # (step, base weights, adapter)
+    device_peak_bytes: Optional[int] = None  # on a GPU: the caching allocator's peak allocation by the end of loading
 
     def record(self, step: str, model) -> None:
         self.steps.append((step, held_bytes(model, trainable=False), held_bytes(model, trainable=True)))
@@ -309,7 +310,7 @@ def _fill(model, modules, reader: CheckpointReader, shadow_buffers: dict, device
                            f"reads the checkpoint's own names")
 
 
-def shadow_buffers(model) -> dict:
+def shadow_buffers(model, trust_remote_code: bool = False) -> dict:
     """The non-persistent buffers (e.g. rotary inv_freq), which no checkpoint holds: computed by the model class
     itself on the host, built with accelerate's init_empty_weights(include_buffers=False) (parameters on meta)."""
     from accelerate import init_empty_weights
@@ -317,12 +318,13 @@ def shadow_buffers(model) -> dict:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with init_empty_weights(include_buffers=False):
-        shadow = AutoModelForCausalLM.from_config(base.config, trust_remote_code=False)
+        shadow = AutoModelForCausalLM.from_config(base.config, trust_remote_code=trust_remote_code)
     persistent = set(shadow.state_dict())
     return {n: b for n, b in shadow.named_buffers() if n not in persistent}
 
 
-def shard_while_loading(model, model_dir: str, accelerator, trace: Optional[LoadTrace] = None) -> None:
+def shard_while_loading(model, model_dir: str, accelerator, trace: Optional[LoadTrace] = None,
+                        trust_remote_code: bool = False) -> None:
     """Fill the meta-built peft model from `model_dir` one FSDP unit at a time, sharding each with fully_shard as
     soon as it is whole (see the module docstring). Every rank calls it (fully_shard is collective-free, but the
     units must match)."""
@@ -332,9 +334,13 @@ def shard_while_loading(model, model_dir: str, accelerator, trace: Optional[Load
                        f"from model.safetensors (re-save the model with save_pretrained)")
     from torch.distributed.fsdp import fully_shard
 
+    import torch
+
     reader = CheckpointReader(files)
-    buffers = shadow_buffers(model)
+    buffers = shadow_buffers(model, trust_remote_code)
     device = accelerator.device
+    if device.type == "cpu":  # accelerate says cpu:0; a Parameter moved "to" it is copied into a plain tensor
+        device = torch.device("cpu")
     names = {id(m): n for n, m in model.named_modules()}
     trace = trace if trace is not None else LoadTrace()
     trace.record("built on meta (the adapter on the host)", model)
@@ -346,3 +352,5 @@ def shard_while_loading(model, model_dir: str, accelerator, trace: Optional[Load
         trace.record(f"{label} sharded", model)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if device.type == "cuda":
+        trace.device_peak_bytes = torch.cuda.max_memory_allocated(device)

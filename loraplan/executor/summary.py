@@ -43,6 +43,7 @@ class RunSummary:
     fsdp: Optional[dict] = None  # sharded runs: the FSDP settings the workers trained with
     load_path: Optional[str] = None  # sharded QLoRA: "layer-streamed" or "whole" (executor/fsdp_load.py)
     load_peak_gib_per_process: Optional[list] = None  # layer-streamed: the most model bytes each rank held loading
+    load_device_peak_gib_per_gpu: Optional[list] = None  # layer-streamed on GPUs: the allocator's peak by then
     # training
     steps: Optional[int] = None
     max_steps: Optional[int] = None

@@ -264,7 +264,10 @@ def _train_and_save(state: RunState) -> RunSummary:
         from .fsdp import local_parameter_bytes
 
         local_weights = gather(local_parameter_bytes(trainer.model) / GIB, place)
-    load_peaks = gather(state.load_trace.peak_bytes / GIB, place) if state.load_trace is not None else None
+    trace = state.load_trace
+    load_peaks = gather(trace.peak_bytes / GIB, place) if trace is not None else None
+    load_device = (gather(trace.device_peak_bytes / GIB, place)
+                   if trace is not None and trace.device_peak_bytes is not None else None)
     peaks = gather(meter.peak_gib(), place)
     rss = gather(meter.rss_peak_gib(), place)
     pinned = gather(meter.pinned_peak_gib(), place)
@@ -303,6 +306,7 @@ def _train_and_save(state: RunState) -> RunSummary:
         fsdp=_fsdp_settings(state),
         load_path=_load_path(state),
         load_peak_gib_per_process=load_peaks,
+        load_device_peak_gib_per_gpu=load_device,
         steps=tstate.global_step,
         max_steps=tstate.max_steps,
         resumed_from_step=resumed_from_step,

@@ -189,7 +189,8 @@ class HFBackend:
             from ..model import plan_model_dir
 
             state.load_trace = LoadTrace()
-            shard_while_loading(trainer.model, plan_model_dir(plan), trainer.accelerator, state.load_trace)
+            shard_while_loading(trainer.model, plan_model_dir(plan), trainer.accelerator, state.load_trace,
+                                plan.model.trust_remote_code)
         return trainer
 
     def load_last_step(self, trainer, checkpoint: str, sharded: bool) -> None:
