@@ -92,17 +92,21 @@ def test_two_process_fsdp_trains_the_single_process_adapter(fsdp_run, tiny_model
     marker = json.loads((ckpt / "COMPLETE").read_text())
     assert "pytorch_model_fsdp_0/__1_0.distcp" in marker["files"]
 
-    # One process with the whole global batch (micro-batch 4), the same data order and seed: the same adapter.
+    _single_process_adapter_and_merge(out, tiny_model_dir, tmp_path, cli_run)
+
+
+def _single_process_adapter_and_merge(out, tiny_model_dir, tmp_path, cli_run, **plan):
+    """One process with the whole global batch (micro-batch 4), the same data order and seed: the same adapter,
+    whole tensors (not rank 0's slice of each); an ordinary PEFT adapter that PeftModel loads and `loraplan merge`
+    merges."""
     single = tmp_path / "single"
     plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(single), strategy="cpu",
-                      **{**COMMON, "micro_batch_size": 4})
+                      **{**COMMON, "micro_batch_size": 4}, **plan)
     assert plan.training.global_batch_size == 4
     result = cli_run(write_plan(plan, tmp_path / "single.yaml"))
     assert result.exit_code == 0, result.output
-    # Whole tensors (not rank 0's slice of each), equal to the single-process ones.
     assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) < SAME_ADAPTER
 
-    # An ordinary PEFT adapter: PeftModel loads it and `loraplan merge` merges it.
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -385,27 +389,7 @@ def test_streamed_qlora_trains_the_single_process_adapter(streamed_run, tiny_mod
     marker = json.loads((out / "checkpoint-6" / "COMPLETE").read_text())
     assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"} <= set(marker["files"])
 
-    single = tmp_path / "single"
-    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(single), method="qlora", strategy="cpu",
-                      **{**COMMON, "micro_batch_size": 4})
-    result = cli_run(write_plan(plan, tmp_path / "single.yaml"))
-    assert result.exit_code == 0, result.output
-    assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) < SAME_ADAPTER
-
-    # gathered whole on rank 0: plain peft loads it onto the base, and `loraplan merge` folds it in
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from loraplan.executor.merge import merge_adapter
-
-    merged_dir = merge_adapter(str(out / "adapter"), str(tmp_path / "merged"), dtype="fp32")
-    ids = torch.tensor([[1, 5, 9, 14, 3]])
-    with torch.no_grad():
-        peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                                str(out / "adapter"))(ids).logits
-        merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
-    assert (peft_logits - merged_logits).abs().max() < 1e-4
+    _single_process_adapter_and_merge(out, tiny_model_dir, tmp_path, cli_run, method="qlora")
 
 
 def test_streamed_qlora_resumes_after_kill_9_under_offload(streamed_run, tiny_model_dir, tmp_path):
