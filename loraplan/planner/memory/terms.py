@@ -254,11 +254,14 @@ def _activations_device_bytes(arch: Architecture, shape: MicroStep) -> float:
     x = layer_activation_bytes_per_token(arch, shape.seq_len, shape)
     if shape.mlp_tile_tokens:
         x += mlp_tiled_bytes_per_token(arch) - mlp_untiled_bytes_per_token(arch, shape)
-    s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
     if shape.grad_checkpointing:
+        # the recompute frame: trl's has its own scale (there it sets the peak; in the plain recipe the logits do)
+        s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
         kept = arch.num_layers - checkpointed_layers(arch, shape)  # layers that are not checkpointed keep theirs
-        return (s + f.recompute_scale) * x * shape.tokens + s * x * kept * shape.tokens
-    return s * x * arch.num_layers * shape.tokens
+        return (s + f.recompute_scale) * x * shape.tokens + f.activation_scale * x * kept * shape.tokens
+    # the forward saves the same tensors through trl's SFTTrainer as in a plain call (counted with a real
+    # SFTTrainer step, tests/test_step_peaks.py): one scale for both recipes
+    return f.activation_scale * x * arch.num_layers * shape.tokens
 
 
 def _loss_device_bytes(arch: Architecture, shape: MicroStep) -> float:
@@ -304,9 +307,10 @@ def activations_bytes(arch: Architecture, shape: MicroStep) -> float:
     With checkpointing one layer is recomputed at a time in the backward:
         (1 - rho_act) x (s + s_rc) x X x T,
     plus, with layer_checkpointing, s x X x (L - Lc) x T for the layers that are not checkpointed.
-    X = layer_activation_bytes_per_token; s = activation_scale, fitted (the fused recipe through trl has its
-    own, fused_activation_scale: trl's collator and forward differ from a plain call); s_rc the backward's
-    extra working set while a layer is recomputed, fitted. MLP tiling replaces the MLP's share of X,
+    X = layer_activation_bytes_per_token; s = activation_scale, fitted, one for both recipes (trl's SFTTrainer
+    step saves exactly what a plain forward saves, counted: benchmarks/step_peaks.py); s_rc the backward's
+    extra working set while a layer is recomputed, fitted; with checkpointing trl's recompute frame has its own
+    scale, fused_activation_scale (s_trl: there the frame sets the peak, in the plain recipe the logits do). MLP tiling replaces the MLP's share of X,
     6 i + its LoRA path, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
     rho = coefficients().fitted.reserve_share_of_activations
     return (1 - rho) * _activations_device_bytes(arch, shape)
