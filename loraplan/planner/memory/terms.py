@@ -350,8 +350,9 @@ def activations_bytes(arch: Architecture, shape: MicroStep) -> float:
     X = layer_activation_bytes_per_token; s = activation_scale, fitted, one for both recipes (trl's SFTTrainer
     step saves exactly what a plain forward saves, counted: benchmarks/step_peaks.py); s_rc the backward's
     extra working set while a layer is recomputed, fitted; with checkpointing trl's recompute frame has its own
-    scale, fused_activation_scale (s_trl: there the frame sets the peak, in the plain recipe the logits do). MLP tiling replaces the MLP's share of X,
-    6 i + its LoRA path, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
+    scale, fused_activation_scale (s_trl: there the frame sets the peak, in the plain recipe the logits do).
+    MLP tiling replaces the MLP's share of X, 6 i + its LoRA path, by 4 h (mlp_untiled_bytes_per_token,
+    mlp_tiled_bytes_per_token)."""
     rho = coefficients().fitted.reserve_share_of_activations
     return (1 - rho) * _activations_device_bytes(arch, shape)
 
