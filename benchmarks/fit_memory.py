@@ -4,8 +4,9 @@
 
 1. Device level: one non-negative least squares, weighted by 1 / measured (so it minimises relative error),
    of device_used - (predicted loaded weights + checkpointed bf16 inputs + LoRA gradients + AdamW states +
-   CUDA context) against the shape-dependent features of planner/memory/terms.py: [1, activations (plain recipe),
-   activations (trl recipe), recompute, extra per checkpoint, T x V, T x V when tied]; trl's fused loss is derived
+   CUDA context) against the shape-dependent features of planner/memory/terms.py: [1, activations (both recipes
+   without checkpointing; the plain recipe's recompute frame), trl's recompute frame, recompute, extra per
+   checkpoint, T x V, T x V when tied]; trl's fused loss is derived
    (planner.memory.terms.fused_loss_bytes) and subtracted with the other fixed terms.
 2. Split for the report: the caching allocator's share of the transients, fitted on reserved - allocated (less
    c_ckpt's part, which is the allocator's too) against [loss, activations]; memory.py shows it as its own row
@@ -46,8 +47,8 @@ def features(arch, shape) -> list[float]:
     act = x * t * (1 if gc else n_layers)
     return [
         1.0,
-        act if full else 0.0,
-        0.0 if full else act,
+        act if full or not gc else 0.0,
+        0.0 if full or not gc else act,
         x * t if gc else 0.0,
         n_layers * h * t if gc else 0.0,
         t * v if full else 0.0,

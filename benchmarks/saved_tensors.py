@@ -56,6 +56,7 @@ class Case:
     checkpointing: bool = False
     method: str = "lora"  # lora | qlora
     saver: str = "none"  # none | layer_checkpointing (every 2nd layer) | offload_checkpoints
+    adapter_dtype: str = "float32"  # float32 (peft's default) | bfloat16 (trl's cast of a 4-bit model's adapters)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ def _model(d: Dims, layers: int, case: Case):
         swap(model)
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=case.dropout, bias="none",
                                              target_modules=list(TARGETS[case.targets]), task_type="CAUSAL_LM"))
+    if case.adapter_dtype == "bfloat16":  # trl >= 0.26 SFTTrainer on a model loaded in 4 bits: param.data.to(bf16)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     cuda_dropout = _cuda_dropout_class()
     for m in list(model.modules()):  # peft's dropouts: the CUDA path (see _cuda_dropout_class)
         for name, child in m.named_children():
@@ -288,12 +293,15 @@ def count(d: Dims, case: Case, layers: tuple[int, int] = (2, 4), tokens: tuple[t
 
 
 def cases() -> list[Case]:
-    """Every combination that runs on a CPU: targets x dropout x checkpointing x method x saver."""
+    """Every combination that runs on a CPU: targets x dropout x checkpointing x method x saver, and QLoRA's
+    bf16-cast adapters (trl) for each target set and dropout."""
     out = []
     for tg, dp, gc, me, sv in itertools.product(TARGETS, (0.0, 0.05), (False, True), ("lora", "qlora"), SAVERS):
         if sv != "none" and not gc:
             continue  # offload_checkpoints moves the checkpoints: it needs checkpointing
         out.append(Case(tg, dp, gc, me, sv))
+    for tg, dp in itertools.product(TARGETS, (0.0, 0.05)):  # QLoRA's adapters as trl casts them, without checkpointing
+        out.append(Case(tg, dp, False, "qlora", "none", "bfloat16"))
     return out
 
 

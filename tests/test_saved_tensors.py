@@ -38,7 +38,8 @@ def planner_inputs(d: ST.Dims, case: ST.Case, layers: int = 2):
     arch = families.from_config(config)
     shape = memory.MicroStep(method=case.method, rank=ST.R, micro_batch_size=2, seq_len=SEQ,
                     grad_checkpointing=case.checkpointing, loss="full", device="cpu",
-                    targets=ST.TARGETS[case.targets], lora_dropout=case.dropout > 0)
+                    targets=ST.TARGETS[case.targets], lora_dropout=case.dropout > 0,
+                    adapter_dtype=case.adapter_dtype)
     if case.saver == "layer_checkpointing":
         shape = dataclasses.replace(shape, every_n_layers=ST.EVERY_N[case.saver])
     if case.saver == "offload_checkpoints":
@@ -96,6 +97,17 @@ def test_targets_and_dropout_change_what_is_saved_as_planned(counts):
     assert base - no_dropout == 6 * d.hidden + d.intermediate
     # q,v only without dropout: the copies of k, o, gate, up (h wide) and down (i wide) and 5 rank-r outputs go
     assert no_dropout - qv == 2 * (4 * d.hidden + d.intermediate) + 5 * 2 * ST.R
+
+
+def test_bf16_adapters_share_their_inputs_without_dropout(counts):
+    """trl's bf16 cast of QLoRA adapters: with dropout the same bytes as fp32 adapters (the dropout output is each
+    projection's own); with dropout 0 lora_A saves its input itself, so q, k, v share one copy, gate and up one, and
+    o's input is sdpa's saved output: 8 h less per layer for all seven targets."""
+    for d in ST.DIMS:
+        fp32, bf16 = (counts[(d, ST.Case("all", 0.0, False, "qlora", "none", a))].layer for a in ("float32", "bfloat16"))
+        assert fp32 - bf16 == 8 * d.hidden
+        fp32, bf16 = (counts[(d, ST.Case("all", 0.05, False, "qlora", "none", a))].layer for a in ("float32", "bfloat16"))
+        assert fp32 == bf16
 
 
 def test_checkpointing_keeps_the_layer_inputs_and_recomputes_one_layer(counts):

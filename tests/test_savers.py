@@ -72,7 +72,7 @@ def test_layer_checkpointing_keeps_the_other_layers_activations():
     full = rules.shape(r, "qlora", 1, True)
     assert memory.checkpointed_layers(r.arch, s) == 8
     x = memory.layer_activation_bytes_per_token(r.arch, 2048)
-    scale = FIT["fused_activation_scale"]
+    scale = FIT["activation_scale"]  # the layers that keep theirs: the forward's scale, both recipes
     kept = (1 - FIT["reserve_share_of_activations"]) * scale * x * (L - 8) * 2048
     assert memory.activations_bytes(r.arch, s) - memory.activations_bytes(r.arch, full) == pytest.approx(kept)
     assert memory.checkpointed_inputs_bytes(r.arch, s) == pytest.approx(memory.checkpointed_inputs_bytes(r.arch, full) / 4)

@@ -104,7 +104,7 @@ def test_the_longest_context_tables_fit_the_terminal(columns):
     assert out.exit_code == 0
     assert "…" not in out.output
     assert not [line for line in out.output.splitlines() if len(line.rstrip()) > columns]
-    assert "84,480" in out.output and "rtx-4090" in out.output
+    assert "86,272" in out.output and "rtx-4090" in out.output
 
 
 @pytest.mark.parametrize("bad, message", [("maxx", "neither a number of tokens nor max"),

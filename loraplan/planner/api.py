@@ -26,7 +26,7 @@ from .decision.resolve import Resolved, resolve
 from .decision.rules import Choice, Decision, shape
 from .decision.scaling import fewer_is_faster
 from .errors import InputError
-from .facts import options
+from .facts import options, versions
 from .facts.request import PlanRequest
 from .memory import terms as memory
 from .plugins.backends import BACKENDS
@@ -79,7 +79,10 @@ def _assumptions(r: Resolved, c: Choice) -> dict[str, str]:
         "loss": options.LOSS_DESCRIPTIONS[r.loss],
         "optimizer": options.OPTIMIZERS[r.optimizer].description,
         "quantization": quant,
-        "lora_dtype": "fp32 adapter weights (peft default)",
+        "lora_dtype": ("bf16 adapter weights, gradients and AdamW moments (trl's SFTTrainer casts a 4-bit model's "
+                       f"adapters to bf16 from trl 0.26; trl {versions.installed()['trl']['version']} assumed)"
+                       if versions.adapter_dtype(c.method, r.dtype) == "bfloat16"
+                       else "fp32 adapter weights (peft default)"),
         "memory_model": "fitted on H200 measurements; CUDA context as measured there",
     }
 

@@ -29,6 +29,7 @@ from typing import Optional
 
 from ..architecture.targets import trainable_params
 from ..facts import options as option_table
+from ..facts import versions
 from ..memory import terms as memory
 from ..plugins import savers as saver_table
 from ..plugins.backends import BACKENDS, DEFAULT_BACKEND
@@ -76,7 +77,8 @@ def shape(r: Resolved, method: str, micro_batch: int, grad_checkpointing: bool, 
                    dtype=r.dtype, double_quant=bool(option_table.default("double_quantization")),
                    blocksize=int(option_table.default("quant_blocksize")),
                    device="cpu" if hw.gpu == "cpu" else "cuda",
-                   targets=tuple(p.peft_name for p in r.selection.projections), lora_dropout=r.dropout > 0)
+                   targets=tuple(p.peft_name for p in r.selection.projections), lora_dropout=r.dropout > 0,
+                   adapter_dtype=versions.adapter_dtype(method, r.dtype))
     return saver_table.apply(base, r.arch, savers)
 
 

@@ -72,10 +72,12 @@ class Optimizer:
     state_bytes_per_param: float  # optimizer states per trainable parameter
     description: str
     needs_bitsandbytes: bool
+    moments_in_param_dtype: bool = False  # torch AdamW: exp_avg / exp_avg_sq are zeros_like(param)
 
 
 OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
-    Optimizer("adamw", "adamw_torch", 8.0, "torch AdamW, fp32 states", False),
+    Optimizer("adamw", "adamw_torch", 8.0, "torch AdamW, states in the adapters' dtype (fp32; bf16 when trl casts QLoRA adapters)", False,
+              moments_in_param_dtype=True),
     Optimizer("adamw-8bit", "adamw_bnb_8bit", 2.0, "bitsandbytes 8-bit AdamW", True),
     Optimizer("paged-adamw-8bit", "paged_adamw_8bit", 2.0, "bitsandbytes paged 8-bit AdamW", True),
 )}

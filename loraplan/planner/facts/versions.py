@@ -69,6 +69,26 @@ def torch_has_mm_out_dtype() -> bool:
     return version("torch") >= (2, 8)
 
 
+TRL_CASTS_QUANTIZED_ADAPTERS = (0, 26)  # trl 2af35fb0d "Clean up model preparation" (#4577), first in v0.26.0
+
+
+def trl_casts_quantized_adapters_to_bf16() -> bool:
+    """trl >= 0.26: SFTTrainer casts the trainable parameters of a model loaded in 4 or 8 bits to bf16
+    (trl/trainer/sft_trainer.py: "When using QLoRA, the PEFT adapter weights are converted to bf16", gated on
+    `model.is_loaded_in_4bit`, which transformers' bitsandbytes quantizer sets in from_pretrained). Before 0.26 trl
+    left peft's fp32 adapters alone when it was handed a PeftModel."""
+    return version("trl") >= TRL_CASTS_QUANTIZED_ADAPTERS
+
+
+def adapter_dtype(method: str, dtype: str) -> str:
+    """The dtype `run` trains the LoRA weights in: peft's fp32, except QLoRA with bf16 compute under a trl that casts
+    a 4-bit model's adapters to bf16 (`run` loads QLoRA with from_pretrained + BitsAndBytesConfig, so the cast
+    applies; on fp16 / fp32 plans executor/backends/hf.py casts them back to fp32 for the grad scaler)."""
+    if method == "qlora" and dtype == "bfloat16" and trl_casts_quantized_adapters_to_bf16():
+        return "bfloat16"
+    return "float32"
+
+
 def assumed() -> dict:
     """What the plan records: each package's version and whether it was read or assumed, and what depends on it."""
     v = installed()
@@ -78,6 +98,9 @@ def assumed() -> dict:
             "fused_loss": "trl's chunked LM head (trl 1.16 kernels/chunked_logprob.py); fp32 tile upcast in the "
                           "backward " + ("not needed (torch >= 2.8)" if torch_has_mm_out_dtype()
                                          else "counted (torch < 2.8)"),
+            "adapter_dtype": "QLoRA adapters with bf16 compute in bf16, as trl's SFTTrainer casts them "
+                             + ("(trl >= 0.26)" if trl_casts_quantized_adapters_to_bf16()
+                                else "not (trl < 0.26: peft's fp32)") + "; otherwise fp32 (peft's default)",
         },
     }
 

@@ -34,6 +34,7 @@ class MicroStep:
     # What LoRA adapts, as far as the activations see it; the defaults are the calibration's recipe.
     targets: Optional[tuple[str, ...]] = None  # peft names of the adapted projections (None: every projection)
     lora_dropout: bool = True  # dropout > 0: peft applies nn.Dropout (a mask per adapted input); 0: nn.Identity
+    adapter_dtype: str = "float32"  # the LoRA weights' dtype: peft's fp32, or bf16 where trl casts them (QLoRA)
 
     @property
     def tokens(self) -> int:

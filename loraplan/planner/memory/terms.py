@@ -81,27 +81,39 @@ def unquantized_modules_bytes(arch: Architecture, shape: MicroStep) -> float:
 # adapter
 
 
-def lora_weights_bytes(p: int) -> float:
-    """LoRA A and B matrices; peft keeps them in fp32: 4 x P."""
-    return 4.0 * p
+def adapter_bytes_per_param(shape: Optional[MicroStep] = None) -> float:
+    """Bytes per LoRA parameter in the adapters' dtype: 4 (peft's fp32), or 2 where trl casts a 4-bit model's
+    adapters to bf16 (shape.adapter_dtype, from planner.facts.versions.adapter_dtype: QLoRA with bf16 compute and
+    trl >= 0.26). The calibration rows had no cast (their 4-bit layers were swapped in by hand, which does not set
+    the `is_loaded_in_4bit` flag trl reads), so they are fp32."""
+    return float(DTYPE_BYTES[shape.adapter_dtype]) if shape is not None else 4.0
 
 
-def lora_gradients_bytes(p: int) -> float:
-    """Gradients of the LoRA weights, fp32: 4 x P."""
-    return 4.0 * p
+def lora_weights_bytes(p: int, bytes_per_param: float = 4.0) -> float:
+    """LoRA A and B matrices in the adapters' dtype: 4 x P (peft's fp32), 2 x P under trl's QLoRA bf16 cast."""
+    return bytes_per_param * p
 
 
-def optimizer_states_bytes(p: int, optimizer: str) -> float:
-    """AdamW keeps two fp32 moments: 8 x P; bitsandbytes 8-bit AdamW (paged or not) two 8-bit moments: 2 x P
-    (plus per-block constants, negligible). Paged states can spill to host memory under pressure; planned as
+def lora_gradients_bytes(p: int, bytes_per_param: float = 4.0) -> float:
+    """Gradients of the LoRA weights, in the weights' dtype: 4 x P (fp32), 2 x P (bf16)."""
+    return bytes_per_param * p
+
+
+def optimizer_states_bytes(p: int, optimizer: str, bytes_per_param: float = 4.0) -> float:
+    """torch AdamW keeps two moments in the parameter's dtype (`torch.zeros_like(p)`): 8 x P for fp32 adapters,
+    4 x P for bf16 ones; bitsandbytes 8-bit AdamW (paged or not) two 8-bit moments whatever the dtype: 2 x P (plus
+    per-block constants, negligible). Paged states can spill to host memory under pressure; planned as
     resident."""
-    return OPTIMIZERS[optimizer].state_bytes_per_param * p
+    o = OPTIMIZERS[optimizer]
+    if o.moments_in_param_dtype:
+        return 2 * bytes_per_param * p
+    return o.state_bytes_per_param * p
 
 
-def ddp_buckets_bytes(p: int, num_gpus: int) -> float:
-    """DistributedDataParallel's gradient buckets hold a second fp32 copy of the trainable gradients for the
-    all-reduce: 4 x P on each GPU when more than one GPU trains."""
-    return 4.0 * p if num_gpus > 1 else 0.0
+def ddp_buckets_bytes(p: int, num_gpus: int, bytes_per_param: float = 4.0) -> float:
+    """DistributedDataParallel's gradient buckets hold a second copy of the trainable gradients, in their dtype,
+    for the all-reduce: 4 x P (fp32; 2 x P for bf16 adapters) on each GPU when more than one GPU trains."""
+    return bytes_per_param * p if num_gpus > 1 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,11 +146,26 @@ def lora_activation_bytes_per_token(arch: Architecture, shape: Optional[MicroSte
     c = coefficients().derived
     dropout = True if shape is None else shape.lora_dropout
     r = 16 if shape is None else shape.rank
+    # adapters in the compute dtype (trl's QLoRA bf16 cast) with dropout 0: peft casts nothing and nn.Identity
+    # copies nothing, so lora_A saves its input itself: the adapted projections that read one input (q, k, v: the
+    # first norm's output; gate, up: the second's) share one saved copy, and o's input is a view of sdpa's output,
+    # which sdpa saves already (counted on the CPU: 8 h less per layer than fp32 adapters with all seven targets)
+    shared = (shape is not None and not dropout and shape.adapter_dtype == shape.dtype)
+    inputs_seen: set = set()
     total = 0.0
     for p in adapted_projections(arch, shape):
         if kinds is not None and not set(p.kinds) & kinds:
             continue
         per_layer = p.count / arch.num_layers
+        if shared and not p.param:
+            group = _shared_input(p.kinds)
+            copy = c.lora_copy_bytes_per_input * p.in_features
+            if group == "attention_out" or group in inputs_seen:
+                copy = 0.0
+            if group:
+                inputs_seen.add(group)
+            total += per_layer * (copy + c.lora_bytes_per_rank * r)
+            continue
         if p.param:
             total += per_layer * arch.experts_per_token * (c.lora_copy_bytes_per_input * p.in_features
                                                            + c.lora_bytes_per_rank * r)
@@ -146,6 +173,19 @@ def lora_activation_bytes_per_token(arch: Architecture, shape: Optional[MicroSte
             per_input = c.lora_copy_bytes_per_input + (c.lora_dropout_bytes_per_input if dropout else 0.0)
             total += per_layer * (per_input * p.in_features + c.lora_bytes_per_rank * r)
     return total
+
+
+def _shared_input(kinds) -> Optional[str]:
+    """Which saved tensor an adapted projection's input is: the attention block's normed input (q, k, v), the
+    MLP's normed input (gate, up), sdpa's output (o); None for down (act(gate) x up, its own)."""
+    k = set(kinds)
+    if k <= {"q", "k", "v"}:
+        return "attention_in"
+    if k <= {"gate", "up"}:
+        return "mlp_in"
+    if k == {"o"}:
+        return "attention_out"
+    return None
 
 
 def layer_activation_bytes_per_token(arch: Architecture, seq_len: int, shape: Optional[MicroStep] = None) -> float:
@@ -254,11 +294,14 @@ def _activations_device_bytes(arch: Architecture, shape: MicroStep) -> float:
     x = layer_activation_bytes_per_token(arch, shape.seq_len, shape)
     if shape.mlp_tile_tokens:
         x += mlp_tiled_bytes_per_token(arch) - mlp_untiled_bytes_per_token(arch, shape)
-    s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
     if shape.grad_checkpointing:
+        # the recompute frame: trl's has its own scale (there it sets the peak; in the plain recipe the logits do)
+        s = f.activation_scale if shape.loss == "full" else f.fused_activation_scale
         kept = arch.num_layers - checkpointed_layers(arch, shape)  # layers that are not checkpointed keep theirs
-        return (s + f.recompute_scale) * x * shape.tokens + s * x * kept * shape.tokens
-    return s * x * arch.num_layers * shape.tokens
+        return (s + f.recompute_scale) * x * shape.tokens + f.activation_scale * x * kept * shape.tokens
+    # the forward saves the same tensors through trl's SFTTrainer as in a plain call (counted with a real
+    # SFTTrainer step, tests/test_step_peaks.py): one scale for both recipes
+    return f.activation_scale * x * arch.num_layers * shape.tokens
 
 
 def _loss_device_bytes(arch: Architecture, shape: MicroStep) -> float:
@@ -304,10 +347,12 @@ def activations_bytes(arch: Architecture, shape: MicroStep) -> float:
     With checkpointing one layer is recomputed at a time in the backward:
         (1 - rho_act) x (s + s_rc) x X x T,
     plus, with layer_checkpointing, s x X x (L - Lc) x T for the layers that are not checkpointed.
-    X = layer_activation_bytes_per_token; s = activation_scale, fitted (the fused recipe through trl has its
-    own, fused_activation_scale: trl's collator and forward differ from a plain call); s_rc the backward's
-    extra working set while a layer is recomputed, fitted. MLP tiling replaces the MLP's share of X,
-    6 i + its LoRA path, by 4 h (mlp_untiled_bytes_per_token, mlp_tiled_bytes_per_token)."""
+    X = layer_activation_bytes_per_token; s = activation_scale, fitted, one for both recipes (trl's SFTTrainer
+    step saves exactly what a plain forward saves, counted: benchmarks/step_peaks.py); s_rc the backward's
+    extra working set while a layer is recomputed, fitted; with checkpointing trl's recompute frame has its own
+    scale, fused_activation_scale (s_trl: there the frame sets the peak, in the plain recipe the logits do).
+    MLP tiling replaces the MLP's share of X, 6 i + its LoRA path, by 4 h (mlp_untiled_bytes_per_token,
+    mlp_tiled_bytes_per_token)."""
     rho = coefficients().fitted.reserve_share_of_activations
     return (1 - rho) * _activations_device_bytes(arch, shape)
 
@@ -360,6 +405,8 @@ def budget(arch: Architecture, selection: TargetSelection, shape: MicroStep,
     a distributed strategy then turns the list into one rank's (planner.plugins.strategies `budget`)."""
     p = trainable_params(selection, shape.rank)
     dt = DTYPE_BYTES[shape.dtype]
+    a = adapter_bytes_per_param(shape)
+    adapter = "fp32" if shape.adapter_dtype == "float32" else "bf16: trl's QLoRA cast"
     terms = []
     if shape.method == "qlora":
         terms.append(Term("nf4_weights", base_weights_bytes(arch, shape), "0.5 B x quantized params (+ dtype x expert params)", "weights"))
@@ -370,9 +417,10 @@ def budget(arch: Architecture, selection: TargetSelection, shape: MicroStep,
         terms.append(Term("base_weights", base_weights_bytes(arch, shape), f"{dt} B x projection params", "weights"))
     terms += [
         Term("unquantized_modules", unquantized_modules_bytes(arch, shape), f"{dt} B x (embeddings + lm_head + norms + biases)", "weights"),
-        Term("lora_weights", lora_weights_bytes(p), "4 B x P (fp32)", "adapter"),
-        Term("lora_gradients", lora_gradients_bytes(p), "4 B x P (fp32)", "adapter"),
-        Term("optimizer_states", optimizer_states_bytes(p, shape.optimizer), f"{OPTIMIZERS[shape.optimizer].state_bytes_per_param:g} B x P", "adapter"),
+        Term("lora_weights", lora_weights_bytes(p, a), f"{a:g} B x P ({adapter})", "adapter"),
+        Term("lora_gradients", lora_gradients_bytes(p, a), f"{a:g} B x P ({adapter})", "adapter"),
+        Term("optimizer_states", optimizer_states_bytes(p, shape.optimizer, a),
+             f"{optimizer_states_bytes(1, shape.optimizer, a):g} B x P", "adapter"),
     ]
     if shape.grad_checkpointing:
         layers = "L" if checkpointed_layers(arch, shape) == arch.num_layers else "ceil(L/n)"
@@ -415,5 +463,5 @@ def loaded_bytes(arch: Architecture, selection: TargetSelection, shape: MicroSte
         base_weights_bytes(arch, shape)
         + quant_constants_bytes(arch, shape)
         + unquantized_modules_bytes(arch, shape)
-        + lora_weights_bytes(p)
+        + lora_weights_bytes(p, adapter_bytes_per_param(shape))
     )

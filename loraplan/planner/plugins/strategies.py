@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 from ..architecture.types import Architecture
 from ..facts.hardware import Hardware
 from ..memory import sharding
-from ..memory.terms import MicroStep, Term, ddp_buckets_bytes
+from ..memory.terms import MicroStep, Term, adapter_bytes_per_param, ddp_buckets_bytes
 
 Budget = Callable[[Sequence[Term], Architecture, int, MicroStep, Hardware], list[Term]]
 
@@ -70,12 +70,13 @@ def _as_is(terms, arch, p, shape, hw) -> list[Term]:
 
 
 def _ddp(terms, arch, p, shape, hw) -> list[Term]:
-    """DDP adds its gradient buckets (a second fp32 copy of the trainable gradients) after the adapter's terms."""
+    """DDP adds its gradient buckets (a second copy of the trainable gradients, in their dtype) after the adapter's terms."""
     out = []
     for t in terms:
         out.append(t)
         if t.name == "optimizer_states":
-            out.append(Term("ddp_buckets", ddp_buckets_bytes(p, hw.world_size), "4 B x P", "adapter"))
+            a = adapter_bytes_per_param(shape)  # the buckets hold the gradients in their dtype
+            out.append(Term("ddp_buckets", ddp_buckets_bytes(p, hw.world_size, a), f"{a:g} B x P", "adapter"))
     return out
 
 
