@@ -24,7 +24,7 @@ from typing import Sequence
 
 from ..architecture.types import Architecture
 from ..facts.options import DTYPE_BYTES
-from .terms import MicroStep, Term, base_weights_bytes
+from .terms import MicroStep, Term, adapter_bytes_per_param, base_weights_bytes
 
 # FSDP2 keeps the unit computing and the one it prefetches unsharded: torch's implicit forward/backward prefetch.
 UNSHARDED_LAYERS = 2
@@ -62,14 +62,16 @@ def gathered_tail_bytes(arch: Architecture, shape: MicroStep, world: int, offloa
     return (1.0 if offload else 1 - 1 / world) * tail_bytes(arch, shape)
 
 
-def layer_gradients_bytes(p: int, arch: Architecture) -> float:
-    """The unsharded fp32 LoRA gradients of the layers in the backward (computing + prefetched): 2 x 4 B x P_layer."""
-    return UNSHARDED_LAYERS * 4.0 * p / arch.num_layers
+def layer_gradients_bytes(p: int, arch: Architecture, bytes_per_param: float = 4.0) -> float:
+    """The unsharded LoRA gradients of the layers in the backward (computing + prefetched), in the adapters' dtype
+    (fp32; bf16 where trl casts a 4-bit model's adapters, planner.memory.terms.adapter_bytes_per_param):
+    2 x a x P_layer."""
+    return UNSHARDED_LAYERS * bytes_per_param * p / arch.num_layers
 
 
-def reduce_scatter_bytes(p: int, arch: Architecture) -> float:
-    """The reduce-scatter input buffer of one layer's gradients (fp32): 4 B x P_layer."""
-    return 4.0 * p / arch.num_layers
+def reduce_scatter_bytes(p: int, arch: Architecture, bytes_per_param: float = 4.0) -> float:
+    """The reduce-scatter input buffer of one layer's gradients, in the adapters' dtype: a x P_layer."""
+    return bytes_per_param * p / arch.num_layers
 
 
 def fsdp_terms(terms: Sequence[Term], arch: Architecture, p: int, shape: MicroStep, world: int,
@@ -86,11 +88,13 @@ def fsdp_terms(terms: Sequence[Term], arch: Architecture, p: int, shape: MicroSt
         else:
             out.append(t)
         if t.name == "optimizer_states":
+            a = adapter_bytes_per_param(shape)
             out += [
                 Term("gathered_layers", gathered_layers_bytes(arch, shape), f"{UNSHARDED_LAYERS} x W_layer", "sharding"),
                 Term("gathered_tail", gathered_tail_bytes(arch, shape, world, offload),
                      ("1" if offload else "(1 - 1/N)") + " x dtype x (lm_head + norm)", "sharding"),
-                Term("layer_gradients", layer_gradients_bytes(p, arch), f"{UNSHARDED_LAYERS} x 4 B x P / L", "sharding"),
-                Term("reduce_scatter", reduce_scatter_bytes(p, arch), "4 B x P / L", "sharding"),
+                Term("layer_gradients", layer_gradients_bytes(p, arch, a), f"{UNSHARDED_LAYERS} x {a:g} B x P / L",
+                     "sharding"),
+                Term("reduce_scatter", reduce_scatter_bytes(p, arch, a), f"{a:g} B x P / L", "sharding"),
             ]
     return out
