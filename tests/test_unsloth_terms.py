@@ -74,9 +74,9 @@ def test_fused_activations_with_and_without_dropout_by_hand():
     s = shape()
     scale = FIT["fused_activation_scale"] + FIT["recompute_scale"]
     assert U.activations_bytes(ARCH, s, True, False) == pytest.approx(scale * (12 * h + 4 * kv + 4 * i) * T)
-    off = shape(grad_checkpointing=False)
+    off = shape(grad_checkpointing=False)  # every layer's saved tensors: the one scale of a forward, trl's or not
     assert U.activations_bytes(ARCH, off, True, True) == pytest.approx(
-        FIT["fused_activation_scale"] * (18 * h + 4 * kv + 5 * i) * L * T)
+        FIT["activation_scale"] * (18 * h + 4 * kv + 5 * i) * L * T)
     # the difference dropout makes, per token and layer: 6 h + i bytes of masks
     assert U.fused_layer_bytes_per_token(ARCH, True) - U.fused_layer_bytes_per_token(ARCH, False) == 6 * h + i
 

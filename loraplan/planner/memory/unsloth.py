@@ -163,16 +163,17 @@ def fused_kernels_apply(arch: Architecture, bias: str = "none", own_model: bool 
 def activations_bytes(arch: Architecture, shape: MicroStep, fused: bool, dropout: bool) -> float:
     """The one layer recomputed at a time in the backward (checkpointing on) or every layer (off), with the
     standard model's fitted scales, since no Unsloth measurement exists yet:
-        fused kernels:    (s + s_rc) x X_u x T        (x L and s alone without checkpointing)
+        fused kernels:    (s + s_rc) x X_u x T        (s x X_u x L x T without checkpointing)
         peft's forward:   the standard term (planner.memory.terms.activations_bytes), passed in by unsloth_budget
-    X_u = fused_layer_bytes_per_token; s = fused_activation_scale (trl's fused-loss recipe), s_rc = recompute_scale.
+    X_u = fused_layer_bytes_per_token; s_rc = recompute_scale; s = fused_activation_scale (trl's recompute frame)
+    with checkpointing, activation_scale without it (the one scale of a forward's saved tensors, trl's or not:
+    planner.memory.terms._activations_device_bytes).
     Assumption to measure: these scales were fitted on peft's forward, not on Unsloth's kernels."""
     f = coefficients().fitted
     x = fused_layer_bytes_per_token(arch, dropout) if fused else 0.0
-    s = f.fused_activation_scale
     if shape.grad_checkpointing:
-        return (s + f.recompute_scale) * x * shape.tokens
-    return s * x * arch.num_layers * shape.tokens
+        return (f.fused_activation_scale + f.recompute_scale) * x * shape.tokens
+    return f.activation_scale * x * arch.num_layers * shape.tokens
 
 
 def dequantize_buffer_bytes(arch: Architecture, shape: MicroStep) -> float:
