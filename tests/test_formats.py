@@ -258,3 +258,31 @@ def test_python_api_merge_matches_the_cli():
     kw = formats.request(imp, dict(model=None, gpu="h100-80gb", fit_table=False), set())
     res = make_plan(PlanRequest(**kw))
     assert fmt.name == "trl" and res.plan.lora.r == 32 and res.plan.training.seq_len == 2048
+
+
+def test_axolotls_eval_split_is_the_plans_and_exports_back(tmp_path):
+    """val_set_size: the share of a local dataset axolotl holds out for eval is the plan's eval_fraction (what `run`
+    holds out); exported back to val_set_size (axolotl) and val_size (LLaMA-Factory). A count, or the split of a
+    dataset on the Hub, is named with its reason."""
+    data = Path(__file__).parent / "data" / "instruction.jsonl"
+    cfg = yaml.safe_load((DATA / "axolotl_lora.yaml").read_text())
+    cfg["datasets"] = [{"path": str(data), "type": "alpaca"}]
+    cfg["val_set_size"] = 0.1
+    path = tmp_path / "axolotl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    plan_file = tmp_path / "plan.yaml"
+    out = plan_cli("--from", str(path), "--gpu", "h100-80gb", "-o", str(plan_file))
+    assert out.returncode == 0, out.stderr
+    plan = yaml.safe_load(plan_file.read_text())
+    assert plan["dataset"]["eval_fraction"] == 0.1 and plan["dataset"]["path"] == str(data)
+    for tool, key in (("axolotl", "val_set_size"), ("llamafactory", "val_size")):
+        exported = tmp_path / f"{tool}.yaml"
+        out = subprocess.run([sys.executable, "-m", "loraplan.cli", "export", str(plan_file), "--to", tool, "-o",
+                              str(exported)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert yaml.safe_load(exported.read_text())[key] == 0.1
+    cfg["val_set_size"] = 200  # rows, not a share
+    path.write_text(yaml.safe_dump(cfg))
+    j = plan_json("--from", str(path), "--gpu", "h100-80gb")
+    assert "--eval-fraction" in j["from_config"]["ignored"]["val_set_size"]
+    assert j["plan"]["dataset"]["eval_fraction"] == 0.0

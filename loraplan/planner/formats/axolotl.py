@@ -27,8 +27,6 @@ def detect(keys: set[str]) -> bool:
 
 
 SPECIFIC_IGNORED = {
-    "val_set_size": "the eval split is read, not planned: evaluation holds no optimizer step and the time "
-                    "estimate covers training",
     "test_datasets": "evaluation is not planned",
     "batch_size": "deprecated in axolotl (it derives gradient_accumulation_steps): the global batch is "
                   "micro_batch_size x gradient_accumulation_steps x GPUs",
@@ -138,6 +136,15 @@ def to_request(cfg: dict, path: str) -> common.Imported:
     elif datasets:
         imp.ignore("datasets", f"not a local file ({first.get('path')!r}: a dataset on the Hub is not read "
                                "offline); the time estimate uses --train-tokens or --dataset")
+    val = cfg.get("val_set_size")
+    if val is not None:  # axolotl holds this share of the dataset out for eval (a count when it is 1 or more)
+        if local and isinstance(val, (int, float)) and not isinstance(val, bool) and 0 < val < 1:
+            req["eval_fraction"] = imp.take("val_set_size", float(val))
+        elif not val:
+            imp.take("val_set_size", val)
+        else:
+            imp.ignore("val_set_size", "a count of rows held out (loraplan holds out a share: --eval-fraction)"
+                       if local else "the eval split of a dataset that is not read here")
     if cfg.get("deepspeed"):
         common.deepspeed(TOOL, imp, "deepspeed", cfg["deepspeed"], base_dir)
     if cfg.get("fsdp_config") is not None:
@@ -199,6 +206,8 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
         cfg["attn_implementation"] = "flash_attention_2"  # axolotl 0.19 deprecates flash_attention: true
     if plan.dataset.path:
         cfg["datasets"] = [{"path": plan.dataset.path, "ds_type": plan.dataset.path.rsplit(".", 1)[-1].replace("jsonl", "json")}]
+    if plan.dataset.eval_fraction:
+        cfg["val_set_size"] = plan.dataset.eval_fraction
     cfg["output_dir"] = plan.output_dir
     if plan.strategy in ("fsdp", "fsdp-offload"):
         cfg["fsdp_version"] = 2

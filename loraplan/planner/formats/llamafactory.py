@@ -163,6 +163,8 @@ def export(plan: Plan) -> tuple[dict[str, Any], list[str]]:
     cfg["bf16"] = t.dtype == "bfloat16"
     cfg["fp16"] = t.dtype == "float16"
     cfg["output_dir"] = plan.output_dir
+    if plan.dataset.eval_fraction:
+        cfg["val_size"] = plan.dataset.eval_fraction
     if plan.strategy in ("fsdp", "fsdp-offload"):
         cfg["fsdp"] = "full_shard auto_wrap" + (" offload" if plan.strategy == "fsdp-offload" else "")
         cfg["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": plan.distributed.reshard_after_forward,
