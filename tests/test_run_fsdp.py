@@ -490,7 +490,7 @@ def test_tied_embeddings_stream_and_train_the_single_process_adapter(tmp_path, c
 def test_a_mixture_of_experts_checkpoint_loads_whole(tmp_path):
     """transformers fuses a Mixtral checkpoint's per-expert tensors as it loads them, so they cannot be read one
     checkpoint tensor at a time: such a plan loads whole on every rank's host, as the planner plans it."""
-    from loraplan.executor.fsdp_load import STREAMED, WHOLE, load_path, streaming_refusal
+    from loraplan.executor.fsdp_load import STREAMED, WHOLE, load_path, streaming_refusal, whole_load_note
     from loraplan.executor.tiny import build_tiny_model
 
     moe = build_tiny_model(str(tmp_path / "moe"), arch="mixtral")
@@ -498,6 +498,7 @@ def test_a_mixture_of_experts_checkpoint_loads_whole(tmp_path):
     plan = build_plan(moe, data_file("instruction.jsonl"), str(tmp_path / "out"), method="qlora", strategy="fsdp",
                       num_gpus=2, **COMMON)
     assert load_path(plan, moe) == WHOLE and "mixtral" in streaming_refusal(plan, moe)
+    assert "whole 4-bit model" in whole_load_note(plan, moe) and whole_load_note(plan, dense) is None
     assert load_path(plan, dense) == STREAMED
     lora = build_plan(dense, data_file("instruction.jsonl"), str(tmp_path / "out"), strategy="fsdp", num_gpus=2,
                       **COMMON)

@@ -96,6 +96,20 @@ def streaming_refusal(plan, model_dir: str) -> Optional[str]:
     return None
 
 
+def whole_load_note(plan, model_dir: str) -> Optional[str]:
+    """What `run` says before a sharded QLoRA run that cannot stream: every rank loads the whole 4-bit model into
+    its host memory first (one line), or None when it streams or the plan is not sharded QLoRA."""
+    from .fsdp import is_sharded
+
+    if not (plan.quantization.enabled and is_sharded(plan)):
+        return None
+    why = streaming_refusal(plan, model_dir)
+    if why is None:
+        return None
+    return (f"every rank quantizes the whole 4-bit model in its host memory before sharding it ({why}): host memory "
+            f"per node is GPUs per node x the 4-bit model while loading")
+
+
 def is_on_meta(model) -> bool:
     """The model was built on the meta device (layer-streamed) and its weights are not filled yet."""
     return any(p.is_meta for p in model.parameters())
