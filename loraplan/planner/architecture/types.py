@@ -86,6 +86,12 @@ class Architecture:
     def projection_params(self) -> int:
         return sum(p.weight_params + p.bias_params for p in self.projections)
 
+    def largest_projection_params(self, quantizable_only: bool = False) -> int:
+        """Parameters of the largest single projection weight (one fused expert tensor for a MoE); with
+        quantizable_only, of the largest one bitsandbytes quantizes (nn.Linear only)."""
+        return max((p.weight_params // max(p.count, 1) for p in self.projections
+                    if p.quantizable or not quantizable_only), default=0)
+
     @property
     def total_params(self) -> int:
         return (

@@ -61,7 +61,7 @@ def full_precision_bytes(arch: Architecture, shape: memory.MicroStep) -> float:
 def largest_tensor_bytes(arch: Architecture, shape: memory.MicroStep) -> float:
     """The largest single weight (the embeddings or one fused expert tensor), in dtype: what quantizing on the GPU
     holds beside the 4-bit weights as it goes."""
-    return DTYPE_BYTES[shape.dtype] * max(arch.embedding_params, largest_projection_params(arch))
+    return DTYPE_BYTES[shape.dtype] * max(arch.embedding_params, arch.largest_projection_params())
 
 
 def in_flight_bytes(arch: Architecture, shape: memory.MicroStep) -> float:
@@ -70,13 +70,8 @@ def in_flight_bytes(arch: Architecture, shape: memory.MicroStep) -> float:
     in dtype beside it, and the embeddings or the LM head in dtype:
     max(W_layer + dtype x the largest projection (QLoRA), dtype x max(V x h, lm_head))."""
     dt = DTYPE_BYTES[shape.dtype]
-    quantizing = dt * largest_projection_params(arch) if shape.method == "qlora" else 0.0
+    quantizing = dt * arch.largest_projection_params() if shape.method == "qlora" else 0.0
     return max(layer_weight_bytes(arch, shape) + quantizing, dt * max(arch.embedding_params, arch.lm_head_params))
-
-
-def largest_projection_params(arch: Architecture) -> int:
-    """Parameters of the largest single projection weight (one fused expert tensor for a MoE)."""
-    return max((p.weight_params // max(p.count, 1) for p in arch.projections), default=0)
 
 
 def load_peak(arch: Architecture, shape: memory.MicroStep, sharded: bool, offload: bool, world: int,

@@ -181,8 +181,7 @@ def dequantize_buffer_bytes(arch: Architecture, shape: MicroStep) -> float:
     largest (unsloth/kernels/utils.py:974-975, 1788): dt x the largest quantized projection's parameters."""
     if shape.method != "qlora":
         return 0.0
-    return DTYPE_BYTES[shape.dtype] * max((p.weight_params // max(p.count, 1) for p in arch.projections
-                                           if p.quantizable), default=0)
+    return DTYPE_BYTES[shape.dtype] * arch.largest_projection_params(quantizable_only=True)
 
 
 def pinned_host_bytes(arch: Architecture, shape: MicroStep) -> float:
