@@ -91,8 +91,8 @@ def streaming_refusal(plan, model_dir: str) -> Optional[str]:
         return "the checkpoint is saved quantized"
     if get_checkpoint_conversion_mapping(config.model_type):
         return f"transformers renames or fuses {config.model_type}'s checkpoint tensors as it loads them"
-    if checkpoint_files(model_dir) is None:
-        return "the checkpoint is not safetensors"
+    if not any(os.path.exists(os.path.join(model_dir, name)) for name in (INDEX_FILE, SINGLE_FILE)):
+        return "the checkpoint is not safetensors"  # (its tensors are listed once, by shard_while_loading)
     return None
 
 
