@@ -103,6 +103,16 @@ def _embeddings(cfg: dict, family: str, h: int) -> tuple[int, int, int, bool]:
     return vocab, vocab * h, 0 if tied else vocab * h, tied
 
 
+def _architecture(cfg: dict, family: str, layers: int, attention: tuple, projs: list, **fields) -> Architecture:
+    """The fields every family fills the same way: the attention's shape (`_attention`'s h, heads, kv_heads,
+    head_dim), the embeddings (`_embeddings`), the projections and the config; `fields`, the family's own."""
+    h, heads, kv_heads, head_dim = attention
+    vocab, emb, head, tied = _embeddings(cfg, family, h)
+    return Architecture(family=family, hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                        head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied, projections=projs,
+                        embedding_params=emb, lm_head_params=head, config=cfg, **fields)
+
+
 def _dense(
     cfg: dict,
     family: str,
@@ -123,25 +133,13 @@ def _dense(
     projs += _dense_mlp(h, i, layers, bool(cfg.get("mlp_bias", False)), fused_gate_up=fused)
     if tie_default is not None and "tie_word_embeddings" not in cfg:
         cfg = {**cfg, "tie_word_embeddings": tie_default}
-    vocab, emb, head, tied = _embeddings(cfg, family, h)
-    return Architecture(
-        family=family,
-        hidden_size=h,
+    return _architecture(
+        cfg, family, layers, (h, heads, kv_heads, head_dim), projs,
         intermediate_size=i,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-        projections=projs,
-        embedding_params=emb,
-        lm_head_params=head,
         norm_params=layers * norms_per_layer * h + h,
         other_params=layers * 2 * head_dim if qk_norm else 0,
         activation=str(cfg.get(activation_key) or cfg.get("hidden_act") or "silu"),
         norms_per_layer=norms_per_layer,
-        config=cfg,
     )
 
 
@@ -167,27 +165,15 @@ def _moe(cfg: dict, family: str, experts_key: str, expert_size_key: str, qk_norm
         ]
     if n_dense:
         projs += _dense_mlp(h, _req(cfg, "intermediate_size", family), n_dense, False)
-    vocab, emb, head, tied = _embeddings(cfg, family, h)
-    return Architecture(
-        family=family,
-        hidden_size=h,
+    return _architecture(
+        cfg, family, layers, (h, heads, kv_heads, head_dim), projs,
         intermediate_size=cfg.get("intermediate_size") or ei,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-        projections=projs,
-        embedding_params=emb,
-        lm_head_params=head,
         norm_params=layers * 2 * h + h,
         other_params=n_sparse * experts * h + (layers * 2 * head_dim if qk_norm else 0),  # router
         num_experts=experts,
         experts_per_token=top_k,
         moe_intermediate_size=ei,
         activation=str(cfg.get("hidden_act") or "silu"),
-        config=cfg,
     )
 
 
@@ -209,15 +195,12 @@ def _gpt_oss(cfg: dict) -> Architecture:
         Projection("gate_up_proj", h, 2 * ei, layers, True, ("gate", "up"), experts, True, False),
         Projection("down_proj", ei, h, layers, True, ("down",), experts, True, False),
     ]
-    vocab, emb, head, tied = _embeddings(cfg, family, h)
-    return Architecture(
-        family=family, hidden_size=h, intermediate_size=ei, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied, projections=projs,
-        embedding_params=emb, lm_head_params=head, norm_params=layers * 2 * h + h,
+    return _architecture(
+        cfg, family, layers, (h, heads, kv_heads, head_dim), projs,
+        intermediate_size=ei, norm_params=layers * 2 * h + h,
         other_params=layers * (experts * h + experts + heads),  # router weight and bias, attention sinks
         num_experts=experts, experts_per_token=top_k, moe_intermediate_size=ei,
         activation=str(cfg.get("hidden_act") or "silu"),
-        config=cfg,
     )
 
 
