@@ -215,7 +215,7 @@ class Context:
                                 start_new_session=True)
         try:
             if interrupt_after:
-                while not os.path.exists(interrupt_after) and proc.poll() is None:
+                while not _checkpoint_reached(interrupt_after) and proc.poll() is None:
                     if self.seconds_left() <= 0:
                         raise subprocess.TimeoutExpired(argv, time.monotonic() - t0)
                     time.sleep(0.2)
@@ -464,6 +464,18 @@ def fsdp_qlora_load(ctx: Context) -> None:
         # load_peak_gib_per_process: the base weights each rank held while loading (fsdp_load.LoadTrace), beside the
         # plan's load figure in `loading` (its GPU side adds the CUDA context and the weight being quantized)
         ctx.record(case, plan, loading=plan.reasons.get("loading"), **row)
+
+
+def _checkpoint_reached(complete: str) -> bool:
+    """`complete` (OUT/checkpoint-N/COMPLETE) exists, or a later checkpoint is complete: the run keeps only its
+    newest checkpoints (save_total_limit), so checkpoint-N may be rotated away between two polls on a fast machine."""
+    from loraplan.executor.checkpoints import checkpoints
+
+    if os.path.exists(complete):
+        return True
+    folder = os.path.dirname(complete)
+    step = os.path.basename(folder).removeprefix("checkpoint-")
+    return step.isdigit() and any(s > int(step) and whole for s, _, whole in checkpoints(os.path.dirname(folder)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
