@@ -62,15 +62,28 @@ def gathered_tail_bytes(arch: Architecture, shape: MicroStep, world: int, offloa
     return (1.0 if offload else 1 - 1 / world) * tail_bytes(arch, shape)
 
 
+def gradient_bytes_per_param(shape: MicroStep) -> float:
+    """Bytes per LoRA parameter of FSDP2's unsharded gradients and of what it all-gathers and reduce-scatters, g.
+
+    On a GPU `run`'s accelerate config says `mixed_precision: bf16`, and accelerate (`set_mixed_precision`) gives FSDP2
+    `MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)`: each unit's parameters are cast to the training
+    dtype before the all-gather (torch `_fsdp_param.py` `all_gather_inputs`), so the gradients are computed in it, and
+    the reduce-scatter runs in it (`_fsdp_collectives.py` `foreach_reduce`, reduce_dtype) before the result is cast
+    back to the shards' own dtype: g = dtype bytes (2 in bf16), also for peft's fp32 adapters. On the CPU `run` sets
+    no policy: g = the adapters' own bytes (planner.memory.terms.adapter_bytes_per_param)."""
+    if shape.device == "cuda":
+        return float(DTYPE_BYTES[shape.dtype])
+    return adapter_bytes_per_param(shape)
+
+
 def layer_gradients_bytes(p: int, arch: Architecture, bytes_per_param: float = 4.0) -> float:
-    """The unsharded LoRA gradients of the layers in the backward (computing + prefetched), in the adapters' dtype
-    (fp32; bf16 where trl casts a 4-bit model's adapters, planner.memory.terms.adapter_bytes_per_param):
-    2 x a x P_layer."""
+    """The unsharded LoRA gradients of the layers in the backward (computing + prefetched), g bytes each
+    (gradient_bytes_per_param): 2 x g x P_layer."""
     return UNSHARDED_LAYERS * bytes_per_param * p / arch.num_layers
 
 
 def reduce_scatter_bytes(p: int, arch: Architecture, bytes_per_param: float = 4.0) -> float:
-    """The reduce-scatter input buffer of one layer's gradients, in the adapters' dtype: a x P_layer."""
+    """The reduce-scatter input buffer of one layer's gradients, in the reduce dtype: g x P_layer."""
     return bytes_per_param * p / arch.num_layers
 
 
@@ -88,13 +101,13 @@ def fsdp_terms(terms: Sequence[Term], arch: Architecture, p: int, shape: MicroSt
         else:
             out.append(t)
         if t.name == "optimizer_states":
-            a = adapter_bytes_per_param(shape)
+            g = gradient_bytes_per_param(shape)
             out += [
                 Term("gathered_layers", gathered_layers_bytes(arch, shape), f"{UNSHARDED_LAYERS} x W_layer", "sharding"),
                 Term("gathered_tail", gathered_tail_bytes(arch, shape, world, offload),
                      ("1" if offload else "(1 - 1/N)") + " x dtype x (lm_head + norm)", "sharding"),
-                Term("layer_gradients", layer_gradients_bytes(p, arch, a), f"{UNSHARDED_LAYERS} x {a:g} B x P / L",
+                Term("layer_gradients", layer_gradients_bytes(p, arch, g), f"{UNSHARDED_LAYERS} x {g:g} B x P / L",
                      "sharding"),
-                Term("reduce_scatter", reduce_scatter_bytes(p, arch, a), f"{a:g} B x P / L", "sharding"),
+                Term("reduce_scatter", reduce_scatter_bytes(p, arch, g), f"{g:g} B x P / L", "sharding"),
             ]
     return out

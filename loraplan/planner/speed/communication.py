@@ -2,13 +2,17 @@
 collectives over the link between GPUs, and host-device copies under CPU offload.
 
 Volumes per rank and optimizer step, for N ranks, `accum` micro-steps, weights W (as stored: NF4 under QLoRA) and
-P trainable parameters (fp32 gradients), ring collectives moving (N-1)/N of the data:
+P trainable parameters, ring collectives moving (N-1)/N of the data:
 - DDP: one all-reduce of the gradients per optimizer step (accelerate's `accumulate` skips the sync on the other
-  micro-steps): 2 x 4P x (N-1)/N.
-- FSDP (reshard after forward): every micro-step all-gathers the weights in the forward and again in the backward,
-  and reduce-scatters the gradients: accum x (2 W + 4P) x (N-1)/N.
-- FSDP with CPU offload, in addition: each micro-step copies the weight shards to the GPU for both gathers and the
-  gradient shards back: accum x (2 W + 4P) / N over the card's host link (tables/gpus.yaml host_link_gbs).
+  micro-steps), in the gradients' dtype, a = the adapters' bytes per parameter (4 for peft's fp32, 2 where trl
+  casts a 4-bit model's adapters to bf16; planner.memory.terms.adapter_bytes_per_param): 2 x a P x (N-1)/N.
+- FSDP (reshard after forward): every micro-step all-gathers each unit's parameters in the forward and again in
+  the backward (the frozen weights as stored, the adapters cast to FSDP2's param dtype) and reduce-scatters the
+  gradients in its reduce dtype, g bytes per adapter parameter (planner.memory.sharding.gradient_bytes_per_param:
+  the training dtype on a GPU): accum x (2 (W + g P) + g P) x (N-1)/N.
+- FSDP with CPU offload, in addition: each micro-step copies the shards, as stored (the adapters in their own
+  dtype), to the GPU for both gathers and the gradient shards back: accum x (2 (W + a P) + a P) / N over the
+  card's host link (tables/gpus.yaml host_link_gbs).
 
 What overlaps with compute (tables/communication.yaml, each with its source in torch's and accelerate's code):
 - DDP: the all-reduce runs on the last micro-step only, bucket by bucket during its backward, so only that
@@ -33,6 +37,7 @@ from ..architecture.types import Architecture
 from ..facts.hardware import Hardware
 from ..memory import terms as memory
 from ..memory.loading import weights_bytes
+from ..memory.sharding import gradient_bytes_per_param
 
 GB = 1e9
 
@@ -94,11 +99,13 @@ def step_bytes(arch: Architecture, p: int, shape: memory.MicroStep, hw: Hardware
         return 0.0, 0.0
     ring = (n - 1) / n
     w = weights_bytes(arch, shape)
-    if strategy.collective == "all-reduce":  # the trainable gradients, fp32, reduce-scatter + all-gather
-        volume = 2 * 4.0 * p * ring
+    a = memory.adapter_bytes_per_param(shape)
+    if strategy.collective == "all-reduce":  # the trainable gradients, in their dtype: reduce-scatter + all-gather
+        volume = 2 * a * p * ring
     else:
-        volume = accum * (2 * w + 4.0 * p) * ring
-    return volume, (accum * (2 * w + 4.0 * p) / n if strategy.offload_params else 0.0)
+        g = gradient_bytes_per_param(shape)
+        volume = accum * (2 * (w + g * p) + g * p) * ring
+    return volume, (accum * (2 * (w + a * p) + a * p) / n if strategy.offload_params else 0.0)
 
 
 def step_time(arch: Architecture, p: int, shape: memory.MicroStep, hw: Hardware, strategy: Collectives, accum: int,
