@@ -81,3 +81,20 @@ def test_logging_scales_with_a_short_run(tmp_path):
     assert j["plan"]["training"]["logging_steps"] == 1  # 10 steps: log each one, not only the first
     j = _json("llama-3.1-8b", "--gpu", "rtx-4090", "--max-steps", "1000")
     assert j["plan"]["training"]["logging_steps"] == 10
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"model_type": "llama",', "is not valid JSON: Expecting"),
+    (b'["llama"]', "must hold a JSON object, not list"),
+    (b'\xff\xfe{"a": 1}', "cannot read"),
+])
+def test_a_broken_model_config_is_named_in_one_line(content, message, tmp_path):
+    """A model's config.json that transformers could not read either: said in one line (exit 2), by the one reader
+    the model configs and other tools' YAML configs share (planner.facts.config_file)."""
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    for target in (str(path), str(tmp_path)):  # the file, or its model folder
+        res = plan(target, "--gpu", "rtx-4090")
+        assert res.exit_code == 2, res.output
+        assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert str(path) in res.output and "Traceback" not in res.output

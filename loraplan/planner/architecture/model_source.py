@@ -6,7 +6,6 @@ Reads tables/models.yaml. Never downloads anything.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Optional
 from loraplan.tables import models
 
 from ..errors import ArchitectureError, InputError
+from ..facts.config_file import read_mapping
 from ..facts.lookup import closest_names, find_name
 from ..facts.model_names import resolve_name
 from ..facts.model_ref import ModelRef
@@ -88,19 +88,6 @@ def has_weights(folder: "Path | str") -> bool:
     return any(any(Path(folder).glob(p)) for p in WEIGHT_PATTERNS)
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
-    return cfg
-
-
 def _arch(cfg: dict, where: str) -> Architecture:
     check_config(cfg, where)  # what transformers would refuse, in one line (planner.architecture.config_checks)
     try:
@@ -130,7 +117,7 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
             folder = path
         else:
             cfg_path, folder = path, path.parent
-        cfg = _read_config(cfg_path)
+        cfg = read_mapping(cfg_path, "JSON")
         arch = _arch(cfg, str(cfg_path))
         return ResolvedModel(
             ModelRef(name=name, source="directory" if path.is_dir() else "config", family=arch.family,
@@ -143,7 +130,7 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         snap = find_in_hf_cache(name)
         if snap is not None:
-            cfg = _read_config(snap / "config.json")
+            cfg = read_mapping(snap / "config.json", "JSON")
             arch = _arch(cfg, f"{name} (local cache)")
             return ResolvedModel(
                 ModelRef(name=name, source="hub-cache", family=arch.family, path=str(snap), hub_id=name,

@@ -16,6 +16,7 @@ import yaml
 
 from ..architecture.model_source import resolve_model
 from ..errors import InputError
+from ..facts.config_file import read_mapping
 from ..report.tables import key_column, new_table, print_table, text_column
 from . import axolotl, llamafactory, trl
 from .common import Imported
@@ -46,20 +47,8 @@ FORMAT_NAMES = tuple(FORMATS)
 
 
 def read_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise InputError(f"no such config file: {path}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must hold a YAML mapping of keys, not {type(data).__name__}")
-    return data
+    """Another tool's YAML config, as the mapping it holds (planner.facts.config_file.read_mapping)."""
+    return read_mapping(path, "YAML")
 
 
 def detect(cfg: dict, path: str) -> Format:
