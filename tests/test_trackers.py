@@ -77,15 +77,17 @@ def test_mlflow_file_store_in_the_output_dir(cli_run, tmp_path, monkeypatch):
     assert {"tokens_per_s", "learning_rate", "grad_norm", "predicted_peak_gib"} <= set(run.data.metrics)
 
 
-def test_a_missing_tracker_package_is_one_line_before_anything_is_written(cli_run, tmp_path):
+@pytest.mark.parametrize("name", ["tensorboard", "mlflow", "wandb", "trackio"])
+def test_a_missing_tracker_package_is_one_line_before_anything_is_written(name, cli_run, tmp_path, monkeypatch):
+    import sys
+
     from loraplan.executor.trackers import TRACKERS
 
-    missing = [t for t in TRACKERS.values() if importlib.util.find_spec(t.module) is None]
-    if not missing:
-        pytest.skip("every tracker is installed")
+    tracker = TRACKERS[name]
+    monkeypatch.setitem(sys.modules, tracker.module, None)  # Python's own "not importable": find_spec says None
     out = tmp_path / "demo"
-    result = cli_run("--demo", "--output-dir", str(out), "--report-to", missing[0].name)
-    one_line_error(result, 2, f"pip install {missing[0].package}")
+    result = cli_run("--demo", "--output-dir", str(out), "--report-to", name)
+    one_line_error(result, 2, f"--report-to {name} needs the {tracker.package} package", f"pip install {tracker.package}")
     assert not out.exists()
 
 
@@ -167,3 +169,88 @@ def test_mlflow_resume_reattaches_to_the_same_run(tiny_model_dir, tmp_path, cli_
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert set(steps) == set(_train_losses(out)) and max(steps) == 12  # MLflow keeps the retrained steps' old points too
     assert client.get_metric_history(run_id, "eval_loss")
+
+
+def _wandb_records(run_dir):
+    """W&B's own reader of an offline run's transaction log (`wandb leet inspect --json`): one dict per record."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _wandb_losses(records):
+    return {int(r["history"]["item"]["train/global_step"]): r["history"]["item"]["train/loss"]
+            for r in records if r["type"] == "history" and "train/loss" in r["history"]["item"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb")
+def test_wandb_offline_run_in_the_output_dir_and_resume_keeps_its_id(tiny_model_dir, tmp_path, cli_run, monkeypatch):
+    from conftest import build_plan, data_file, write_plan
+
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "out"
+    plan = build_plan(tiny_model_dir, data_file("instruction.jsonl"), str(out), max_steps=12, save_steps=6,
+                      logging_steps=2, report_to="wandb")
+    path = write_plan(plan, tmp_path / "plan.yaml")
+    assert cli_run(path).exit_code == 0
+    assert "WANDB_MODE" not in os.environ  # the offline defaults are restored after the run
+    ident = json.loads((out / "tracker.json").read_text())
+    [first_dir] = (out / "wandb").glob("offline-run-*")  # offline: nothing left the machine
+    records = _wandb_records(first_dir)
+    [run] = [r["run"] for r in records if r["type"] == "run"]
+    assert run["run_id"] == ident["run_id"] and run["display_name"] == ident["run_name"] and run["project"] == "loraplan"
+    assert _wandb_losses(records) == pytest.approx(_train_losses(out), rel=1e-5)  # metrics.jsonl's curve
+    logged = {k for r in records if r["type"] == "history" for k in r["history"]["item"]}
+    assert {"train/tokens_per_s", "train/learning_rate", "train/grad_norm", "train/predicted_peak_gib"} <= logged
+    config = {k: v for r in records if r["type"] == "config" for k, v in r["config"].get("update", {}).items()}
+    assert config["loraplan"]["method"] == "lora" and config["loraplan"]["lora_r"] == plan.lora.r  # the decisions
+
+    _cut_back_to_step_6(out)
+    result = cli_run(path, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resumed at 6" in result.stdout
+    resumed = [d for d in (out / "wandb").glob("offline-run-*") if d != first_dir]
+    assert resumed, "the resumed run wrote no W&B run"
+    records = _wandb_records(resumed[-1])
+    assert [r["run"]["run_id"] for r in records if r["type"] == "run"] == [ident["run_id"]]  # the same W&B run
+    after = {step: loss for step, loss in _train_losses(out).items() if step > 6}
+    assert after and _wandb_losses(records) == pytest.approx(after, rel=1e-5)  # the retrained steps, once each
+
+
+def _trackio_logs(out, run_name):
+    """trackio's own reader (its SQLiteStorage) over the run's folder: (logs, config) of that run."""
+    from trackio import sqlite_storage, utils
+
+    from loraplan.executor.trackers import PROJECT
+
+    saved = utils.TRACKIO_DIR, sqlite_storage.TRACKIO_DIR
+    utils.TRACKIO_DIR = sqlite_storage.TRACKIO_DIR = out / "trackio"  # trackio reads TRACKIO_DIR once, at import
+    try:
+        storage = sqlite_storage.SQLiteStorage
+        assert storage.get_runs(PROJECT) == [run_name]
+        return storage.get_logs(PROJECT, run_name), storage.get_run_config(PROJECT, run_name)
+    finally:
+        utils.TRACKIO_DIR, sqlite_storage.TRACKIO_DIR = saved
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="needs trackio")
+def test_trackio_logs_stay_in_each_runs_own_folder(cli_run, tmp_path, monkeypatch):
+    """Two runs in one process (the Python API, a notebook): each one's trackio database is in its own output folder,
+    although trackio reads TRACKIO_DIR only when first imported."""
+    monkeypatch.delenv("TRACKIO_DIR", raising=False)
+    outs = [tmp_path / "first", tmp_path / "second"]
+    for out in outs:
+        _demo(cli_run, out, "--report-to", "trackio")
+        assert "TRACKIO_DIR" not in os.environ
+    for out in outs:
+        ident = json.loads((out / "tracker.json").read_text())
+        logs, config = _trackio_logs(out, ident["run_name"])
+        losses = {int(row["train/global_step"]): row["train/loss"] for row in logs if "train/loss" in row}
+        assert losses == pytest.approx(_train_losses(out), rel=1e-5)  # this run's curve, and only it
+        assert all(row["train/predicted_peak_gib"] > 0 for row in logs if "train/loss" in row)
+        assert config["loraplan"]["method"] == "lora" and config["loraplan"]["strategy"] == "cpu"

@@ -136,6 +136,25 @@ class Tracking:
             if key not in os.environ:
                 self._saved[key] = None
                 os.environ[key] = value
+        self._rebound: list[tuple[Any, str, Any]] = []
+        if self.tracker.name == "trackio":
+            self._rebind_trackio_dir()
+
+    def _rebind_trackio_dir(self) -> None:
+        """trackio reads TRACKIO_DIR once, when first imported (`trackio.utils.TRACKIO_DIR`, copied by name into its
+        other modules, MEDIA_DIR below it): a second run in the same process (the Python API, a notebook) would log
+        into the first run's folder. Point the modules already imported at this run's folder (restored by close)."""
+        import sys
+        from pathlib import Path
+
+        where = Path(os.environ["TRACKIO_DIR"])
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == "trackio" or name.startswith("trackio.")):
+                continue
+            for attr, value in (("TRACKIO_DIR", where), ("MEDIA_DIR", where / "media")):
+                if isinstance(getattr(module, attr, None), Path) and getattr(module, attr) != value:
+                    self._rebound.append((module, attr, getattr(module, attr)))
+                    setattr(module, attr, value)
 
     def attach(self, trainer) -> None:
         """TrackerFields ahead of the integration (so its on_log sees the added fields), PlanConfig after it."""
@@ -156,6 +175,16 @@ class Tracking:
         trainer.add_callback(integration)
         trainer.add_callback(config(self.plan, integration))
 
+    def _finish_wandb(self) -> None:
+        """transformers' WandbCallback never finishes its run (it leaves that to the process's exit), and starts one
+        only when none is active: a second run in the same process (the Python API, a notebook) would log into the
+        first one's W&B run, and an offline run's log stays unwritten until the process ends. Finish it here."""
+        import sys
+
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
+
     def _reattach(self) -> None:
         """MLflow ends its run at the end of training; the final evaluation's log would start another run: reopen
         the run instead (ended again by close)."""
@@ -169,6 +198,8 @@ class Tracking:
             self._reopened = True
 
     def close(self) -> None:
+        if self.tracker is not None and self.tracker.name == "wandb":
+            self._finish_wandb()
         if getattr(self, "_reopened", False):
             import mlflow
 
@@ -184,6 +215,9 @@ class Tracking:
             else:
                 os.environ[key] = value
         self._saved.clear()
+        for module, attr, value in reversed(getattr(self, "_rebound", [])):
+            setattr(module, attr, value)
+        self._rebound = []
 
 
 def _callbacks():
