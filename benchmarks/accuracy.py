@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py              # table + summary (the last two lines: median and max error)
     python benchmarks/accuracy.py --markdown   # the same table as Markdown, for docs/accuracy.md
     python benchmarks/accuracy.py --held-out   # leave one architecture out: refit on the others, predict it
+    python benchmarks/accuracy.py --held-out --show-fits   # ... and each fold's fitted coefficients beside the full fit's
 
 Predicted: `loraplan plan`'s peak per GPU for the row's shape and recipe (plain rows: --loss full; trl rows:
 --loss fused). Measured: device_used_gib_end (total - free after the steps: what nvidia-smi shows).
@@ -84,6 +85,18 @@ def coefficients_from(fitted: dict) -> Iterator[None]:
         memory.coefficients = original
 
 
+def fold_fits() -> dict[str, dict]:
+    """The fitted coefficients of every leave-one-architecture-out fold (key: the model left out) and of all rows
+    ("all"): how far each coefficient moves when an architecture is not seen."""
+    from benchmarks.fit_memory import fit
+
+    rows = load_rows()
+    fits = {"all": fit(rows)}
+    for model in sorted({r["model"] for r in rows}):
+        fits[model] = fit([r for r in rows if r["model"] != model])
+    return fits
+
+
 def held_out() -> list[dict]:
     """Leave one architecture out: for each calibration architecture, refit the coefficients on the other
     architectures' rows and predict its rows with that fit. Each row dict gains `held_out` (the model left out)."""
@@ -115,9 +128,15 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--held-out", action="store_true",
                     help="leave one architecture out: refit on the others, predict it (tables/memory.yaml untouched)")
+    ap.add_argument("--show-fits", action="store_true",
+                    help="with --held-out: each fold's fitted coefficients beside the fit on all rows")
     args = ap.parse_args()
+    if args.show_fits and not args.held_out:
+        ap.error("--show-fits goes with --held-out")
     if args.held_out:
         print_held_out(held_out(), args.markdown)
+        if args.show_fits:
+            print_fits(fold_fits())
         return
     rows = evaluate()
     if args.markdown:
@@ -143,6 +162,14 @@ def main() -> None:
           f"2 bytes/param: median {summary(rows, 'two_bytes_error')[0]:.0%}, max {summary(rows, 'two_bytes_error')[1]:.0%}")
     print(f"loraplan worst under-prediction: {worst_under(rows)}")
     print(f"loraplan on all {len(rows)} rows: median |error| {med:.1%}, max |error| {mx:.1%}")
+
+
+def print_fits(fits: dict[str, dict]) -> None:
+    """One line per fitted coefficient: its value on all rows, then with each architecture left out."""
+    folds = [k for k in fits if k != "all"]
+    print(f"{'coefficient':38} {'all rows':>12} " + " ".join(f"{'w/o ' + k:>18}" for k in folds))
+    for name, value in fits["all"]["fitted"].items():
+        print(f"{name:38} {value:12.4g} " + " ".join(f"{fits[k]['fitted'][name]:18.4g}" for k in folds))
 
 
 def print_held_out(rows: list[dict], markdown: bool) -> None:
