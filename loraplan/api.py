@@ -8,7 +8,9 @@ module level: `import loraplan` and `loraplan.plan(...)` stay arithmetic; torch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:  # pragma: no cover - for readers and type checkers only
@@ -58,19 +60,22 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
         machine_rank: Optional[int] = None, main_process_ip: Optional[str] = None,
         main_process_port: Optional[int] = None, rendezvous_timeout: int = 600, strategy: Optional[str] = None,
         num_processes: Optional[int] = None, console: Any = "auto", command: Optional[str] = None,
-        backend: Optional[str] = None) -> "RunSummary":
+        backend: Optional[str] = None, memory_snapshot: int = 0) -> "RunSummary":
     """Train a plan (a plan file's path, a Plan, or a PlanResult from `plan`), or the demo (`demo=True`), as
     `loraplan run` does; returns the RunSummary (what summary.json holds).
 
     A plan file's relative paths are relative to its folder (docs/running.md). output_dir (relative to the working
     directory), max_steps and report_to override the plan's and are recorded in the run's plan.yaml.
     rendezvous_timeout: seconds a machine other than 0 of a multi-node plan waits for machine 0. backend: the
-    demo's training backend (a plan file names its own). console:
+    demo's training backend (a plan file names its own). memory_snapshot: record the GPU allocator over the
+    first N steps each process trains and write OUT/memory/ (what held the memory at the peak, by the code that
+    allocated it; executor/memory_snapshot.py); 0: no snapshot; a GPU only. console:
     "auto" prints progress and messages with rich, None is silent, or a rich Console. Raises loraplan.LoraplanError:
     RunError (exit_code 2: bad input; TrainingFailed 1: e.g. out of memory; Interrupted 130) or PlanError."""
     from loraplan.executor.claim import check_claim, claim_output_dir
-    from loraplan.executor.folder_lock import lock_output_dir
     from loraplan.executor.errors import RunError, require_run_extra
+    from loraplan.executor.folder_lock import lock_output_dir
+    from loraplan.executor.memory_snapshot import DEFAULT_STEPS
     from loraplan.executor.trackers import check_installed
     from loraplan.planner.planfile import paths as plan_paths
     from loraplan.planner.planfile.schema import Plan
@@ -97,41 +102,78 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
                        "--backend`)")
     if report_to is not None:
         check_installed(report_to)  # before anything is written (the demo writes its model first)
-    if demo:
-        if plan is not None:
-            raise RunError("give either PLAN or --demo, not both")
-        from loraplan.executor.backends import backend_named
+    snapshot_steps = DEFAULT_STEPS if memory_snapshot is True else int(memory_snapshot or 0)
+    if snapshot_steps < 0:
+        raise RunError(f"--memory-snapshot takes a number of steps (1 or more), got {memory_snapshot}")
+    if snapshot_steps and (demo or not _trains_on_a_gpu(plan_file, plan)):
+        raise RunError("--memory-snapshot records the GPU's caching allocator (torch.cuda.memory); this run trains "
+                       "on the CPU, which has none")
+    with _memory_snapshot_env(snapshot_steps):
+        if demo:
+            if plan is not None:
+                raise RunError("give either PLAN or --demo, not both")
+            from loraplan.executor.backends import backend_named
 
-        backend_named(backend or "hf").prepare_process()  # first: the demo's model is built with transformers
-        require_run_extra()
-        from loraplan.executor.demo import prepare_demo
+            backend_named(backend or "hf").prepare_process()  # first: the demo's model is built with transformers
+            require_run_extra()
+            from loraplan.executor.demo import prepare_demo
 
-        out = output_dir or "loraplan-demo"
-        check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
-        with lock_output_dir(out, command):  # held from before the demo builds its model
-            claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
-            p = prepare_demo(out, max_steps=max_steps or 60, strategy=strategy, num_processes=num_processes or 1,
-                             backend=backend)
-            _override(p, None, None, report_to)
-            # The demo replaces its own earlier run unless asked to resume it.
-            return _execute(p, resume, overwrite or not resume, use_existing_dir, None, command, None, console)
-    if plan is None:
-        raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
-    # a copy: the caller's stays as it was; a file's relative paths are relative to the file
-    p = plan_paths.load(plan_file) if plan_file else Plan.from_dict(plan.to_dict())
-    _override(p, output_dir, max_steps, report_to)
-    p.validate()
-    if not p.fits() and not force:
-        raise RunError(
-            f"this plan does not fit: it predicts {p.prediction.per_gpu_gib:.1f} GiB per GPU and "
-            f"{p.hardware.gpu_name} allows {p.hardware.memory_gib * (1 - p.prediction.margin):.1f} GiB; "
-            "plan again (`loraplan plan` says what would fit) or pass --force"
-        )
-    from loraplan.executor.launch import resolve_rendezvous
+            out = output_dir or "loraplan-demo"
+            check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
+            with lock_output_dir(out, command):  # held from before the demo builds its model
+                claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
+                p = prepare_demo(out, max_steps=max_steps or 60, strategy=strategy, num_processes=num_processes or 1,
+                                 backend=backend)
+                _override(p, None, None, report_to)
+                # The demo replaces its own earlier run unless asked to resume it.
+                return _execute(p, resume, overwrite or not resume, use_existing_dir, None, command, None, console)
+        if plan is None:
+            raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
+        # a copy: the caller's stays as it was; a file's relative paths are relative to the file
+        p = plan_paths.load(plan_file) if plan_file else Plan.from_dict(plan.to_dict())
+        _override(p, output_dir, max_steps, report_to)
+        p.validate()
+        if not p.fits() and not force:
+            raise RunError(
+                f"this plan does not fit: it predicts {p.prediction.per_gpu_gib:.1f} GiB per GPU and "
+                f"{p.hardware.gpu_name} allows {p.hardware.memory_gib * (1 - p.prediction.margin):.1f} GiB; "
+                "plan again (`loraplan plan` says what would fit) or pass --force"
+            )
+        from loraplan.executor.launch import resolve_rendezvous
 
-    rendezvous = dataclasses.replace(resolve_rendezvous(p, machine_rank, main_process_ip, main_process_port),
-                                     timeout_s=rendezvous_timeout)
-    return _execute(p, resume, overwrite, use_existing_dir, plan_file, command, rendezvous, console)
+        rendezvous = dataclasses.replace(resolve_rendezvous(p, machine_rank, main_process_ip, main_process_port),
+                                         timeout_s=rendezvous_timeout)
+        return _execute(p, resume, overwrite, use_existing_dir, plan_file, command, rendezvous, console)
+
+
+def _trains_on_a_gpu(plan_file: Optional[str], plan: Any) -> bool:
+    """The plan's strategy trains on a GPU and this machine has one (executor/device.py uses_cuda)."""
+    from loraplan.executor.device import uses_cuda
+    from loraplan.planner.planfile import paths as plan_paths
+
+    if plan_file:
+        plan = plan_paths.load(plan_file)
+    return plan is not None and uses_cuda(plan)
+
+
+@contextlib.contextmanager
+def _memory_snapshot_env(steps: int):
+    """LORAPLAN_MEMORY_SNAPSHOT=steps for this run: every process of it reads it (accelerate's workers inherit the
+    environment), and it is restored after."""
+    from loraplan.executor.memory_snapshot import ENV
+
+    if not steps:
+        yield
+        return
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = str(int(steps))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
 
 
 def _override(p: "Plan", output_dir: Optional[str], max_steps: Optional[int], report_to: Optional[str]) -> None:

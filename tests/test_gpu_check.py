@@ -27,7 +27,7 @@ def test_the_table_fits_nine_minutes_in_value_order():
     names = [e.name for e in ENTRIES]
     assert names[:2] == ["peaks", "savers"]  # peaks first, then the never-measured savers
     assert len(set(names)) == len(names)
-    assert {"peaks", "savers", "recipes", "resume_merge", "unsloth", "fsdp_qlora_load"} <= set(names)
+    assert {"peaks", "savers", "recipes", "snapshots", "resume_merge", "unsloth", "fsdp_qlora_load"} <= set(names)
     one_gpu = sum(e.budget_s for e in ENTRIES if e.min_gpus == 1)
     assert one_gpu + gpu_check.PROBE_BUDGET_S <= gpu_check.TOTAL_BUDGET_S <= 9 * 60
     for e in ENTRIES:
@@ -108,7 +108,7 @@ def test_dry_run_builds_and_checks_every_plan_and_command(tmp_path):
     assert header["dry_run"] and header["card_args"] == ["--gpu", "h200"]
     status = {o["entry"]: o["status"] for o in outcomes}
     assert status == {"peaks": "dry-run ok", "savers": "dry-run ok", "recipes": "dry-run ok",
-                      "resume_merge": "dry-run ok", "unsloth": status["unsloth"], "fsdp_qlora_load": "dry-run ok"}
+                      "snapshots": "dry-run ok", "resume_merge": "dry-run ok", "unsloth": status["unsloth"], "fsdp_qlora_load": "dry-run ok"}
     assert status["unsloth"] in ("dry-run ok", "skipped")
     for r in rows:  # every case has a plan that fits an H200 and the command that would run it
         assert r["ok"] is None and r["command"] and 0 < r["predicted_gib"] < 139.8, r

@@ -64,6 +64,11 @@ def _console():
               "for more).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=None,
               help="--demo only: train the demo over this many CPU processes (default 1).")
+@click.option("--memory-snapshot", "memory_snapshot", type=click.IntRange(min=1), default=None, metavar="STEPS",
+              is_flag=False, flag_value=3,
+              help="Record the GPU allocator over the first STEPS steps (3 when given alone) and write OUT/memory/: "
+              "what held the memory at the peak, by the code that allocated it, and torch's snapshot for "
+              "pytorch.org/memory_viz. GPU only.")
 @click.option("--backend", "demo_backend", type=click.Choice(tuple(BACKENDS)), default=None,
               help="--demo only: the training backend the demo is planned and trained with (default hf; a plan file "
               "names its own in training.backend).")
@@ -71,7 +76,7 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
                 output_dir: Optional[str], max_steps: Optional[int], force: bool, report_to: Optional[str],
                 machine_rank: Optional[int], main_process_ip: Optional[str], main_process_port: Optional[int],
                 rendezvous_timeout: int, demo_strategy: Optional[str], num_processes: Optional[int],
-                demo_backend: Optional[str]) -> None:
+                memory_snapshot: Optional[int], demo_backend: Optional[str]) -> None:
     """Execute PLAN (a plan file written by `loraplan plan`) exactly as written.
 
     Loads the model (4-bit for QLoRA), wraps it with the plan's LoRA adapter, trains with trl's SFTTrainer on the
@@ -97,7 +102,8 @@ def run_command(plan_file: Optional[str], resume: bool, overwrite: bool, use_exi
                           machine_rank=machine_rank, main_process_ip=main_process_ip,
                           main_process_port=main_process_port, rendezvous_timeout=rendezvous_timeout,
                           strategy=demo_strategy, num_processes=num_processes,
-                          console=_console(), command=command, backend=demo_backend)
+                          console=_console(), command=command, backend=demo_backend,
+                          memory_snapshot=memory_snapshot or 0)
         if summary.machine_rank and summary.steps is None:  # another machine of a multi-node plan: machine 0 reports
             _console().print(f"machine {summary.machine_rank}: its processes finished; machine 0 holds the "
                              "report and the adapter", soft_wrap=True)

@@ -54,7 +54,7 @@ def print_report(s: RunSummary, console) -> None:
         )
     saved = [("adapter", s.adapter_dir), ("last checkpoint", s.last_checkpoint), ("plan", s.plan_file),
              ("metrics", s.metrics_file), ("loss plot", s.loss_plot), ("memory plot", s.memory_plot),
-             ("summary", os.path.join(s.output_dir, "summary.json") if s.output_dir else None)]
+             ("memory snapshot", s.memory_snapshot), ("summary", os.path.join(s.output_dir, "summary.json") if s.output_dir else None)]
     for label, path in saved:
         if path:
             console.print(f"{label:>16}: {path}")

@@ -10,6 +10,8 @@ Layout under plan.output_dir:
     summary.json      the run's outcome: predicted vs observed memory, tokens/s, wall time, paths
     dataset_fingerprint.json  size and sha256 of the dataset (and eval) file the run started with
     run.log           library messages the user can do nothing about (kept out of the terminal)
+    memory/           `run --memory-snapshot`: each rank's allocator snapshot and what held its peak
+                      (executor/memory_snapshot.py)
     launch.log, .worker-error.json, accelerate_config.yaml  a run started through accelerate's launcher
                       (ddp, fsdp): the launcher's log, a worker's one-line error, the generated config
     .loraplan-run.json  the marker: loraplan made (or was allowed to use) this folder
@@ -40,11 +42,12 @@ LOCK_FILE = ".loraplan.lock"
 LOSS_PLOT = "loss.png"  # train and eval loss (executor/plots.py)
 MEMORY_PLOT = "memory.png"  # predicted against observed memory, on a GPU (executor/plots.py)
 TRACKER_FILE = "tracker.json"  # the run's stable tracker name and ids, so that --resume appends (executor/trackers.py)
+MEMORY_DIR = "memory"  # run --memory-snapshot's files (executor/memory_snapshot.py)
 # each tracker's log folder (executor/trackers.py TRACKERS)
 TRACKER_DIRS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb", "trackio": "trackio"}
 RUN_NAMES = (PLAN_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, ADAPTER_TMP, ADAPTER_OLD, RUN_LOG, LAUNCH_LOG,
              WORKER_ERROR_FILE, FINGERPRINT_FILE, ACCELERATE_CONFIG_FILE, LOSS_PLOT, MEMORY_PLOT, TRACKER_FILE,
-             *TRACKER_DIRS.values())
+             MEMORY_DIR, *TRACKER_DIRS.values())
 
 
 def machine_log(machine: int) -> str:

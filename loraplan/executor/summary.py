@@ -70,6 +70,7 @@ class RunSummary:
     metrics_file: Optional[str] = None
     loss_plot: Optional[str] = None  # loss.png (executor/plots.py; needs matplotlib)
     memory_plot: Optional[str] = None  # memory.png: predicted vs observed, on a GPU
+    memory_snapshot: Optional[str] = None  # run --memory-snapshot: OUT/memory/peak-rank0.json (what held the peak)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from loraplan.planner.planfile import paths as plan_paths
 from loraplan.planner.planfile.schema import Plan
 
-from . import checkpoints, run_files, trackers
+from . import checkpoints, memory_snapshot, run_files, trackers
 from .device import GIB, MemoryMeter, Placement, gather, is_out_of_memory, placement_for
 from .disk import disk_full_message, is_disk_full, read_jsonl, replace_dir, write_json, write_jsonl
 from .errors import Interrupted, RunError, TrainingFailed
@@ -127,6 +127,9 @@ def train_plan(plan: Plan, resume_from: Optional[str] = None, console=None, fore
     callbacks = [state.cadence, state.stopper, MetricsWriter(state.metrics_path, state.meter, progress)]
     if progress is not None:
         callbacks.append(progress)
+    snapshot_steps = memory_snapshot.requested_steps()  # `run --memory-snapshot` (executor/memory_snapshot.py)
+    if snapshot_steps and place.use_cuda:
+        callbacks.append(memory_snapshot.recorder(out, place.rank, snapshot_steps))
 
     # the tracker's environment (offline defaults, its log folder) before the trainer reads it (executor/trackers.py)
     tracking = trackers.Tracking(plan, place.is_main, state.meter, state.start_step if resume_from else None)
@@ -329,6 +332,7 @@ def _train_and_save(state: RunState) -> RunSummary:
         last_checkpoint=os.path.abspath(latest[1]) if latest else None,
         plan_file=os.path.abspath(os.path.join(out, run_files.PLAN_FILE)),
         metrics_file=os.path.abspath(state.metrics_path),
+        memory_snapshot=_memory_snapshot_file(state),
     )
     if place.is_main:
         write_json(os.path.join(out, run_files.SUMMARY_FILE), summary.to_dict())
@@ -337,6 +341,12 @@ def _train_and_save(state: RunState) -> RunSummary:
         cause = f"signal {state.flag.signum}" if state.flag.signum else "a signal to another process"
         raise Interrupted(f"interrupted by {cause}: {saved}; continue with `{plan_paths.resume_command(out)}`")
     return summary
+
+
+def _memory_snapshot_file(state: RunState) -> Optional[str]:
+    """OUT/memory/peak-rank0.json when this run recorded one (`run --memory-snapshot`)."""
+    _, path = memory_snapshot.output_paths(state.out, 0)
+    return os.path.abspath(path) if memory_snapshot.requested_steps() and os.path.exists(path) else None
 
 
 def exceeds_prediction(plan: Plan, observed_gib: Optional[float]) -> bool:
