@@ -9,7 +9,7 @@ the calibration's peaks were taken over three steps), then writes, into OUT/memo
   code that allocated them (`peak_breakdown`): the figures to hold each term of the plan's budget against.
 
 Blocks allocated before the recording began (the weights and the adapter, loaded before training) are one line,
-`before training`: memory_allocated() when it began. The peak is of allocated memory (what tensors hold); the
+`before training`: memory_allocated() when it began (one of them freed during the recording still counts there). The peak is of allocated memory (what tensors hold); the
 caching allocator's reserve above it and the CUDA context are in the summary's observed peak.
 
 The flag reaches every process of the run (accelerate's workers too) as LORAPLAN_MEMORY_SNAPSHOT=steps in the
