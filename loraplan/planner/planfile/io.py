@@ -7,6 +7,7 @@ file atomically (`atomic_write_text`, which the executor's outputs use too). pla
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import tempfile
@@ -60,18 +61,26 @@ def numbers_in(data: Any, where: str = "") -> list[tuple[str, Any]]:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write `text` to `path` so that a reader sees the old file or the new one, never a part: a temp file in the
-    same folder, flushed to disk, then renamed over `path`."""
+    same folder, flushed to disk, then renamed over `path`. An OSError names `path`, not the temp file (a folder
+    given as `path` is refused before anything is written)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "it is a directory; name a file in it", path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise type(exc)(exc.errno, exc.strerror, path) from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
