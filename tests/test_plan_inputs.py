@@ -98,3 +98,16 @@ def test_a_broken_model_config_is_named_in_one_line(content, message, tmp_path):
         assert res.exit_code == 2, res.output
         assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert str(path) in res.output and "Traceback" not in res.output
+
+
+def test_a_plan_file_that_cannot_be_written_names_the_path_given(tmp_path):
+    """-o naming a folder, or a place no file can go: one line with the user's path (not a temp file's), exit 2,
+    and no temp file left anywhere."""
+    res = plan("llama-3.1-8b", "--gpu", "rtx-4090", "-o", str(tmp_path))
+    assert res.exit_code == 2, res.output
+    assert f"cannot write {tmp_path}: it is a directory" in res.output and len(res.output.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = plan("llama-3.1-8b", "--gpu", "rtx-4090", "-o", str(blocker / "plan.yaml"))  # a file where a folder must be
+    assert res.exit_code == 2 and f"cannot write {blocker / 'plan.yaml'}" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and not list(tmp_path.parent.glob(".tmp-*"))
