@@ -108,42 +108,42 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
     if snapshot_steps and (demo or not _trains_on_a_gpu(plan_file, plan)):
         raise RunError("--memory-snapshot records the GPU's caching allocator (torch.cuda.memory); this run trains "
                        "on the CPU, which has none")
-    with _memory_snapshot_env(snapshot_steps):
-        if demo:
-            if plan is not None:
-                raise RunError("give either PLAN or --demo, not both")
-            from loraplan.executor.backends import backend_named
+    if demo:
+        if plan is not None:
+            raise RunError("give either PLAN or --demo, not both")
+        from loraplan.executor.backends import backend_named
 
-            backend_named(backend or "hf").prepare_process()  # first: the demo's model is built with transformers
-            require_run_extra()
-            from loraplan.executor.demo import prepare_demo
+        backend_named(backend or "hf").prepare_process()  # first: the demo's model is built with transformers
+        require_run_extra()
+        from loraplan.executor.demo import prepare_demo
 
-            out = output_dir or "loraplan-demo"
-            check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
-            with lock_output_dir(out, command):  # held from before the demo builds its model
-                claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
-                p = prepare_demo(out, max_steps=max_steps or 60, strategy=strategy, num_processes=num_processes or 1,
-                                 backend=backend)
-                _override(p, None, None, report_to)
-                # The demo replaces its own earlier run unless asked to resume it.
-                return _execute(p, resume, overwrite or not resume, use_existing_dir, None, command, None, console)
-        if plan is None:
-            raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
-        # a copy: the caller's stays as it was; a file's relative paths are relative to the file
-        p = plan_paths.load(plan_file) if plan_file else Plan.from_dict(plan.to_dict())
-        _override(p, output_dir, max_steps, report_to)
-        p.validate()
-        if not p.fits() and not force:
-            raise RunError(
-                f"this plan does not fit: it predicts {p.prediction.per_gpu_gib:.1f} GiB per GPU and "
-                f"{p.hardware.gpu_name} allows {p.hardware.memory_gib * (1 - p.prediction.margin):.1f} GiB; "
-                "plan again (`loraplan plan` says what would fit) or pass --force"
-            )
-        from loraplan.executor.launch import resolve_rendezvous
+        out = output_dir or "loraplan-demo"
+        check_claim(out, use_existing=use_existing_dir, also_writes=("model",))
+        with lock_output_dir(out, command):  # held from before the demo builds its model
+            claim_output_dir(out, use_existing=use_existing_dir, also_writes=("model",))
+            p = prepare_demo(out, max_steps=max_steps or 60, strategy=strategy, num_processes=num_processes or 1,
+                             backend=backend)
+            _override(p, None, None, report_to)
+            # The demo replaces its own earlier run unless asked to resume it.
+            return _execute(p, resume, overwrite or not resume, use_existing_dir, None, command, None, console)
+    if plan is None:
+        raise RunError("missing PLAN (a plan file from `loraplan plan`), or pass --demo")
+    # a copy: the caller's stays as it was; a file's relative paths are relative to the file
+    p = plan_paths.load(plan_file) if plan_file else Plan.from_dict(plan.to_dict())
+    _override(p, output_dir, max_steps, report_to)
+    p.validate()
+    if not p.fits() and not force:
+        raise RunError(
+            f"this plan does not fit: it predicts {p.prediction.per_gpu_gib:.1f} GiB per GPU and "
+            f"{p.hardware.gpu_name} allows {p.hardware.memory_gib * (1 - p.prediction.margin):.1f} GiB; "
+            "plan again (`loraplan plan` says what would fit) or pass --force"
+        )
+    from loraplan.executor.launch import resolve_rendezvous
 
-        rendezvous = dataclasses.replace(resolve_rendezvous(p, machine_rank, main_process_ip, main_process_port),
-                                         timeout_s=rendezvous_timeout)
-        return _execute(p, resume, overwrite, use_existing_dir, plan_file, command, rendezvous, console)
+    rendezvous = dataclasses.replace(resolve_rendezvous(p, machine_rank, main_process_ip, main_process_port),
+                                     timeout_s=rendezvous_timeout)
+    return _execute(p, resume, overwrite, use_existing_dir, plan_file, command, rendezvous, console,
+                    snapshot_steps)
 
 
 def _trains_on_a_gpu(plan_file: Optional[str], plan: Any) -> bool:
@@ -190,11 +190,12 @@ def _override(p: "Plan", output_dir: Optional[str], max_steps: Optional[int], re
 
 
 def _execute(p: "Plan", resume: bool, overwrite: bool, use_existing_dir: bool, plan_file: Optional[str], command: str,
-             rendezvous, console) -> "RunSummary":
+             rendezvous, console, snapshot_steps: int = 0) -> "RunSummary":
     from loraplan.executor.runner import execute
 
-    return execute(p, resume=resume, overwrite=overwrite, console=console, use_existing_dir=use_existing_dir,
-                   plan_file=plan_file, command=command, rendezvous=rendezvous)
+    with _memory_snapshot_env(snapshot_steps):
+        return execute(p, resume=resume, overwrite=overwrite, console=console, use_existing_dir=use_existing_dir,
+                       plan_file=plan_file, command=command, rendezvous=rendezvous)
 
 
 def merge(adapter_dir: str, output: str, *, dtype: str = "bf16", trust_remote_code: bool = False) -> str:
