@@ -183,7 +183,8 @@ class Tracking:
 
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()
+            failed = sys.exc_info()[1] is not None  # close runs in train.py's finally: a run that raised failed
+            wandb.finish(exit_code=1 if failed else 0)
 
     def _reattach(self) -> None:
         """MLflow ends its run at the end of training; the final evaluation's log would start another run: reopen
