@@ -60,6 +60,10 @@ def test_the_peak_and_what_held_it_from_a_real_step():
     assert loss_bytes >= 2 * 4 * tokens_logits, by
     assert by.get("peft/tuners/lora/layer.py:forward", 0) > 0, by
     assert peak["largest_blocks"][0]["bytes"] >= 4 * tokens_logits  # one fp32 logits-sized block
+    assert not peak["truncated"]
+    # a history that records only free requests (no completions) replays to the same peak
+    requests_only = {"device_traces": [[e for e in snap["device_traces"][cpu] if e["action"] != "free_completed"]]}
+    assert ms.peak_breakdown(requests_only, 0)["trace_peak_bytes"] == peak["trace_peak_bytes"]
 
 
 def test_a_blocks_group_is_the_innermost_frame_of_the_code_the_plan_models():

@@ -78,11 +78,14 @@ def peak_breakdown(snapshot: dict, device: int = 0, before_bytes: int = 0, top: 
     """The live blocks at the peak of allocated memory in `snapshot`'s trace for `device`, grouped by `_where`.
 
     The trace is replayed event by event: `alloc` adds a block, `free_completed` removes it (the allocator's own
-    accounting; `free_requested` alone, for a block another stream still uses, keeps it). `before_bytes` is what was
+    accounting; `free_requested` alone, for a block another stream still uses, keeps it; a trace without completion
+    events counts the requests). `before_bytes` is what was
     allocated before the recording began. Returns peak_bytes (before_bytes + the trace's peak), the event index of
     the peak, the groups (largest first, with their block counts) and the largest single blocks."""
     traces = snapshot.get("device_traces") or []
     events = traces[device] if device < len(traces) else []
+    # a block is free once the allocator completes the free; a trace with no completion events counts the requests
+    freed = "free_completed" if any(e.get("action") == "free_completed" for e in events) else "free_requested"
 
     def replay(stop: Optional[int]) -> tuple[int, int, dict]:
         live: dict[int, dict] = {}
@@ -97,7 +100,7 @@ def peak_breakdown(snapshot: dict, device: int = 0, before_bytes: int = 0, top: 
                 total += e["size"]
                 if total > peak:
                     peak, peak_at = total, i
-            elif action == "free_completed" and e["addr"] in live:
+            elif action == freed and e["addr"] in live:
                 total -= live.pop(e["addr"])["size"]
         return peak, peak_at, live
 
@@ -119,6 +122,7 @@ def peak_breakdown(snapshot: dict, device: int = 0, before_bytes: int = 0, top: 
         "trace_peak_bytes": peak,
         "peak_event": peak_at,
         "events": len(events),
+        "truncated": len(events) >= MAX_ENTRIES,  # the history kept only its last MAX_ENTRIES events
         "groups": rows[:top] + ([{"where": f"{len(rows) - top} more groups",
                                   "bytes": sum(r["bytes"] for r in rows[top:]), "blocks": None}]
                                 if len(rows) > top else []),
