@@ -73,6 +73,7 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
     "auto" prints progress and messages with rich, None is silent, or a rich Console. Raises loraplan.LoraplanError:
     RunError (exit_code 2: bad input; TrainingFailed 1: e.g. out of memory; Interrupted 130) or PlanError."""
     from loraplan.executor.claim import check_claim, claim_output_dir
+    from loraplan.executor.device import uses_cuda
     from loraplan.executor.errors import RunError, require_run_extra
     from loraplan.executor.folder_lock import lock_output_dir
     from loraplan.executor.memory_snapshot import DEFAULT_STEPS
@@ -105,7 +106,7 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
     snapshot_steps = DEFAULT_STEPS if memory_snapshot is True else int(memory_snapshot or 0)
     if snapshot_steps < 0:
         raise RunError(f"--memory-snapshot takes a number of steps (1 or more), got {memory_snapshot}")
-    if snapshot_steps and (demo or not _trains_on_a_gpu(plan_file, plan)):
+    if snapshot_steps and demo:  # the demo trains on CPU processes
         raise RunError("--memory-snapshot records the GPU's caching allocator (torch.cuda.memory); this run trains "
                        "on the CPU, which has none")
     if demo:
@@ -138,22 +139,15 @@ def run(plan: Union[str, "Plan", None] = None, *, demo: bool = False, output_dir
             f"{p.hardware.gpu_name} allows {p.hardware.memory_gib * (1 - p.prediction.margin):.1f} GiB; "
             "plan again (`loraplan plan` says what would fit) or pass --force"
         )
+    if snapshot_steps and not uses_cuda(p):
+        raise RunError("--memory-snapshot records the GPU's caching allocator (torch.cuda.memory); this run trains "
+                       "on the CPU, which has none")
     from loraplan.executor.launch import resolve_rendezvous
 
     rendezvous = dataclasses.replace(resolve_rendezvous(p, machine_rank, main_process_ip, main_process_port),
                                      timeout_s=rendezvous_timeout)
     return _execute(p, resume, overwrite, use_existing_dir, plan_file, command, rendezvous, console,
                     snapshot_steps)
-
-
-def _trains_on_a_gpu(plan_file: Optional[str], plan: Any) -> bool:
-    """The plan's strategy trains on a GPU and this machine has one (executor/device.py uses_cuda)."""
-    from loraplan.executor.device import uses_cuda
-    from loraplan.planner.planfile import paths as plan_paths
-
-    if plan_file:
-        plan = plan_paths.load(plan_file)
-    return plan is not None and uses_cuda(plan)
 
 
 @contextlib.contextmanager
