@@ -67,15 +67,20 @@ def checkpoint_files(model_dir: str) -> Optional[dict[str, str]]:
         return {key: single for key in f.keys()}
 
 
+def sharded_qlora(plan) -> bool:
+    """The plan is QLoRA under FSDP: the only plans whose load can be layer-streamed."""
+    from .fsdp import is_sharded
+
+    return plan.quantization.enabled and is_sharded(plan)
+
+
 def load_path(plan, model_dir: str) -> str:
     """How this plan's model loads: STREAMED for QLoRA under FSDP when the checkpoint can be read tensor by tensor
     under the model's own names, else WHOLE (each rank loads the whole model; for LoRA accelerate's
     cpu_ram_efficient_loading then keeps one copy on rank 0). The planner plans the same
     (planner/memory/loading.py): a mixture-of-experts checkpoint, whose expert tensors transformers fuses as it
     loads, loads whole."""
-    from .fsdp import is_sharded
-
-    if not (plan.quantization.enabled and is_sharded(plan)):
+    if not sharded_qlora(plan):
         return WHOLE
     return STREAMED if streaming_refusal(plan, model_dir) is None else WHOLE
 
@@ -99,9 +104,7 @@ def streaming_refusal(plan, model_dir: str) -> Optional[str]:
 def whole_load_note(plan, model_dir: str) -> Optional[str]:
     """What `run` says before a sharded QLoRA run that cannot stream: every rank loads the whole 4-bit model into
     its host memory first (one line), or None when it streams or the plan is not sharded QLoRA."""
-    from .fsdp import is_sharded
-
-    if not (plan.quantization.enabled and is_sharded(plan)):
+    if not sharded_qlora(plan):
         return None
     why = streaming_refusal(plan, model_dir)
     if why is None:
@@ -121,7 +124,7 @@ def checkpoint_key(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def _meta_tensors(module, skip_fsdp: bool = True) -> Iterator[tuple[str, str, object]]:
+def _meta_tensors(module) -> Iterator[tuple[str, str, object]]:
     """(module-relative name, kind, tensor) of every meta parameter and buffer under `module`, not descending into
     sub-modules that are FSDP units already (their tensors are that unit's)."""
     from torch.distributed.fsdp import FSDPModule
@@ -134,7 +137,7 @@ def _meta_tensors(module, skip_fsdp: bool = True) -> Iterator[tuple[str, str, ob
             if b is not None and b.is_meta:
                 yield prefix + name, "buffer", b
         for child_name, child in mod._modules.items():
-            if child is None or (skip_fsdp and isinstance(child, FSDPModule)):
+            if child is None or isinstance(child, FSDPModule):
                 continue
             yield from walk(child, prefix + child_name + ".")
 

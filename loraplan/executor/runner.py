@@ -122,10 +122,9 @@ def _announce(plan: Plan, resume_from, console, resume: bool) -> None:
         instead = f"resuming from {resume_from[1]} instead" if resume_from else "starting from step 0"
         for _, path, why in checkpoints.resumable_checkpoint(plan.output_dir)[1]:
             console.print(f"[yellow]skipping checkpoint {path}: {why}; {instead}[/yellow]", soft_wrap=True)
-    from .fsdp import is_sharded
+    from .fsdp_load import sharded_qlora, whole_load_note
 
-    if plan.quantization.enabled and is_sharded(plan):
-        from .fsdp_load import whole_load_note
+    if sharded_qlora(plan):
         from .model import plan_model_dir
 
         note = whole_load_note(plan, plan_model_dir(plan))

@@ -129,6 +129,7 @@ class Tracking:
         self.plan, self.is_main, self.meter, self.resumed_step = plan, is_main, meter, resumed_step
         self.tracker = TRACKERS.get(plan.training.report_to)
         self._saved: dict[str, Optional[str]] = {}
+        self._rebound: list[tuple[Any, str, Any]] = []  # trackio's module paths pointed at this run (close restores)
         if self.tracker is None:
             return
         out = os.path.abspath(plan.output_dir)
@@ -136,7 +137,6 @@ class Tracking:
             if key not in os.environ:
                 self._saved[key] = None
                 os.environ[key] = value
-        self._rebound: list[tuple[Any, str, Any]] = []
         if self.tracker.name == "trackio":
             self._rebind_trackio_dir()
 
@@ -216,7 +216,7 @@ class Tracking:
             else:
                 os.environ[key] = value
         self._saved.clear()
-        for module, attr, value in reversed(getattr(self, "_rebound", [])):
+        for module, attr, value in reversed(self._rebound):
             setattr(module, attr, value)
         self._rebound = []
 

@@ -14,7 +14,7 @@ Read from accelerate 1.15 `utils/fsdp_utils.py::fsdp2_prepare_model`:
   tensors from the safetensors checkpoint (memory-mapped, one at a time), quantizes each 4-bit weight on its GPU
   (bitsandbytes, `bnb_4bit_quant_storage` = a floating dtype so the packed weights shard as ordinary tensors) and
   calls `fully_shard`, which keeps the rank's dim-0 shard and frees the rest. Per rank, measured on the CPU by
-  tests/test_fsdp_qlora_load.py:
+  tests/test_run_fsdp.py (test_each_rank_loads_its_shard_plus_one_unit):
   GPU  = (W_4bit - C) / N + C + in_flight + runtime   (C, the quantization constants, stay whole on every rank:
          they are not parameters, FSDP does not shard them; under offload the shards go to the host: C + in_flight)
   host = the one tensor being read (dtype x the largest tensor) + the adapter, initialised whole by peft before

@@ -76,13 +76,13 @@ def gradient_bytes_per_param(shape: MicroStep) -> float:
     return adapter_bytes_per_param(shape)
 
 
-def layer_gradients_bytes(p: int, arch: Architecture, bytes_per_param: float = 4.0) -> float:
+def layer_gradients_bytes(p: int, arch: Architecture, bytes_per_param: float) -> float:
     """The unsharded LoRA gradients of the layers in the backward (computing + prefetched), g bytes each
     (gradient_bytes_per_param): 2 x g x P_layer."""
     return UNSHARDED_LAYERS * bytes_per_param * p / arch.num_layers
 
 
-def reduce_scatter_bytes(p: int, arch: Architecture, bytes_per_param: float = 4.0) -> float:
+def reduce_scatter_bytes(p: int, arch: Architecture, bytes_per_param: float) -> float:
     """The reduce-scatter input buffer of one layer's gradients, in the reduce dtype: g x P_layer."""
     return bytes_per_param * p / arch.num_layers
 

@@ -81,12 +81,12 @@ def unquantized_modules_bytes(arch: Architecture, shape: MicroStep) -> float:
 # adapter
 
 
-def adapter_bytes_per_param(shape: Optional[MicroStep] = None) -> float:
+def adapter_bytes_per_param(shape: MicroStep) -> float:
     """Bytes per LoRA parameter in the adapters' dtype: 4 (peft's fp32), or 2 where trl casts a 4-bit model's
     adapters to bf16 (shape.adapter_dtype, from planner.facts.versions.adapter_dtype: QLoRA with bf16 compute and
     trl >= 0.26). The calibration rows had no cast (their 4-bit layers were swapped in by hand, which does not set
     the `is_loaded_in_4bit` flag trl reads), so they are fp32."""
-    return float(DTYPE_BYTES[shape.adapter_dtype]) if shape is not None else 4.0
+    return float(DTYPE_BYTES[shape.adapter_dtype])
 
 
 def lora_weights_bytes(p: int, bytes_per_param: float = 4.0) -> float:
